@@ -1,0 +1,21 @@
+"""FORGE for Megatron-LM: the optimizer step fused into the weight-gradient GEMM.
+
+The weight gradient of each covered linear layer is computed one output tile at a time and
+consumed by the optimizer rule in the same program; it is never stored.
+"""
+
+from forge_megatron.kernels import TileConfig
+from forge_megatron.rules import Rule, get_rule, register_rule, registered_rules
+from forge_megatron.state import ForgeState
+from forge_megatron.update import UpdateResult, fused_update
+
+__all__ = [
+    "ForgeState",
+    "Rule",
+    "TileConfig",
+    "UpdateResult",
+    "fused_update",
+    "get_rule",
+    "register_rule",
+    "registered_rules",
+]

@@ -1,0 +1,240 @@
+"""The fused weight-gradient + optimizer-step Triton kernel and its launcher.
+
+One program owns one [BLOCK_M, BLOCK_N] tile of the weight W [out, in]. It accumulates
+dW_tile = dy[:, rows]^T @ x[:, cols] over all T tokens in an fp32 register accumulator, BLOCK_T
+tokens at a time, multiplies by the gradient scale, and then, in the same program, loads the
+weight tile and its state tiles, applies the rule's epilogue and stores them back. The gradient
+tile is never written to memory (unless MATERIALIZE, a debug mode for exactness proofs).
+
+By-products, one slot per tile (indexed by tile position, not by launch order, so they are
+deterministic): the sum of squares of the scaled gradient (for the global grad norm) and the
+number of non-finite gradient values. A tile with any non-finite value stores nothing.
+
+Determinism and tensor parallelism: the value of dW[i, j] depends only on column i of dy, column j
+of x, BLOCK_T and the dot instruction, never on the tile's position or on out/in. The launcher
+therefore picks the tile config from (device, dtype) only, never from the weight's shape, so a
+weight sharded across tensor-parallel ranks gets the same bits as the unsharded one. There is
+no split over T (that would need a cross-program reduction before the rule could run).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options; `block_t` fixes the summation order over tokens."""
+
+    block_m: int
+    block_n: int
+    block_t: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_t"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {v}")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
+    """The tile config for a device and activation dtype; never depends on the weight's shape.
+
+    The GPU configs compile for sm_90a without register spills for every built-in rule
+    (tests/test_compile.py checks it with ptxas on a CPU machine).
+    """
+    if interpreting():
+        # The interpreter costs ~4 ms per program per T-step: few, large tiles.
+        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=1)
+    if dtype == torch.float32:
+        # IEEE fp32 dot runs on FMA units: smaller tiles keep the accumulator in registers.
+        return TileConfig(block_m=64, block_n=64, block_t=32, group_m=8, num_warps=4, num_stages=3)
+    # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
+    return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped launch order (tiles sharing dy columns run together, for L2 reuse)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(N_OUT, BLOCK_M)
+    num_n = tl.cdiv(N_IN, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_rows
+    pid_n = (pid % group_size) // group_rows
+    return pid_m, pid_n, num_n
+
+
+@triton.jit
+def fused_wgrad_update_kernel(
+    x_ptr, dy_ptr, w_ptr, state_ptrs, coef_ptr, grad_ptr, sumsq_ptr, nonfinite_ptr,
+    T, N_OUT, N_IN,
+    stride_xt, stride_xi, stride_dt, stride_do,
+    UPDATE: tl.constexpr,
+    STATE_STORED: tl.constexpr,
+    NUM_COEFS: tl.constexpr,
+    MATERIALIZE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n, num_n = _tile_coordinates(N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N_OUT
+    col_ok = cols < N_IN
+
+    # dW_tile = dy[:, rows]^T @ x[:, cols], fp32 accumulation in registers, T in fixed order.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        t_ok = ts < T
+        dy_t = tl.load(dy_ptr + rows[:, None] * stride_do + ts[None, :] * stride_dt,
+                       mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+        x_t = tl.load(x_ptr + ts[:, None] * stride_xt + cols[None, :] * stride_xi,
+                      mask=t_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST_DOT:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            dy_t = dy_t.to(tl.float32)
+            x_t = x_t.to(tl.float32)
+        acc = tl.dot(dy_t, x_t, acc, input_precision=DOT_PRECISION)
+    g = acc * tl.load(coef_ptr)
+
+    # By-products: per-tile sum of squares and non-finite count (out-of-bounds g is exactly 0).
+    in_bounds = row_ok[:, None] & col_ok[None, :]
+    bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
+    tile = pid_m * num_n + pid_n
+    tl.store(sumsq_ptr + tile, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    tl.store(nonfinite_ptr + tile, bad)
+
+    # Epilogue in two column halves (lower register pressure); a bad tile stores nothing.
+    ok_tile = bad == 0
+    g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    g_lo, g_hi = tl.split(g3)
+    c_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _epilogue(g_lo, rows, c_lo, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
+              UPDATE, STATE_STORED, NUM_COEFS, MATERIALIZE)
+    _epilogue(g_hi, rows, c_lo + BLOCK_N // 2, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
+              UPDATE, STATE_STORED, NUM_COEFS, MATERIALIZE)
+
+
+@triton.jit
+def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
+              UPDATE: tl.constexpr, STATE_STORED: tl.constexpr, NUM_COEFS: tl.constexpr, MATERIALIZE: tl.constexpr):
+    in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
+    offs = rows[:, None] * N_IN + cols[None, :]
+    if MATERIALIZE:
+        tl.store(grad_ptr + offs, g, mask=in_bounds)
+    ok = in_bounds & ok_tile
+    p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    state = ()
+    for k in tl.static_range(len(STATE_STORED)):
+        if STATE_STORED[k]:
+            state = state + (tl.load(state_ptrs[k] + offs, mask=ok, other=0.0),)
+        else:
+            state = state + (0.0,)
+    coef = ()
+    for k in tl.static_range(NUM_COEFS):
+        coef = coef + (tl.load(coef_ptr + 1 + k),)
+    p, state = UPDATE(p, g, state, coef)
+    tl.store(w_ptr + offs, p.to(w_ptr.dtype.element_ty), mask=ok)
+    for k in tl.static_range(len(STATE_STORED)):
+        if STATE_STORED[k]:
+            tl.store(state_ptrs[k] + offs, state[k], mask=ok)
+
+
+def _constexprs(update_fn, stored, num_coefs, materialize, dtype, config: TileConfig) -> dict:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"  # follow torch.matmul's own setting for fp32 inputs
+    else:
+        precision = "ieee"
+    return dict(
+        UPDATE=update_fn,
+        STATE_STORED=tuple(stored),
+        NUM_COEFS=num_coefs,
+        MATERIALIZE=materialize,
+        UPCAST_DOT=interpreting() and dtype != torch.float32,
+        DOT_PRECISION=precision,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_T=config.block_t, GROUP_M=config.group_m,
+    )
+
+
+def num_tiles(shape, config: TileConfig) -> int:
+    return triton.cdiv(shape[0], config.block_m) * triton.cdiv(shape[1], config.block_n)
+
+
+def launch(x, dy, weight, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
+    """Launch the kernel, one program per tile of `weight`.
+
+    `states` has one tensor per declared state (a placeholder where not stored), `stored` the
+    matching flags, `coefs` = [grad_scale, *rule coefficients] as a float32 tensor on the device;
+    `sumsq` (fp32) and `nonfinite` (int32) receive one partial per tile (num_tiles entries).
+    """
+    n_out, n_in = weight.shape
+    fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
+        x, dy, weight, tuple(states), coefs, grad_out if grad_out is not None else weight, sumsq, nonfinite,
+        x.shape[0], n_out, n_in,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        **_constexprs(update_fn, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        enable_fp_fusion=False,
+    )
+
+
+def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, materialize: bool = False):
+    """Compile the kernel for an NVIDIA target without a GPU (for inspection and CI).
+
+    Returns the compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`) and ptxas's resource report
+    (registers, spill bytes). `rule` is a registered Rule; its default hyperparameters decide
+    which states are stored.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    hp = rule.hyperparameters()
+    stored = [name in rule.stored_states(hp) for name in rule.states]
+    act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
+    signature = {
+        "x_ptr": act, "dy_ptr": act, "w_ptr": "*fp32", "state_ptrs": tuple("*fp32" for _ in rule.states),
+        "coef_ptr": "*fp32", "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
+        "T": "i32", "N_OUT": "i32", "N_IN": "i32",
+        "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",
+    }
+    constexprs = _constexprs(rule.triton_update, stored, len(rule.coefficients(hp, 1)), materialize, dtype, config)
+    signature.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=fused_wgrad_update_kernel, signature=signature, constexprs=constexprs)
+    options = {"enable_fp_fusion": False, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, _ptxas_report(compiled.asm["ptx"], arch)
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
+        "spill_stores": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
+        "spill_loads": int(re.search(r"(\d+) bytes spill loads", text).group(1)),
+    }

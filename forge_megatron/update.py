@@ -1,0 +1,134 @@
+"""The one entry point: validate, pick a backend, run the fused wgrad + optimizer step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+from forge_megatron import kernels, tiled
+from forge_megatron.kernels import TileConfig
+from forge_megatron.state import ForgeState
+
+BACKENDS = ("triton", "torch")
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32,)
+
+
+@dataclass
+class UpdateResult:
+    """By-products of one fused step, left on the device (reading them synchronizes)."""
+
+    sumsq: torch.Tensor  # 0-dim fp32: sum of squares of the scaled gradient (non-finite tiles included)
+    nonfinite: torch.Tensor  # 0-dim int64: number of non-finite gradient values; their tiles were skipped
+    grad: torch.Tensor | None = None  # the scaled gradient, only with materialize=True (debug)
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """`backend`, else $FORGE_BACKEND, else triton on CUDA and torch elsewhere."""
+    choice = backend or os.environ.get("FORGE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown FORGE backend {choice!r}; choose one of {BACKENDS}")
+    if choice == "triton" and device.type != "cuda" and not kernels.interpreting():
+        raise ValueError(
+            f"the triton backend needs a CUDA device (tensors are on {device}); use backend='torch', "
+            "or set TRITON_INTERPRET=1 before importing forge_megatron to run the kernel interpreted (slow)"
+        )
+    return choice
+
+
+def fused_update(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    state: ForgeState,
+    *,
+    grad_scale: float | torch.Tensor = 1.0,
+    materialize: bool = False,
+    backend: str | None = None,
+    config: TileConfig | None = None,
+) -> UpdateResult:
+    """Apply `state`'s rule to `weight` with the gradient dW = dy^T x, without storing dW.
+
+    x is [..., in] and dy [..., out] with the same leading dims (e.g. [s, b, h]); weight is
+    [out, in]. The gradient is multiplied by `grad_scale` (a number or a 0-dim tensor, e.g. a
+    clip coefficient) before the rule. Increments state.step. Everything is checked before
+    anything is written: on error, weight and state are unchanged.
+    """
+    x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
+    which = resolve_backend(weight.device, backend)
+    config = config or (kernels.default_config(weight.device, x2.dtype) if which == "triton" else tiled.DEFAULT_CONFIG)
+    step = state.step + 1
+    coefs = torch.tensor((1.0, *state.rule.coefficients(state.hyperparameters, step)), dtype=torch.float32)
+    coefs = coefs.to(weight.device, non_blocking=True)
+    if isinstance(grad_scale, torch.Tensor):
+        coefs[:1].copy_(grad_scale.reshape(1))
+    else:
+        coefs[0] = float(grad_scale)
+    states, stored = state.kernel_states(placeholder=weight)
+    # Outputs are poisoned, so anything a backend fails to write shows up.
+    grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    n_tiles = kernels.num_tiles(weight.shape, config)
+    sumsq = torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=weight.device)
+    nonfinite = torch.full((n_tiles,), -(2**30), dtype=torch.int32, device=weight.device)
+    if which == "triton":
+        run, update_fn = kernels.launch, state.rule.triton_update
+    else:
+        run, update_fn = tiled.run, state.rule.torch_update
+    run(x2, dy2, weight, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config)
+    state.step = step
+    return UpdateResult(sumsq=sumsq.sum(), nonfinite=nonfinite.sum(), grad=grad)
+
+
+def _check_inputs(x, dy, weight, state, grad_scale):
+    for name, t in (("x", x), ("dy", dy), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    n_out, n_in = weight.shape
+    if x.dim() < 2 or dy.dim() < 2:
+        raise ValueError(f"x and dy must be [..., features] with at least 2 dims, got {tuple(x.shape)} and {tuple(dy.shape)}")
+    if x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} must have the same leading (token) dims")
+    if x.shape[-1] != n_in or dy.shape[-1] != n_out:
+        raise ValueError(
+            f"shape mismatch: weight is [out={n_out}, in={n_in}], so x must be [..., {n_in}] and dy [..., {n_out}]; "
+            f"got x {tuple(x.shape)} and dy {tuple(dy.shape)}"
+        )
+    if x.dtype not in ACTIVATION_DTYPES or dy.dtype != x.dtype:
+        raise TypeError(f"x and dy must share one dtype among {_names(ACTIVATION_DTYPES)}; got {x.dtype} and {dy.dtype}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weight dtype {weight.dtype} is not supported; supported: {_names(WEIGHT_DTYPES)}")
+    if not (x.device == dy.device == weight.device):
+        raise ValueError(f"x, dy and weight must be on one device; got {x.device}, {dy.device}, {weight.device}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous (the kernel writes it in place); pass weight.contiguous() "
+                         "and keep using that tensor as the parameter")
+    if not isinstance(state, ForgeState):
+        raise TypeError(f"state must be a ForgeState, got {type(state).__name__}")
+    if state.shape != (n_out, n_in):
+        raise ValueError(f"state was built for a weight of shape {state.shape}, this weight is {(n_out, n_in)}")
+    for name, t in state.tensors.items():
+        if t.device != weight.device or not t.is_contiguous() or t.dtype != torch.float32:
+            raise ValueError(f"state '{name}' must be a contiguous float32 tensor on {weight.device}")
+    if isinstance(grad_scale, torch.Tensor):
+        if grad_scale.numel() != 1 or grad_scale.device != weight.device:
+            raise ValueError(f"grad_scale tensor must have one element on {weight.device}")
+    elif not (isinstance(grad_scale, Real) and not isinstance(grad_scale, bool)):
+        raise TypeError(f"grad_scale must be a number or a 0-dim tensor, got {grad_scale!r}")
+    x2, dy2 = x.reshape(-1, n_in), dy.reshape(-1, n_out)  # views where the strides allow
+    if max(_max_offset(x2), _max_offset(dy2), weight.numel()) >= 2**31:
+        raise ValueError("tensors with 2**31 or more elements are not supported (the kernel uses 32-bit offsets); "
+                         "split the tokens into smaller micro-batches")
+    return x2, dy2
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
