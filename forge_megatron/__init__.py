@@ -4,6 +4,7 @@ The weight gradient of each covered linear layer is computed one output tile at 
 consumed by the optimizer rule in the same program; it is never stored.
 """
 
+from forge_megatron import ops_torch as ops  # the rule vocabulary; see rules.py
 from forge_megatron.kernels import TileConfig
 from forge_megatron.rules import Rule, get_rule, register_rule, registered_rules
 from forge_megatron.state import ForgeState
@@ -16,6 +17,7 @@ __all__ = [
     "UpdateResult",
     "fused_update",
     "get_rule",
+    "ops",
     "register_rule",
     "registered_rules",
 ]

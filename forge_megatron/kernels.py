@@ -59,8 +59,8 @@ def default_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
         # The interpreter costs ~4 ms per program per T-step: few, large tiles.
         return TileConfig(block_m=64, block_n=64, block_t=64, group_m=1)
     if dtype == torch.float32:
-        # IEEE fp32 dot runs on FMA units: smaller tiles keep the accumulator in registers.
-        return TileConfig(block_m=64, block_n=64, block_t=32, group_m=8, num_warps=4, num_stages=3)
+        # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
+        return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
     # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
     return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
 

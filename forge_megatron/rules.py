@@ -151,15 +151,16 @@ def _check_update_source(name: str, fn: Callable) -> None:
     params = [a.arg for a in tree.body[0].args.args]
     if len(params) != 4:
         raise ValueError(f"rule '{name}': update must take exactly (p, g, state, coef), got {params}")
-    banned = {ast.Div: "a / b -> ops.div(a, b)", ast.Pow: "a ** 0.5 -> ops.sqrt(a)",
-              ast.FloorDiv: "//", ast.Mod: "%"}
+    banned = {ast.Div: ("/", "ops.div(a, b)"), ast.Pow: ("**", "a * a, or ops.sqrt(a) for a ** 0.5"),
+              ast.FloorDiv: ("//", "a coefficient computed on the host"),
+              ast.Mod: ("%", "a coefficient computed on the host")}
     for node in ast.walk(tree):
-        for op_type, hint in banned.items():
-            if isinstance(node, ast.BinOp) and isinstance(node.op, op_type):
-                raise ValueError(
-                    f"rule '{name}': operator {hint.split(' ')[0]} is not allowed in update "
-                    f"(Triton's fp32 '/' is approximate on GPUs); write {hint}"
-                )
+        if isinstance(node, ast.BinOp) and type(node.op) in banned:
+            symbol, fix = banned[type(node.op)]
+            raise ValueError(
+                f"rule '{name}': operator {symbol} is not allowed in update (Triton's fp32 '/' is "
+                f"approximate on GPUs and the backends must agree bit for bit); write {fix}"
+            )
         if isinstance(node, ast.Call):
             f = node.func
             ok = (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)

@@ -1,0 +1,27 @@
+"""Test set-up: Triton kernels run interpreted on CPU-only machines, compiled on a GPU."""
+
+import os
+import secrets
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any module defining @triton.jit kernels is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A fresh random generator per test; the seed is printed so a failure can be replayed
+    with FORGE_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("FORGE_TEST_SEED", secrets.randbits(31)))
+    print(f"{request.node.nodeid}: FORGE_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,191 @@
+"""The fused step equals the unfused rule on the same gradient, bit for bit, on both backends.
+
+"Unfused" means: the same kernel run with materialize=True writes the scaled gradient G, and the
+rule's torch formula (helpers.reference_step) is applied to the whole tensors. Every fp32
+operation in the epilogue is correctly rounded on both sides and FMA contraction is off, so the
+only acceptable difference is none.
+"""
+
+import pytest
+import torch
+from helpers import BACKENDS, assert_bits_equal, case_id, randn, reference_step, rule_cases, snapshot
+
+from forge_megatron import ForgeState, fused_update
+
+# (tokens, out, in): unit, odd, a single token, many tokens, more than one tile per dimension
+# for every backend's default tiles (interpreter 64x64, torch 64x128), none a multiple of a tile.
+SHAPES = [(1, 1, 1), (300, 17, 33), (1, 17, 33), (37, 130, 70), (5, 70, 131)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", rule_cases(), ids=case_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_equals_materialized_gradient_plus_reference(backend, case, shape, dtype, gen, device):
+    rule, hp = case
+    tokens, n_out, n_in = shape
+    weight = randn(gen, n_out, n_in, device=device)
+    state = ForgeState(weight, rule, **hp)
+    twin = weight.clone()
+    twin_state = ForgeState(twin, rule, **hp)
+    for step in range(1, 4):
+        x = randn(gen, tokens, n_in, dtype=dtype, device=device)
+        dy = randn(gen, tokens, n_out, dtype=dtype, device=device)
+        w0, s0 = snapshot(weight, state)
+        result = fused_update(x, dy, weight, state, materialize=True, backend=backend)
+        assert state.step == step
+        assert not torch.isnan(result.grad).any(), "materialize left unwritten gradient elements"
+        assert int(result.nonfinite) == 0 and torch.isfinite(result.sumsq)
+        expected_w, expected_s = reference_step(w0, s0, state, result.grad, step)
+        assert_bits_equal(weight, expected_w, f"weight, step {step}")
+        for name, tensor in state.tensors.items():
+            assert_bits_equal(tensor, expected_s[name], f"state {name}, step {step}")
+        # Materializing must not change the fused step itself.
+        fused_update(x, dy, twin, twin_state, backend=backend)
+        assert_bits_equal(twin, weight, f"non-materialized weight, step {step}")
+        for name in state.tensors:
+            assert_bits_equal(twin_state.tensors[name], state.tensors[name], f"non-materialized {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_is_dyT_x_within_the_fp32_dot_bound(backend, gen, device):
+    """|G - G64| <= gamma_T * (|dy|^T |x|), the textbook bound for a T-term fp32 dot product."""
+    tokens, n_out, n_in = 300, 70, 131
+    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    weight = randn(gen, n_out, n_in, device=device)
+    result = fused_update(x, dy, weight, ForgeState(weight, "sgd"), materialize=True, backend=backend)
+    exact = dy.double().T @ x.double()
+    gamma = tokens * 2.0**-24 / (1 - tokens * 2.0**-24)
+    bound = gamma * (dy.double().abs().T @ x.double().abs())
+    assert bool(((result.grad.double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_multiplies_the_gradient_before_the_rule(backend, gen, device):
+    x, dy = randn(gen, 40, 33, device=device), randn(gen, 40, 17, device=device)
+    weight = randn(gen, 17, 33, device=device)
+    plain = fused_update(x, dy, weight.clone(), ForgeState(weight, "adamw"), materialize=True, backend=backend)
+    for scale in (0.5, torch.tensor(0.25, device=device)):
+        w = weight.clone()
+        state = ForgeState(w, "adamw")
+        w0, s0 = snapshot(w, state)
+        result = fused_update(x, dy, w, state, grad_scale=scale, materialize=True, backend=backend)
+        assert_bits_equal(result.grad, plain.grad * float(scale), "scaled gradient (powers of two are exact)")
+        expected_w, _ = reference_step(w0, s0, state, result.grad, 1)
+        assert_bits_equal(w, expected_w, "weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_of_squares_by_product(backend, gen, device):
+    tokens, n_out, n_in = 50, 130, 70
+    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    weight = randn(gen, n_out, n_in, device=device)
+    result = fused_update(x, dy, weight, ForgeState(weight, "adamw"), grad_scale=0.5, materialize=True, backend=backend)
+    exact = (result.grad.double() ** 2).sum()
+    # n positive fp32 terms summed in any order: |error| <= (n - 1) * u * sum, plus one rounding per square.
+    tol = (n_out * n_in + 1) * 2.0**-24 * float(exact)
+    assert abs(float(result.sumsq) - float(exact)) <= tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), "overflow"])
+def test_non_finite_gradient_skips_only_its_tiles(backend, poison, gen, device):
+    tokens, n_out, n_in = 20, 130, 70
+    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    bad_row = 100  # in the second row-block for both backends' default tiles
+    if poison == "overflow":  # finite inputs, non-finite gradient: (1e20 * 1e20) overflows fp32
+        dy[3, bad_row] = 1e20
+        x[3] = torch.where(x[3] >= 0, 1e20, -1e20)
+    else:
+        dy[3, bad_row] = poison
+    weight = randn(gen, n_out, n_in, device=device)
+    state = ForgeState(weight, "adamw")
+    w0, s0 = snapshot(weight, state)
+    result = fused_update(x, dy, weight, state, materialize=True, backend=backend)
+    g = result.grad
+    bad = ~torch.isfinite(g)
+    assert int(result.nonfinite) == int(bad.sum()) == n_in
+    # Rows [64, 128) are the row-block of the bad tiles on every default config (64-row tiles).
+    bad_rows = torch.arange(64, 128)
+    good_rows = torch.cat([torch.arange(0, 64), torch.arange(128, n_out)])
+    assert_bits_equal(weight[bad_rows], w0[bad_rows], "weights of non-finite tiles")
+    for name, tensor in state.tensors.items():
+        assert_bits_equal(tensor[bad_rows], s0[name][bad_rows], f"state {name} of non-finite tiles")
+    expected_w, expected_s = reference_step(
+        w0[good_rows], {k: v[good_rows] for k, v in s0.items()}, state, g[good_rows], 1)
+    assert_bits_equal(weight[good_rows], expected_w, "weights of finite tiles")
+    for name, tensor in state.tensors.items():
+        assert_bits_equal(tensor[good_rows], expected_s[name], f"state {name} of finite tiles")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_does_not_depend_on_sharding(backend, gen, device):
+    """Row shards (column-parallel) and column shards (row-parallel) of one weight, at offsets that
+    are not tile multiples, get exactly the bits of the unsharded update."""
+    tokens, n_out, n_in = 90, 130, 150
+    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    weight = randn(gen, n_out, n_in, device=device)
+    full, full_state = weight.clone(), ForgeState(weight, "adamw")
+    fused_update(x, dy, full, full_state, backend=backend)
+    for cut in (37, 101):
+        for rows in (slice(0, cut), slice(cut, n_out)):
+            shard = weight[rows].clone()
+            st = ForgeState(shard, "adamw")
+            fused_update(x, dy[:, rows], shard, st, backend=backend)
+            assert_bits_equal(shard, full[rows], f"row shard {rows}")
+            assert_bits_equal(st.tensors["exp_avg_sq"], full_state.tensors["exp_avg_sq"][rows], "row shard state")
+        for cols in (slice(0, cut), slice(cut, n_in)):
+            shard = weight[:, cols].clone()
+            st = ForgeState(shard, "adamw")
+            fused_update(x[:, cols], dy, shard, st, backend=backend)
+            assert_bits_equal(shard, full[:, cols], f"column shard {cols}")
+
+
+def test_backends_agree_bit_for_bit_when_the_gradient_is_exact(gen, device):
+    """With small-integer inputs every product and partial sum is exact in fp32, so both backends
+    see the same gradient whatever their summation order; from there on they must agree exactly
+    (one rule function, correctly rounded ops). For general inputs the gradients differ within
+    the dot-product bound (test_gradient_is_dyT_x_within_the_fp32_dot_bound, applied to both)."""
+    tokens, n_out, n_in = 70, 75, 130
+    for rule, hp in rule_cases():
+        results = {}
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        for backend in BACKENDS:
+            g = torch.Generator().manual_seed(seed)
+            weight = randn(g, n_out, n_in, device=device)
+            state = ForgeState(weight, rule, **hp)
+            for _ in range(3):
+                x = torch.randint(-4, 5, (tokens, n_in), generator=g).to(device=device, dtype=torch.bfloat16)
+                dy = torch.randint(-4, 5, (tokens, n_out), generator=g).to(device=device, dtype=torch.bfloat16)
+                fused_update(x, dy, weight, state, grad_scale=0.125, backend=backend)
+            results[backend] = (weight, state)
+        (w_a, s_a), (w_b, s_b) = results.values()
+        assert_bits_equal(w_a, w_b, f"{rule}: weights, triton vs torch")
+        for name in s_a.tensors:
+            assert_bits_equal(s_a.tensors[name], s_b.tensors[name], f"{rule}: {name}, triton vs torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_3d_inputs_give_the_same_bits(backend, gen, device):
+    s, b, n_in, n_out = 6, 5, 33, 17
+    x3 = randn(gen, s, b, n_in, device=device)
+    dy3 = randn(gen, s, b, n_out, device=device)
+    weight = randn(gen, n_out, n_in, device=device)
+
+    def run(x, dy):
+        w = weight.clone()
+        st = ForgeState(w, "adamw")
+        fused_update(x, dy, w, st, backend=backend)
+        return w, st.tensors["exp_avg"]
+
+    w_ref, m_ref = run(x3.reshape(-1, n_in), dy3.reshape(-1, n_out))
+    column_major = x3.reshape(-1, n_in).t().contiguous().t()  # strides (1, T)
+    gathered = torch.cat([dy3.reshape(-1, n_out), randn(gen, s * b, 9, device=device)], 1)[:, :n_out]
+    transposed_3d = x3.transpose(0, 1).contiguous().transpose(0, 1)  # [s, b, h] view of [b, s, h]
+    dy2 = dy3.reshape(-1, n_out)
+    for x, dy, what in [(x3, dy3, "3-D [s, b, h]"), (column_major, dy2, "column-major x"),
+                        (x3.reshape(-1, n_in), gathered, "dy slice of a wider buffer"),
+                        (transposed_3d, dy3, "[b, s, h] storage")]:
+        w, m = run(x, dy)
+        assert_bits_equal(w, w_ref, what)
+        assert_bits_equal(m, m_ref, what)
