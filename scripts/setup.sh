@@ -8,11 +8,11 @@ is_new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/
 
 find_python() {
     local candidate
-    for candidate in python3.13 python3.12; do
+    for candidate in python3.12 python3.13; do
         if command -v "$candidate" >/dev/null && is_new_enough "$candidate"; then echo "$candidate"; return; fi
     done
     if command -v pyenv >/dev/null; then
-        for v in 3.13 3.12; do
+        for v in 3.12 3.13; do
             candidate=$(PYENV_VERSION=$v pyenv which "python$v" 2>/dev/null || true)
             if [ -n "$candidate" ] && is_new_enough "$candidate"; then echo "$candidate"; return; fi
         done
