@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from forge_megatron.numerics import round_to_bf16
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -81,10 +83,11 @@ def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def fused_wgrad_update_kernel(
-    x_ptr, dy_ptr, w_ptr, state_ptrs, coef_ptr, grad_ptr, sumsq_ptr, nonfinite_ptr,
+    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr, sumsq_ptr, nonfinite_ptr,
     T, N_OUT, N_IN,
     stride_xt, stride_xi, stride_dt, stride_do,
     UPDATE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
     STATE_STORED: tl.constexpr,
     NUM_COEFS: tl.constexpr,
     MATERIALIZE: tl.constexpr,
@@ -125,21 +128,25 @@ def fused_wgrad_update_kernel(
     g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
     g_lo, g_hi = tl.split(g3)
     c_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _epilogue(g_lo, rows, c_lo, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
-              UPDATE, STATE_STORED, NUM_COEFS, MATERIALIZE)
-    _epilogue(g_hi, rows, c_lo + BLOCK_N // 2, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
-              UPDATE, STATE_STORED, NUM_COEFS, MATERIALIZE)
+    _epilogue(g_lo, rows, c_lo, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr,
+              UPDATE, HAS_MASTER, STATE_STORED, NUM_COEFS, MATERIALIZE)
+    _epilogue(g_hi, rows, c_lo + BLOCK_N // 2, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr,
+              grad_ptr, UPDATE, HAS_MASTER, STATE_STORED, NUM_COEFS, MATERIALIZE)
 
 
 @triton.jit
-def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, grad_ptr,
-              UPDATE: tl.constexpr, STATE_STORED: tl.constexpr, NUM_COEFS: tl.constexpr, MATERIALIZE: tl.constexpr):
+def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr,
+              UPDATE: tl.constexpr, HAS_MASTER: tl.constexpr, STATE_STORED: tl.constexpr, NUM_COEFS: tl.constexpr,
+              MATERIALIZE: tl.constexpr):
     in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
     offs = rows[:, None] * N_IN + cols[None, :]
     if MATERIALIZE:
         tl.store(grad_ptr + offs, g, mask=in_bounds)
     ok = in_bounds & ok_tile
-    p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
+        p = tl.load(master_ptr + offs, mask=ok, other=0.0)
+    else:
+        p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     state = ()
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
@@ -150,19 +157,25 @@ def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, state_ptrs, coef_ptr, 
     for k in tl.static_range(NUM_COEFS):
         coef = coef + (tl.load(coef_ptr + 1 + k),)
     p, state = UPDATE(p, g, state, coef)
-    tl.store(w_ptr + offs, p.to(w_ptr.dtype.element_ty), mask=ok)
+    if HAS_MASTER:
+        tl.store(master_ptr + offs, p, mask=ok)
+    if w_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
+    else:
+        tl.store(w_ptr + offs, p, mask=ok)
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
             tl.store(state_ptrs[k] + offs, state[k], mask=ok)
 
 
-def _constexprs(update_fn, stored, num_coefs, materialize, dtype, config: TileConfig) -> dict:
+def _constexprs(update_fn, has_master, stored, num_coefs, materialize, dtype, config: TileConfig) -> dict:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"  # follow torch.matmul's own setting for fp32 inputs
     else:
         precision = "ieee"
     return dict(
         UPDATE=update_fn,
+        HAS_MASTER=has_master,
         STATE_STORED=tuple(stored),
         NUM_COEFS=num_coefs,
         MATERIALIZE=materialize,
@@ -176,19 +189,21 @@ def num_tiles(shape, config: TileConfig) -> int:
     return triton.cdiv(shape[0], config.block_m) * triton.cdiv(shape[1], config.block_n)
 
 
-def launch(x, dy, weight, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
+def launch(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
     """Launch the kernel, one program per tile of `weight`.
 
+    `master` is the fp32 master copy of a bf16 weight, or None.
     `states` has one tensor per declared state (a placeholder where not stored), `stored` the
     matching flags, `coefs` = [grad_scale, *rule coefficients] as a float32 tensor on the device;
     `sumsq` (fp32) and `nonfinite` (int32) receive one partial per tile (num_tiles entries).
     """
     n_out, n_in = weight.shape
     fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
-        x, dy, weight, tuple(states), coefs, grad_out if grad_out is not None else weight, sumsq, nonfinite,
+        x, dy, weight, master if master is not None else weight, tuple(states), coefs,
+        grad_out if grad_out is not None else weight, sumsq, nonfinite,
         x.shape[0], n_out, n_in,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        **_constexprs(update_fn, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config),
+        **_constexprs(update_fn, master is not None, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config),
         num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=False,
     )
@@ -197,6 +212,7 @@ def launch(x, dy, weight, states, stored, update_fn, coefs, grad_out, sumsq, non
 def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, materialize: bool = False):
     """Compile the kernel for an NVIDIA target without a GPU (for inspection and CI).
 
+    `dtype` is the activation and weight dtype (bf16 weights come with an fp32 master).
     Returns the compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`) and ptxas's resource report
     (registers, spill bytes). `rule` is a registered Rule; its default hyperparameters decide
     which states are stored.
@@ -208,12 +224,15 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
     stored = [name in rule.stored_states(hp) for name in rule.states]
     act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
     signature = {
-        "x_ptr": act, "dy_ptr": act, "w_ptr": "*fp32", "state_ptrs": tuple("*fp32" for _ in rule.states),
+        "x_ptr": act, "dy_ptr": act, "w_ptr": act, "master_ptr": "*fp32",
+        "state_ptrs": tuple("*fp32" for _ in rule.states),
         "coef_ptr": "*fp32", "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
         "T": "i32", "N_OUT": "i32", "N_IN": "i32",
         "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",
     }
-    constexprs = _constexprs(rule.triton_update, stored, len(rule.coefficients(hp, 1)), materialize, dtype, config)
+    has_master = dtype != torch.float32
+    constexprs = _constexprs(rule.triton_update, has_master, stored, len(rule.coefficients(hp, 1)), materialize,
+                             dtype, config)
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fused_wgrad_update_kernel, signature=signature, constexprs=constexprs)
     options = {"enable_fp_fusion": False, "num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -20,7 +20,7 @@ from forge_megatron.kernels import TileConfig
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
 
 
-def run(x, dy, weight, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
+def run(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
     """Same contract as kernels.launch."""
     bm, bn, bt = config.block_m, config.block_n, config.block_t
     n_tokens = x.shape[0]
@@ -53,10 +53,13 @@ def run(x, dy, weight, states, stored, update_fn, coefs, grad_out, sumsq, nonfin
             if bad:
                 continue
             w_tile = weight[r0:r1, c0:c1]
+            p_tile = w_tile if master is None else master[r0:r1, c0:c1]  # the rule runs on the master
             state_tiles = [s[r0:r1, c0:c1] for s in states]
             state = tuple(t if keep else zero for t, keep in zip(state_tiles, stored))
-            p, state = update_fn(w_tile.float(), g, state, coef)
-            w_tile.copy_(p)
+            p, state = update_fn(p_tile.float(), g, state, coef)
+            if master is not None:
+                p_tile.copy_(p)
+            w_tile.copy_(p)  # torch rounds fp32 -> bf16 to nearest even, as the kernel does
             for t, new, keep in zip(state_tiles, state, stored):
                 if keep:
                     t.copy_(new)

@@ -10,11 +10,10 @@ import torch
 
 from forge_megatron import kernels, tiled
 from forge_megatron.kernels import TileConfig
-from forge_megatron.state import ForgeState
+from forge_megatron.state import WEIGHT_DTYPES, ForgeState
 
 BACKENDS = ("triton", "torch")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
-WEIGHT_DTYPES = (torch.float32,)
 
 
 @dataclass
@@ -77,7 +76,7 @@ def fused_update(
         run, update_fn = kernels.launch, state.rule.triton_update
     else:
         run, update_fn = tiled.run, state.rule.torch_update
-    run(x2, dy2, weight, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config)
+    run(x2, dy2, weight, state.master, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config)
     state.step = step
     return UpdateResult(sumsq=sumsq.sum(), nonfinite=nonfinite.sum(), grad=grad)
 
@@ -111,9 +110,12 @@ def _check_inputs(x, dy, weight, state, grad_scale):
         raise TypeError(f"state must be a ForgeState, got {type(state).__name__}")
     if state.shape != (n_out, n_in):
         raise ValueError(f"state was built for a weight of shape {state.shape}, this weight is {(n_out, n_in)}")
-    for name, t in state.tensors.items():
+    for name, t in state.named_tensors().items():
         if t.device != weight.device or not t.is_contiguous() or t.dtype != torch.float32:
             raise ValueError(f"state '{name}' must be a contiguous float32 tensor on {weight.device}")
+    if (weight.dtype == torch.float32) != (state.master is None):
+        raise ValueError(f"state holds {'no' if state.master is None else 'a'} master copy but the weight is "
+                         f"{weight.dtype}; call state.adopt(weight) after converting the weight's dtype")
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1 or grad_scale.device != weight.device:
             raise ValueError(f"grad_scale tensor must have one element on {weight.device}")

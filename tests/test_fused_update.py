@@ -48,6 +48,30 @@ def test_fused_equals_materialized_gradient_plus_reference(backend, case, shape,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", rule_cases(), ids=case_id)
+def test_bf16_weight_is_the_rounded_copy_of_the_fp32_master(backend, case, gen, device):
+    """weight_store='master': the rule runs on the fp32 master exactly as on an fp32 weight, and
+    the bf16 weight is the master rounded to nearest even."""
+    rule, hp = case
+    tokens, n_out, n_in = 40, 70, 131
+    master_init = randn(gen, n_out, n_in, device=device)
+    weight = master_init.to(torch.bfloat16)
+    state = ForgeState(weight, rule, **hp)
+    assert state.master.dtype == torch.float32 and torch.equal(state.master, weight.float())
+    fp32_twin = weight.float()  # the same start, trained as an fp32 weight
+    twin_state = ForgeState(fp32_twin, rule, **hp)
+    for step in range(1, 3):
+        x = randn(gen, tokens, n_in, dtype=torch.bfloat16, device=device)
+        dy = randn(gen, tokens, n_out, dtype=torch.bfloat16, device=device)
+        fused_update(x, dy, weight, state, backend=backend)
+        fused_update(x, dy, fp32_twin, twin_state, backend=backend)
+        assert_bits_equal(state.master, fp32_twin, f"master vs fp32 weight, step {step}")
+        assert_bits_equal(weight, fp32_twin.to(torch.bfloat16), f"bf16 weight, step {step}")
+        for name in state.tensors:
+            assert_bits_equal(state.tensors[name], twin_state.tensors[name], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_is_dyT_x_within_the_fp32_dot_bound(backend, gen, device):
     """|G - G64| <= gamma_T * (|dy|^T |x|), the textbook bound for a T-term fp32 dot product."""
     tokens, n_out, n_in = 300, 70, 131
