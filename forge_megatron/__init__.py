@@ -6,11 +6,14 @@ consumed by the optimizer rule in the same program; it is never stored.
 
 from forge_megatron import ops_torch as ops  # the rule vocabulary; see rules.py
 from forge_megatron.kernels import TileConfig
+from forge_megatron.param import ForgeConfig, ForgeParam
 from forge_megatron.rules import Rule, get_rule, register_rule, registered_rules
 from forge_megatron.state import ForgeState
 from forge_megatron.update import UpdateResult, fused_update
 
 __all__ = [
+    "ForgeConfig",
+    "ForgeParam",
     "ForgeState",
     "Rule",
     "TileConfig",

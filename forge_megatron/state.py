@@ -45,6 +45,11 @@ class ForgeState:
         (its value before the conversion) when given, so no precision is lost; a weight that
         became fp32 takes the master's value and the master is dropped.
         """
+        if weight.dtype == torch.float16:
+            raise TypeError(
+                "fp16 weights are not supported: FORGE applies the update inside backward, before a loss scaler "
+                "could unscale the gradient or skip the step; train in bf16 (--bf16) or fp32"
+            )
         if weight.dtype not in WEIGHT_DTYPES:
             raise TypeError(f"FORGE weights must be float32 or bfloat16, got {weight.dtype}")
         if tuple(weight.shape) != self.shape:

@@ -1,0 +1,50 @@
+"""Let megatron-core's tensor-parallel model code run on CPU (gloo), for the CPU job and tests.
+
+megatron-core assumes CUDA in three places that FORGE's CPU path meets:
+  1. `torch.cuda.current_device()` names the device of new tensors -> "cpu";
+  2. the model-parallel RNG tracker saves and restores CUDA generator states -> the CPU generator;
+  3. WrappedTorchNorm (the local spec's norm) refuses sequence parallelism -> build it without the
+     flag and tag its parameters `sequence_parallel = True`, as Megatron's own fused norms are, so
+     finalize_model_grads all-reduces their gradients across tensor-parallel ranks.
+Only call this on a machine without CUDA; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ENABLED = False
+
+
+def enable_megatron_on_cpu() -> None:
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("enable_megatron_on_cpu() is for machines without CUDA")
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import torch_norm
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new_norm(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, hidden_size, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new_norm
+    _ENABLED = True

@@ -1,0 +1,72 @@
+"""Run scenario functions on N gloo ranks on CPU: one spawn per test module, many scenarios.
+
+A scenario is a module-level function taking no arguments; it sets up Megatron's model
+parallelism itself, asserts inside the worker and returns something picklable. `run_scenarios`
+returns {name: [result of rank 0, rank 1, ...]}; a scenario that raised on any rank reports
+the traceback, which `result()` re-raises in the test that reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 600
+
+
+class ScenarioError(AssertionError):
+    pass
+
+
+def run_scenarios(world_size: int, scenarios) -> dict[str, list]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, scenarios, queue)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[str, list] = {fn.__name__: [None] * world_size for fn in scenarios}
+    for _ in range(world_size * len(scenarios)):
+        name, rank, outcome = queue.get(timeout=TIMEOUT_S)
+        results[name][rank] = outcome
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def result(results: dict[str, list], name: str) -> list:
+    """Per-rank return values of a scenario; raises with the worker's traceback if it failed."""
+    outcomes = results[name]
+    errors = [f"rank {r}:\n{o[1]}" for r, o in enumerate(outcomes) if o[0] == "error"]
+    if errors:
+        raise ScenarioError("\n".join(errors))
+    return [o[1] for o in outcomes]
+
+
+def _worker(rank, world_size, port, scenarios, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state
+
+    from forge_megatron.cpu import enable_megatron_on_cpu
+
+    enable_megatron_on_cpu()
+    # A rank that fails inside a collective must not hang the others for gloo's 30-minute default.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    for fn in scenarios:
+        try:
+            outcome = ("ok", fn())
+        except BaseException:  # reported to the test, which fails with this traceback
+            outcome = ("error", traceback.format_exc())
+        finally:
+            parallel_state.destroy_model_parallel()
+        queue.put((fn.__name__, rank, outcome))
+    dist.destroy_process_group()
