@@ -7,8 +7,8 @@ weight tile and its state tiles, applies the rule's epilogue and stores them bac
 tile is never written to memory (unless MATERIALIZE, a debug mode for exactness proofs).
 
 By-products, one slot per tile (indexed by tile position, not by launch order, so they are
-deterministic): the sum of squares of the scaled gradient (for the global grad norm) and the
-number of non-finite gradient values. A tile with any non-finite value stores nothing.
+deterministic): the sum of squares of the raw gradient dy^T x, before the scale (for the global
+grad norm, which clipping needs unclipped) and the number of non-finite scaled-gradient values. A tile with any non-finite value stores nothing.
 
 Determinism and tensor parallelism: the value of dW[i, j] depends only on column i of dy, column j
 of x, BLOCK_T and the dot instruction, never on the tile's position or on out/in. The launcher
@@ -91,6 +91,7 @@ def fused_wgrad_update_kernel(
     STATE_STORED: tl.constexpr,
     NUM_COEFS: tl.constexpr,
     MATERIALIZE: tl.constexpr,
+    APPLY: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
@@ -120,9 +121,11 @@ def fused_wgrad_update_kernel(
     in_bounds = row_ok[:, None] & col_ok[None, :]
     bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
     tile = pid_m * num_n + pid_n
-    tl.store(sumsq_ptr + tile, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    tl.store(sumsq_ptr + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     tl.store(nonfinite_ptr + tile, bad)
 
+    if not APPLY:  # norms-only pass (two-pass clipping): by-products only
+        return
     # Epilogue in two column halves (lower register pressure); a bad tile stores nothing.
     ok_tile = bad == 0
     g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -168,7 +171,8 @@ def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs
             tl.store(state_ptrs[k] + offs, state[k], mask=ok)
 
 
-def _constexprs(update_fn, has_master, stored, num_coefs, materialize, dtype, config: TileConfig) -> dict:
+def _constexprs(update_fn, has_master, stored, num_coefs, materialize, dtype, config: TileConfig,
+                apply: bool = True) -> dict:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"  # follow torch.matmul's own setting for fp32 inputs
     else:
@@ -179,6 +183,7 @@ def _constexprs(update_fn, has_master, stored, num_coefs, materialize, dtype, co
         STATE_STORED=tuple(stored),
         NUM_COEFS=num_coefs,
         MATERIALIZE=materialize,
+        APPLY=apply,
         UPCAST_DOT=interpreting() and dtype != torch.float32,
         DOT_PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_T=config.block_t, GROUP_M=config.group_m,
@@ -189,8 +194,10 @@ def num_tiles(shape, config: TileConfig) -> int:
     return triton.cdiv(shape[0], config.block_m) * triton.cdiv(shape[1], config.block_n)
 
 
-def launch(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
-    """Launch the kernel, one program per tile of `weight`.
+def launch(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig,
+           apply: bool = True):
+    """Launch the kernel, one program per tile of `weight`; with apply=False only the by-products
+    are written (nothing else, not even a materialized gradient).
 
     `master` is the fp32 master copy of a bf16 weight, or None.
     `states` has one tensor per declared state (a placeholder where not stored), `stored` the
@@ -203,7 +210,8 @@ def launch(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, su
         grad_out if grad_out is not None else weight, sumsq, nonfinite,
         x.shape[0], n_out, n_in,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        **_constexprs(update_fn, master is not None, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config),
+        **_constexprs(update_fn, master is not None, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config,
+                      apply),
         num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=False,
     )

@@ -40,6 +40,7 @@ class ForgeParam:
         self.config = config
         self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, **config.hyperparameters)
         self.grad_scale: float | torch.Tensor = 1.0
+        self.apply = True  # False: a norms-only backward (two-pass clipping); nothing is written
         self.materialize = False  # debug: keep the last weight gradient in `self.grad` (exactness tests)
         self.grad: torch.Tensor | None = None
         weight._forge_param = self
@@ -52,7 +53,8 @@ class ForgeParam:
 
     def step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
         """The fused wgrad + optimizer step for this weight; accumulates the by-products."""
-        result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale, materialize=self.materialize,
+        result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale,
+                              materialize=self.materialize and self.apply, apply=self.apply,
                               backend=self.config.backend, config=self.config.tile_config)
         self.grad = result.grad
         self.sumsq = self.sumsq + result.sumsq

@@ -20,7 +20,8 @@ from forge_megatron.kernels import TileConfig
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
 
 
-def run(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig):
+def run(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig,
+        apply: bool = True):
     """Same contract as kernels.launch."""
     bm, bn, bt = config.block_m, config.block_n, config.block_t
     n_tokens = x.shape[0]
@@ -43,11 +44,14 @@ def run(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq
                 _fill(dy_panel, dy[t0:t1, r0:r1].t())
                 _fill(x_panel, x[t0:t1, c0:c1])
                 acc.addmm_(dy_panel, x_panel)
-            g = acc[: r1 - r0, : c1 - c0] * grad_scale
+            raw = acc[: r1 - r0, : c1 - c0]
+            g = raw * grad_scale
             tile = pid_m * num_n + pid_n
             bad = (~(g.abs() < float("inf"))).sum()
-            sumsq[tile] = (g * g).sum()
+            sumsq[tile] = (raw * raw).sum()
             nonfinite[tile] = bad
+            if not apply:
+                continue
             if grad_out is not None:
                 grad_out[r0:r1, c0:c1] = g
             if bad:

@@ -20,7 +20,7 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 class UpdateResult:
     """By-products of one fused step, left on the device (reading them synchronizes)."""
 
-    sumsq: torch.Tensor  # 0-dim fp32: sum of squares of the scaled gradient (non-finite tiles included)
+    sumsq: torch.Tensor  # 0-dim fp32: sum of squares of the raw gradient dy^T x, before grad_scale
     nonfinite: torch.Tensor  # 0-dim int64: number of non-finite gradient values; their tiles were skipped
     grad: torch.Tensor | None = None  # the scaled gradient, only with materialize=True (debug)
 
@@ -46,6 +46,7 @@ def fused_update(
     *,
     grad_scale: float | torch.Tensor = 1.0,
     materialize: bool = False,
+    apply: bool = True,
     backend: str | None = None,
     config: TileConfig | None = None,
 ) -> UpdateResult:
@@ -53,9 +54,13 @@ def fused_update(
 
     x is [..., in] and dy [..., out] with the same leading dims (e.g. [s, b, h]); weight is
     [out, in]. The gradient is multiplied by `grad_scale` (a number or a 0-dim tensor, e.g. a
-    clip coefficient) before the rule. Increments state.step. Everything is checked before
-    anything is written: on error, weight and state are unchanged.
+    clip coefficient) before the rule. Increments state.step. With apply=False nothing is
+    written and the step is not counted: only the by-products (the norms-only pass of two-pass
+    clipping). Everything is checked before anything is written: on error, weight and state are
+    unchanged.
     """
+    if materialize and not apply:
+        raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
     which = resolve_backend(weight.device, backend)
     config = config or (kernels.default_config(weight.device, x2.dtype) if which == "triton" else tiled.DEFAULT_CONFIG)
@@ -76,8 +81,9 @@ def fused_update(
         run, update_fn = kernels.launch, state.rule.triton_update
     else:
         run, update_fn = tiled.run, state.rule.torch_update
-    run(x2, dy2, weight, state.master, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config)
-    state.step = step
+    run(x2, dy2, weight, state.master, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config, apply)
+    if apply:
+        state.step = step
     return UpdateResult(sumsq=sumsq.sum(), nonfinite=nonfinite.sum(), grad=grad)
 
 
