@@ -17,6 +17,8 @@ from forge_megatron.training import counted_grads, sumsq
 
 
 class BaselineOptimizer:
+    CHECKPOINT_PREFIX = "optimizer.state."  # the keys optim_state_to_sharding_state gives
+
     def __init__(self, model_chunks, optimizer_config, config_overrides):
         from megatron.core.optimizer import _get_param_groups
 

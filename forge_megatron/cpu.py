@@ -10,7 +10,8 @@ megatron-core assumes CUDA in four places that FORGE's CPU path meets:
      device="cuda" -> their module sees a `torch` whose tensor factories map "cuda" to "cpu";
   5. DDP's gradient sync orders its collectives with CUDA streams -> `torch.cuda.current_stream()`
      returns a stream whose waits do nothing (CPU collectives are synchronous anyway);
-  6. megatron.training's argument validation asks the GPU's architecture (for TP > 1) -> 0.
+  6. megatron.training's argument validation asks the GPU's architecture (for TP > 1) -> 0;
+  7. dist_checkpointing synchronizes the GPU before writing -> `torch.cuda.synchronize()` does nothing.
 Only call this on a machine without CUDA; it is idempotent.
 """
 
@@ -38,6 +39,7 @@ def enable_megatron_on_cpu() -> None:
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = torch.manual_seed
     torch.cuda.current_stream = lambda device=None: _NULL_STREAM
+    torch.cuda.synchronize = lambda device=None: None
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
 

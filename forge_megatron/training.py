@@ -32,6 +32,7 @@ from forge_megatron.state import WEIGHT_STORES
 logger = logging.getLogger(__name__)
 
 CLIP_MODES = ("stale", "two-pass", "off")
+CHECKPOINT_PREFIX = "optimizer.forge"  # FORGE state is optimizer state: --no-save-optim/--no-load-optim skip it
 RULE_FOR_OPTIMIZER = {"adam": "adamw", "sgd": "sgd"}  # Megatron's "adam" is AdamW (decoupled decay)
 
 
@@ -169,7 +170,7 @@ class ForgeController:
         'stale' and 'off': one pass; the clip coefficient comes from the previous step's norm
         (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing; the other
         parameters' gradients are computed), the global norm and the exact coefficient, then
-        `zero_grads()`, the RNG state of the first pass restored, and the real pass.
+        `zero_grads()`, the first pass's micro-batches and RNG state replayed, and the real pass.
         """
         self._reset_stats()
         if self.clip_mode != "two-pass":
@@ -177,14 +178,15 @@ class ForgeController:
             self._set(scale=coefficient, apply=True)
             return forward_backward_func(**kwargs)
         rng = _rng_states()
+        recorder = _Recorder(kwargs.get("data_iterator"))
         self._set(scale=1.0, apply=False)
-        forward_backward_func(**kwargs)
+        forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
         coefficient = self._coefficient(self.global_grad_norm(sumsq(counted_grads(self.chunks))))
         zero_grads()
         _restore_rng_states(rng)
         self._reset_stats()
         self._set(scale=coefficient, apply=True)
-        return forward_backward_func(**kwargs)
+        return forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
 
     def global_grad_norm(self, other_sumsq: torch.Tensor | float) -> float:
         """The L2 norm of all of the step's gradients: FORGE's (raw, before clipping) and the
@@ -227,32 +229,60 @@ class ForgeController:
     def sharded_state_dict(self, model_sharded_state_dict: dict) -> dict:
         """FORGE state as sharded optimizer state: each state tensor (and master) sharded exactly
         like its weight, so a checkpoint saved at one TP size loads at another."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
         from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
-        from megatron.core.utils import nested_values
 
+        # ShardedTensors, and ShardedTensorFactories (e.g. SwiGLU's fc1, split per TP rank on save)
         tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
-        by_data = {id(t.data): t for t in nested_values(tensors) if isinstance(t, ShardedTensor)}
+        by_data = {id(t.data): t for t in nested_values(tensors)}
         out = {}
         for (name, weight), param in zip(self.named, self.params):
             sharded_weight = by_data.get(id(weight))
             if sharded_weight is None:
                 raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
-            entry = {state_name: make_sharded_optimizer_tensor(sharded_weight, tensor, f"optimizer.forge.{state_name}")
+            entry = {state_name: make_sharded_optimizer_tensor(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}")
                      for state_name, tensor in param.state.named_tensors().items()}
             entry["step"] = param.state.step
-            out[sharded_weight.key] = entry
-        self._checkpoint_keys = list(out)
+            out[name] = entry  # sharded keys are per stacked layer; the parameter name is unique
         return out
 
     def load_sharded_state_dict(self, loaded: dict) -> None:
         """Copy what dist_checkpointing loaded for `sharded_state_dict()` into the states."""
-        for param, key in zip(self.params, self._checkpoint_keys):
-            entry = loaded[key]
+        for (name, _), param in zip(self.named, self.params):
+            entry = loaded[name]
             for state_name, tensor in param.state.named_tensors().items():
                 tensor.copy_(entry[state_name])
             param.state.step = int(entry["step"])
+
+
+class _Recorder:
+    """Wraps Megatron's data iterator(s) (one, a list per model chunk, or None) so that the micro-
+    batches drawn in the first pass can be drawn again, identically, in the second."""
+
+    def __init__(self, data_iterator):
+        self.source = data_iterator
+        self.seen: list[list] = []
+
+    def recording(self):
+        if self.source is None:
+            return None
+        sources = self.source if isinstance(self.source, list) else [self.source]
+        self.seen = [[] for _ in sources]
+        wrapped = [self._record(it, seen) for it, seen in zip(sources, self.seen)]
+        return wrapped if isinstance(self.source, list) else wrapped[0]
+
+    def replay(self):
+        if self.source is None:
+            return None
+        replays = [iter(seen) for seen in self.seen]
+        return replays if isinstance(self.source, list) else replays[0]
+
+    @staticmethod
+    def _record(iterator, seen):
+        for item in iterator:
+            seen.append(item)
+            yield item
 
 
 def _megatron_param_groups(model_chunks, weights, optimizer_config, config_overrides) -> list[dict]:

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron.data import BYTE_VOCAB, CORPORA, TokenWindows, batches, mock_tokens, stdlib_tokens
-from forge_megatron.training import ForgeController, add_forge_args, validate_forge_args
+from forge_megatron.baseline_optimizer import BaselineOptimizer
+from forge_megatron.training import CHECKPOINT_PREFIX, ForgeController, add_forge_args, validate_forge_args
 
 
 def add_launcher_args(parser):
@@ -68,8 +69,6 @@ class Trainer:
         from megatron.training.arguments import core_transformer_config_from_args
         from megatron.training.training import (get_megatron_ddp_config, get_megatron_optimizer_config,
                                                 get_optimizer_param_scheduler)
-
-        from forge_megatron.baseline_optimizer import BaselineOptimizer
 
         self.args = args
         self.rank = dist.get_rank()
@@ -268,11 +267,12 @@ class Trainer:
             iteration = int(f.read().strip())
         path = os.path.join(args.load, f"iter_{iteration:07d}")
         sd = self._sharded_state_dict(loading=True)
-        if "forge" in sd and not _checkpoint_has(path, sd["forge"]):
+        saved = dist_checkpointing.load_tensors_metadata(path)
+        if "forge" in sd and not any(k.startswith(CHECKPOINT_PREFIX) for k in saved):
             self._print(" checkpoint holds no FORGE state (saved without --use-forge, or with --no-save-optim): "
                         "FORGE state starts fresh")
             del sd["forge"]
-        if "optimizer" in sd and not _checkpoint_has(path, sd["optimizer"]):
+        if "optimizer" in sd and not any(k.startswith(BaselineOptimizer.CHECKPOINT_PREFIX) for k in saved):
             self._print(" checkpoint holds no optimizer state: the optimizer starts fresh")
             del sd["optimizer"]
         loaded = dist_checkpointing.load(sd, path)
@@ -351,16 +351,6 @@ def _global_norm(local_sumsq: torch.Tensor) -> float:
     total = local_sumsq.double()  # as ForgeController.global_grad_norm
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return float(total.sqrt())
-
-
-def _checkpoint_has(path: str, sharded: dict) -> bool:
-    """Whether every sharded tensor of `sharded` is in the checkpoint at `path`."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.utils import nested_values
-
-    available = dist_checkpointing.load_tensors_metadata(path)
-    return all(t.key in available for t in nested_values(sharded) if isinstance(t, ShardedTensor))
 
 
 def _parse_args(argv):
