@@ -5,6 +5,7 @@ TINY_GPT_ARGS=(
     --seq-length 128 --max-position-embeddings 128
     --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear
     --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 256
+    --transformer-impl local --no-gradient-accumulation-fusion
     --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
     --micro-batch-size 8 --global-batch-size 8
     --train-iters 300 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30

@@ -193,18 +193,22 @@ class ForgeController:
         other parameters' (their local sum of squares, counted by Megatron's rule, see
         `counted_grads`), summed over the model-parallel group. Also gathers the step's
         non-finite count."""
-        device = self.named[0][1].device
-        local = torch.zeros(2, dtype=torch.float64, device=device)
-        local[0] = other_sumsq
-        local[1] = 0.0
+        local = torch.zeros(2, dtype=torch.float64, device=self.named[0][1].device)
+        local[0] = self.local_sumsq() + other_sumsq
         for p in self.params:
-            local[0] += p.sumsq
             local[1] += p.nonfinite
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(local, group=self.group)
         self.grad_norm = math.sqrt(float(local[0]))
         self.nonfinite = int(local[1])
         return self.grad_norm
+
+    def local_sumsq(self) -> torch.Tensor:
+        """This rank's sum of squares of the covered weights' raw gradients in the last backward."""
+        total = torch.zeros((), dtype=torch.float32, device=self.named[0][1].device)
+        for p in self.params:
+            total = total + p.sumsq
+        return total
 
     def clip_coefficient(self) -> float:
         """Megatron's clip coefficient for the current global norm, to apply to the other grads."""
