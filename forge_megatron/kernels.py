@@ -8,7 +8,13 @@ tile is never written to memory (unless MATERIALIZE, a debug mode for exactness 
 
 By-products, one slot per tile (indexed by tile position, not by launch order, so they are
 deterministic): the sum of squares of the raw gradient dy^T x, before the scale (for the global
-grad norm, which clipping needs unclipped) and the number of non-finite scaled-gradient values. A tile with any non-finite value stores nothing.
+grad norm, which clipping needs unclipped) and the number of non-finite scaled-gradient values.
+A tile with any non-finite value stores nothing.
+
+The epilogue reads and writes every precision regime (state.py): fp32 weights, bf16 weights with
+an fp32 master, with stochastic rounding or round-to-nearest; fp32, bf16 (stochastically
+rounded) or 8-bit block-quantized states, dequantized and requantized in registers
+(numerics.py).
 
 Determinism and tensor parallelism: the value of dW[i, j] depends only on column i of dy, column j
 of x, BLOCK_T and the dot instruction, never on the tile's position or on out/in. The launcher
@@ -26,7 +32,36 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_megatron.numerics import round_to_bf16
+from forge_megatron.numerics import (QBLOCK, dequantize, quantize, random_bits, round_to_bf16,
+                                     stochastic_round_to_bf16)
+
+# Weight stores and state formats, as kernel constants.
+WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
+STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
+
+
+@dataclass
+class StepPlan:
+    """Everything one fused step reads and writes besides x, dy and the weight (built by
+    update.py from a ForgeState, the same for both backends)."""
+
+    update_fn: object  # the rule's update, compiled for the backend that runs the step
+    weight_store: int  # WEIGHT_*
+    master: torch.Tensor | None
+    states: list[torch.Tensor]  # one per declared state (a placeholder where not stored)
+    scales: list[torch.Tensor]  # int8 block scales per state (placeholders otherwise)
+    stored: tuple[bool, ...]
+    signed: tuple[bool, ...]
+    state_format: int  # STATE_*
+    coefs: torch.Tensor  # fp32 [1 + n]: grad scale, then the rule's coefficients
+    keys: tuple[int, ...]  # 2 random keys per stream: the weight's, then each state's
+    tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
+    thresholds: torch.Tensor  # fp32 [2, 255] their midpoints
+    shard: tuple[int, int, int]  # row offset, column offset, columns of the unsharded weight
+    grad_out: torch.Tensor | None  # materialized gradient (debug), or None
+    sumsq: torch.Tensor  # fp32 [tiles]
+    nonfinite: torch.Tensor  # int32 [tiles]
+    apply: bool = True  # False: by-products only
 
 
 @dataclass(frozen=True)
@@ -83,12 +118,15 @@ def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def fused_wgrad_update_kernel(
-    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr, sumsq_ptr, nonfinite_ptr,
-    T, N_OUT, N_IN,
+    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr,
+    grad_ptr, sumsq_ptr, nonfinite_ptr,
+    T, N_OUT, N_IN, ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
     stride_xt, stride_xi, stride_dt, stride_do,
     UPDATE: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
+    WEIGHT_STORE: tl.constexpr,
     STATE_STORED: tl.constexpr,
+    STATE_SIGNED: tl.constexpr,
+    STATE_FORMAT: tl.constexpr,
     NUM_COEFS: tl.constexpr,
     MATERIALIZE: tl.constexpr,
     APPLY: tl.constexpr,
@@ -117,73 +155,109 @@ def fused_wgrad_update_kernel(
         acc = tl.dot(dy_t, x_t, acc, input_precision=DOT_PRECISION)
     g = acc * tl.load(coef_ptr)
 
-    # By-products: per-tile sum of squares and non-finite count (out-of-bounds g is exactly 0).
+    # By-products: per-tile sum of squares of the raw gradient and non-finite count.
     in_bounds = row_ok[:, None] & col_ok[None, :]
     bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
     tile = pid_m * num_n + pid_n
     tl.store(sumsq_ptr + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     tl.store(nonfinite_ptr + tile, bad)
-
     if not APPLY:  # norms-only pass (two-pass clipping): by-products only
         return
+
     # Epilogue in two column halves (lower register pressure); a bad tile stores nothing.
     ok_tile = bad == 0
     g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
     g_lo, g_hi = tl.split(g3)
-    c_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _epilogue(g_lo, rows, c_lo, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr,
-              UPDATE, HAS_MASTER, STATE_STORED, NUM_COEFS, MATERIALIZE)
-    _epilogue(g_hi, rows, c_lo + BLOCK_N // 2, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr,
-              grad_ptr, UPDATE, HAS_MASTER, STATE_STORED, NUM_COEFS, MATERIALIZE)
+    col0 = pid_n * BLOCK_N
+    _epilogue(g_lo, rows, col0, N_OUT, N_IN, ok_tile,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
+    _epilogue(g_hi, rows, col0 + BLOCK_N // 2, N_OUT, N_IN, ok_tile,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
 
 
 @triton.jit
-def _epilogue(g, rows, cols, N_OUT, N_IN, ok_tile, w_ptr, master_ptr, state_ptrs, coef_ptr, grad_ptr,
-              UPDATE: tl.constexpr, HAS_MASTER: tl.constexpr, STATE_STORED: tl.constexpr, NUM_COEFS: tl.constexpr,
-              MATERIALIZE: tl.constexpr):
+def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              UPDATE: tl.constexpr, WEIGHT_STORE: tl.constexpr, STATE_STORED: tl.constexpr,
+              STATE_SIGNED: tl.constexpr, STATE_FORMAT: tl.constexpr, NUM_COEFS: tl.constexpr,
+              MATERIALIZE: tl.constexpr, WIDTH: tl.constexpr):
+    """The rule on one [BLOCK_M, WIDTH] half-tile starting at column col0."""
+    cols = col0 + tl.arange(0, WIDTH)
     in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
     offs = rows[:, None] * N_IN + cols[None, :]
     if MATERIALIZE:
         tl.store(grad_ptr + offs, g, mask=in_bounds)
     ok = in_bounds & ok_tile
-    if HAS_MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
+    # The element's index in the unsharded weight keys its random bits (TP-invariant).
+    index = ((rows + ROW_OFFSET)[:, None] * GLOBAL_COLS + (cols + COL_OFFSET)[None, :]).to(tl.uint32)
+
+    if WEIGHT_STORE == 1:  # the rule runs on the fp32 master; the weight is its rounded copy
         p = tl.load(master_ptr + offs, mask=ok, other=0.0)
     else:
         p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     state = ()
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
-            state = state + (tl.load(state_ptrs[k] + offs, mask=ok, other=0.0),)
+            if STATE_FORMAT == 2:
+                codes = tl.load(state_ptrs[k] + offs, mask=ok, other=0)
+                scale = tl.load(scale_ptrs[k] + rows[:, None] * SCALE_COLS + (cols // QBLOCK)[None, :], mask=ok,
+                                other=0.0)
+                value = dequantize(codes, scale, table_ptr + (0 if STATE_SIGNED[k] else 256))
+            else:
+                value = tl.load(state_ptrs[k] + offs, mask=ok, other=0.0).to(tl.float32)
+            state = state + (value,)
         else:
             state = state + (0.0,)
     coef = ()
     for k in tl.static_range(NUM_COEFS):
         coef = coef + (tl.load(coef_ptr + 1 + k),)
     p, state = UPDATE(p, g, state, coef)
-    if HAS_MASTER:
-        tl.store(master_ptr + offs, p, mask=ok)
-    if w_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
-    else:
+
+    if WEIGHT_STORE == 0:
         tl.store(w_ptr + offs, p, mask=ok)
+    elif WEIGHT_STORE == 1:
+        tl.store(master_ptr + offs, p, mask=ok)
+        tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
+    elif WEIGHT_STORE == 2:
+        bits = random_bits(index, tl.load(key_ptr), tl.load(key_ptr + 1))
+        tl.store(w_ptr + offs, stochastic_round_to_bf16(p, bits), mask=ok)
+    else:
+        tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
-            tl.store(state_ptrs[k] + offs, state[k], mask=ok)
+            if STATE_FORMAT == 0:
+                tl.store(state_ptrs[k] + offs, state[k], mask=ok)
+            elif STATE_FORMAT == 1:
+                bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
+                tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], bits), mask=ok)
+            else:
+                value = tl.where(in_bounds, state[k], 0.0)
+                codes, scale = quantize(value, threshold_ptr + (0 if STATE_SIGNED[k] else 255), QBLOCK)
+                tl.store(state_ptrs[k] + offs, codes, mask=ok)
+                blocks = col0 // QBLOCK + tl.arange(0, WIDTH // QBLOCK)
+                scale_ok = ((rows < N_OUT)[:, None] & (blocks < SCALE_COLS)[None, :]) & ok_tile
+                tl.store(scale_ptrs[k] + rows[:, None] * SCALE_COLS + blocks[None, :], scale, mask=scale_ok)
 
 
-def _constexprs(update_fn, has_master, stored, num_coefs, materialize, dtype, config: TileConfig,
-                apply: bool = True) -> dict:
+def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"  # follow torch.matmul's own setting for fp32 inputs
     else:
         precision = "ieee"
     return dict(
-        UPDATE=update_fn,
-        HAS_MASTER=has_master,
-        STATE_STORED=tuple(stored),
-        NUM_COEFS=num_coefs,
-        MATERIALIZE=materialize,
-        APPLY=apply,
+        UPDATE=plan.update_fn,
+        WEIGHT_STORE=plan.weight_store,
+        STATE_STORED=tuple(plan.stored),
+        STATE_SIGNED=tuple(plan.signed),
+        STATE_FORMAT=plan.state_format,
+        NUM_COEFS=plan.coefs.numel() - 1,
+        MATERIALIZE=plan.grad_out is not None,
+        APPLY=plan.apply,
         UPCAST_DOT=interpreting() and dtype != torch.float32,
         DOT_PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_T=config.block_t, GROUP_M=config.group_m,
@@ -194,53 +268,55 @@ def num_tiles(shape, config: TileConfig) -> int:
     return triton.cdiv(shape[0], config.block_m) * triton.cdiv(shape[1], config.block_n)
 
 
-def launch(x, dy, weight, master, states, stored, update_fn, coefs, grad_out, sumsq, nonfinite, config: TileConfig,
-           apply: bool = True):
-    """Launch the kernel, one program per tile of `weight`; with apply=False only the by-products
-    are written (nothing else, not even a materialized gradient).
-
-    `master` is the fp32 master copy of a bf16 weight, or None.
-    `states` has one tensor per declared state (a placeholder where not stored), `stored` the
-    matching flags, `coefs` = [grad_scale, *rule coefficients] as a float32 tensor on the device;
-    `sumsq` (fp32) and `nonfinite` (int32) receive one partial per tile (num_tiles entries).
-    """
+def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
+    """Launch the kernel, one program per tile of `weight` (see StepPlan for the rest)."""
     n_out, n_in = weight.shape
+    keys = torch.tensor(plan.keys, dtype=torch.int32).to(weight.device, non_blocking=True)
     fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
-        x, dy, weight, master if master is not None else weight, tuple(states), coefs,
-        grad_out if grad_out is not None else weight, sumsq, nonfinite,
-        x.shape[0], n_out, n_in,
+        x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states), tuple(plan.scales),
+        plan.coefs, keys, plan.tables, plan.thresholds,
+        plan.grad_out if plan.grad_out is not None else weight, plan.sumsq, plan.nonfinite,
+        x.shape[0], n_out, n_in, *plan.shard, triton.cdiv(n_in, QBLOCK),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        **_constexprs(update_fn, master is not None, stored, coefs.numel() - 1, grad_out is not None, x.dtype, config,
-                      apply),
+        **_constexprs(plan, x.dtype, config),
         num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=False,
     )
 
 
-def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, materialize: bool = False):
+def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, weight_store: int = None,
+                       state_format: int = STATE_FP32):
     """Compile the kernel for an NVIDIA target without a GPU (for inspection and CI).
 
-    `dtype` is the activation and weight dtype (bf16 weights come with an fp32 master).
-    Returns the compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`) and ptxas's resource report
-    (registers, spill bytes). `rule` is a registered Rule; its default hyperparameters decide
-    which states are stored.
+    `dtype` is the activation dtype; the weight is fp32 for fp32 activations and bf16 otherwise
+    (with an fp32 master unless `weight_store` says otherwise). Returns the compiled kernel
+    (`.asm["ptx"]`, `.asm["cubin"]`) and ptxas's resource report (registers, spill bytes).
+    `rule` is a registered Rule; its default hyperparameters decide which states are stored.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if weight_store is None:
+        weight_store = WEIGHT_FP32 if dtype == torch.float32 else WEIGHT_MASTER
     hp = rule.hyperparameters()
-    stored = [name in rule.stored_states(hp) for name in rule.states]
+    names = rule.states
+    plan = StepPlan(
+        update_fn=rule.triton_update, weight_store=weight_store, master=None, states=[], scales=[],
+        stored=tuple(n in rule.stored_states(hp) for n in names),
+        signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
+        coefs=torch.empty(1 + len(rule.coefficients(hp, 1))), keys=(), tables=None, thresholds=None,
+        shard=(0, 0, 0), grad_out=None, sumsq=None, nonfinite=None)
     act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
+    state = {STATE_FP32: "*fp32", STATE_BF16: "*bf16", STATE_INT8: "*u8"}[state_format]
     signature = {
         "x_ptr": act, "dy_ptr": act, "w_ptr": act, "master_ptr": "*fp32",
-        "state_ptrs": tuple("*fp32" for _ in rule.states),
-        "coef_ptr": "*fp32", "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
-        "T": "i32", "N_OUT": "i32", "N_IN": "i32",
-        "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",
+        "state_ptrs": tuple(state for _ in names), "scale_ptrs": tuple("*fp32" for _ in names),
+        "coef_ptr": "*fp32", "key_ptr": "*i32", "table_ptr": "*fp32", "threshold_ptr": "*fp32",
+        "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
+        "T": "i32", "N_OUT": "i32", "N_IN": "i32", "ROW_OFFSET": "i32", "COL_OFFSET": "i32", "GLOBAL_COLS": "i32",
+        "SCALE_COLS": "i32", "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",
     }
-    has_master = dtype != torch.float32
-    constexprs = _constexprs(rule.triton_update, has_master, stored, len(rule.coefficients(hp, 1)), materialize,
-                             dtype, config)
+    constexprs = _constexprs(plan, dtype, config)
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fused_wgrad_update_kernel, signature=signature, constexprs=constexprs)
     options = {"enable_fp_fusion": False, "num_warps": config.num_warps, "num_stages": config.num_stages}

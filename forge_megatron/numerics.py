@@ -1,12 +1,49 @@
-"""Rounding shared by both backends, spelled so the interpreter, the GPU and torch agree.
+"""Rounding, random bits and 8-bit block quantization, spelled once for Triton and once for torch
+so that the interpreter, the GPU and the tiled torch backend produce the same bits.
 
-Torch's fp32 -> bf16 conversion rounds to nearest even on every device. A GPU's Triton cast does
-too, but the Triton interpreter truncates (and flushes subnormals); the kernel therefore rounds
-with integer operations and builds the bf16 bits directly, so every device gives torch's bits.
+Round to nearest even (bf16). Torch's fp32 -> bf16 conversion rounds to nearest even on every
+device; a GPU's Triton cast does too, but the Triton interpreter truncates (and flushes
+subnormals), so the kernel rounds with integer operations and builds the bf16 bits itself.
+
+Stochastic rounding (bf16). x is rounded up to the next bf16 value with probability equal to
+its distance from the lower one, in units of the bf16 spacing: add 16 uniform random bits to the
+fp32 bit pattern and drop the low 16 bits. Working on the magnitude bits makes it unbiased for
+negative values too: E[SR(x)] = x.
+
+Random bits. A counter-based generator: 32 bits = hash(hash(index ^ k1) + k2), with the
+lowbias32 integer hash (Wellons' hash-prospector), `index` the element's index in the
+*unsharded* weight and (k1, k2) = `rng_keys(seed, layer, step, stream)` from the host. The bits
+depend on (seed, layer, step, stream, global element index) only: not on tiles, launch order or
+tensor-parallel sharding. Torch has no uint32 multiply, so the torch twin multiplies in int64
+with the constant split in 16-bit halves (every partial product < 2^48, no overflow).
+
+8-bit block quantization. A state is stored as one uint8 code per element and one fp32 scale
+(the block's absolute maximum) per block of QBLOCK = 32 consecutive elements of a row (blocks
+never straddle a kernel tile: block_n is a multiple of 64, so each epilogue half-tile holds
+whole blocks). A code indexes a 256-entry table of values in [-1, 1] (signed, first moments)
+or [0, 1] (unsigned, second moments); x ~ table[code] * scale. The tables are logarithmic: each
+value is a constant ratio above the previous, so the relative error is the same at every
+magnitude, which is what a second moment needs (it spans many decades and is used through
+1 / sqrt(v)). Quantizing picks the nearest table value by a binary search over the 255
+midpoints (comparisons only, so every backend picks the same code). docs/numerics.md derives
+the error bounds.
 """
 
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
 import triton
 import triton.language as tl
+
+QBLOCK = 32
+SIGNED_DECADES = 5  # first moments: |x| / absmax in [1e-5, 1] keeps a relative error bound
+UNSIGNED_DECADES = 10  # second moments: v / absmax in [1e-10, 1] (sqrt: 5 decades, as m)
+LOWBIAS_A, LOWBIAS_B = 0x7FEB352D, 0x846CA68B
+
+# -- round to nearest even -------------------------------------------------------------------
 
 
 @triton.jit
@@ -16,3 +53,141 @@ def round_to_bf16(x):
     lsb = (bits >> 16) & 1
     rounded = (bits + 0x7FFF + lsb) >> 16
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+# -- random bits -------------------------------------------------------------------------------
+
+
+def rng_keys(seed: int, layer: int, step: int, stream: int) -> tuple[int, int]:
+    """Two 31-bit keys for (seed, layer, step, stream), from SHA-256 (host side, any Python)."""
+    digest = hashlib.sha256(f"forge:{seed}:{layer}:{step}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF, int.from_bytes(digest[4:8], "little") & 0x7FFFFFFF
+
+
+@triton.jit
+def _lowbias32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def random_bits(index, k1, k2):
+    """32 random bits (uint32) for element `index` (uint32) under keys k1, k2."""
+    return _lowbias32(_lowbias32(index ^ k1) + k2)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 x in [0, 2^32), without int64 overflow."""
+    lo = (x * (constant & 0xFFFF)) & 0xFFFFFFFF
+    hi = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & 0xFFFFFFFF
+
+
+def _lowbias32_torch(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, LOWBIAS_A)
+    x = x ^ (x >> 15)
+    x = _mul32(x, LOWBIAS_B)
+    return x ^ (x >> 16)
+
+
+def random_bits_torch(index: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+    """Torch twin of `random_bits`: int64 tensor of values in [0, 2^32)."""
+    return _lowbias32_torch((_lowbias32_torch(index ^ k1) + k2) & 0xFFFFFFFF)
+
+
+# -- stochastic rounding to bf16 -------------------------------------------------------------
+
+
+@triton.jit
+def stochastic_round_to_bf16(x, bits):
+    """fp32 -> bf16, rounding up with probability (distance to the lower value) / spacing."""
+    xb = x.to(tl.uint32, bitcast=True)
+    rounded = (xb + (bits & 0xFFFF)) >> 16
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def stochastic_round_to_bf16_torch(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Torch twin of `stochastic_round_to_bf16` (x fp32, bits int64 from random_bits_torch)."""
+    xb = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((xb + (bits & 0xFFFF)) >> 16) & 0xFFFF
+    return rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+# -- 8-bit block quantization -----------------------------------------------------------------
+
+
+def code_tables() -> torch.Tensor:
+    """[2, 256] fp32 sorted tables of code values: row 0 signed, row 1 unsigned."""
+    # signed: -1 .. -1e-5 (127 values), 0, 1e-5 .. 1 (128 values, one more step at the bottom)
+    ratio = 10.0 ** (SIGNED_DECADES / 126)
+    magnitudes = [ratio ** -k for k in range(127)]  # 1 .. 1e-5
+    positive = magnitudes[::-1]
+    signed = [-m for m in magnitudes] + [0.0] + [positive[0] / ratio] + positive
+    # unsigned: 0, 1e-10 .. 1 (255 values)
+    u_ratio = 10.0 ** (UNSIGNED_DECADES / 254)
+    unsigned = [0.0] + [u_ratio ** -k for k in range(254, -1, -1)]
+    return torch.tensor([signed, unsigned], dtype=torch.float32)
+
+
+def code_thresholds(tables: torch.Tensor) -> torch.Tensor:
+    """[2, 255] midpoints between consecutive table values (computed in fp32, once)."""
+    return (tables[:, :-1] + tables[:, 1:]) * 0.5
+
+
+def relative_error_bound(signed: bool) -> float:
+    """Largest |x_hat - x| / |x| for |x| / absmax inside the table's range: (r - 1) / (r + 1)."""
+    ratio = 10.0 ** ((SIGNED_DECADES / 126) if signed else (UNSIGNED_DECADES / 254))
+    return (ratio - 1) / (ratio + 1)
+
+
+def range_floor(signed: bool) -> float:
+    return 10.0 ** -(SIGNED_DECADES if signed else UNSIGNED_DECADES)
+
+
+@triton.jit
+def dequantize(codes, scales, table_ptr):
+    """codes uint8 [M, N] and per-element scales fp32 [M, N] -> fp32 values."""
+    return tl.load(table_ptr + codes.to(tl.int32)) * scales
+
+
+@triton.jit
+def quantize(x, threshold_ptr, QB: tl.constexpr):
+    """fp32 [M, N] -> (codes uint8 [M, N], block scales fp32 [M, N // QB]).
+
+    Scale = the block's absmax (1 for an all-zero block); code = number of table midpoints
+    below x / scale, by binary lifting over the 255 sorted midpoints."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    blocks = tl.reshape(x, (M, N // QB, QB))
+    absmax = tl.max(tl.abs(blocks), axis=2)
+    scale = tl.where(absmax > 0, absmax, 1.0)
+    normalized = tl.reshape(tl.div_rn(blocks, scale[:, :, None]), (M, N))
+    code = tl.zeros((M, N), dtype=tl.int32)
+    for k in tl.static_range(8):
+        probe = code + (128 >> k)
+        code = tl.where(tl.load(threshold_ptr + probe - 1) < normalized, probe, code)
+    return code.to(tl.uint8), scale
+
+
+def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [M, N], block scales fp32 [M, N // QBLOCK] -> fp32 [M, N]."""
+    return table[codes.long()] * scales.repeat_interleave(QBLOCK, dim=1)
+
+
+def quantize_torch(x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `quantize` (x fp32 [M, N] with N a multiple of QBLOCK)."""
+    m, n = x.shape
+    blocks = x.reshape(m, n // QBLOCK, QBLOCK)
+    absmax = blocks.abs().amax(dim=2)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normalized = torch.div(blocks, scale[:, :, None]).reshape(m, n)
+    codes = torch.searchsorted(thresholds, normalized.contiguous(), right=False)  # = #{midpoints < x}
+    return codes.to(torch.uint8), scale
+
+
+def num_blocks(n: int) -> int:
+    return math.ceil(n / QBLOCK)

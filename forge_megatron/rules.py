@@ -6,6 +6,8 @@ A rule says four things:
   `stored_states` and `state_init`, which of them a given hyperparameter set really allocates
   and their initial value. A state that is not stored reaches `update` as a zero and its new
   value is dropped, so one `update` serves e.g. SGD with and without momentum.
+* `nonnegative_states`: states that never go below zero (second moments); 8-bit storage gives
+  them the unsigned code table, twice the resolution of the signed one.
 * `defaults`: its hyperparameters (torch.optim names), checked by `check`.
 * `coefficients(hp, step)`: the scalars the update needs at this step (step counts from 1, as
   in torch.optim), computed once on the host in float64 and rounded once to float32. Bias
@@ -49,6 +51,7 @@ class Rule:
 
     name: ClassVar[str]
     states: ClassVar[tuple[str, ...]] = ()
+    nonnegative_states: ClassVar[tuple[str, ...]] = ()  # stored with the unsigned 8-bit code table
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     # Filled in by register_rule.
@@ -102,6 +105,8 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
         raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")
     if name in _RULES and _RULES[name] is not cls:
         raise ValueError(f"a rule named '{name}' is already registered ({_RULES[name].__qualname__})")
+    if not set(cls.nonnegative_states) <= set(cls.states):
+        raise ValueError(f"rule '{name}': nonnegative_states names states not in `states`")
     if len(cls.states) > MAX_STATES:
         raise ValueError(f"rule '{name}' has {len(cls.states)} states; the kernel takes at most {MAX_STATES}")
     fn = cls.__dict__.get("update")
@@ -238,6 +243,7 @@ class AdamW(Rule):
 
     name = "adamw"
     states = ("exp_avg", "exp_avg_sq")
+    nonnegative_states = ("exp_avg_sq",)
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
     update = staticmethod(_adam_update)
 
@@ -256,6 +262,7 @@ class Adam(Rule):
 
     name = "adam"
     states = ("exp_avg", "exp_avg_sq")
+    nonnegative_states = ("exp_avg_sq",)
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     update = staticmethod(_adam_update)
 
@@ -357,6 +364,7 @@ class RMSprop(Rule):
 
     name = "rmsprop"
     states = ("square_avg", "momentum_buffer", "grad_avg")
+    nonnegative_states = ("square_avg",)
     defaults = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False}
 
     @classmethod
@@ -397,6 +405,7 @@ class Adagrad(Rule):
 
     name = "adagrad"
     states = ("sum",)
+    nonnegative_states = ("sum",)
     defaults = {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0, "eps": 1e-10}
 
     @classmethod

@@ -1,4 +1,16 @@
-"""Per-weight FORGE optimizer state: rule, hyperparameters, step count, state tensors, master."""
+"""Per-weight FORGE optimizer state: rule, hyperparameters, step count, state tensors, master.
+
+Weight stores (how a weight's new fp32 value, computed in registers, is written back):
+  fp32 weights        -> stored as is;
+  bf16, store=master  -> the rule runs on an fp32 master held here; the weight is its
+                         round-to-nearest bf16 copy;
+  bf16, store=sr      -> no master: the fp32 result is stochastically rounded to bf16;
+  bf16, store=rne     -> no master, rounded to nearest: small updates are lost (the failure mode
+                         stochastic rounding fixes; kept for studies).
+State dtypes: fp32; bf16 (written with stochastic rounding, so small updates are not lost);
+int8 (one code per element plus one fp32 scale per QBLOCK elements of a row, see numerics.py).
+Memory per parameter is `bytes_per_parameter()`; docs/numerics.md has the table.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +18,61 @@ from typing import Any
 
 import torch
 
+from forge_megatron.numerics import code_tables, num_blocks
 from forge_megatron.rules import Rule, get_rule
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-WEIGHT_STORES = ("master",)
+WEIGHT_STORES = ("master", "sr", "rne")
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.uint8}
 
 
 class ForgeState:
     """What torch.optim keeps in `optimizer.state[p]` plus the param group, for one weight.
 
-    State tensors are fp32, shaped like the weight, on its device; states the hyperparameters do
-    not need (e.g. SGD's buffer without momentum) are not allocated. A bf16 weight is updated
-    through an fp32 master copy held here (`weight_store="master"`): the rule runs on the master
-    and the weight receives its round-to-nearest bf16 value. An fp32 weight needs no master.
+    State tensors are shaped like the weight (int8 states add a `<name>.scale` tensor of one
+    scale per QBLOCK columns), on its device; states the hyperparameters do not need (e.g. SGD's
+    buffer without momentum) are not allocated. `seed`, `layer` and `shard` key the random bits of
+    stochastic rounding: `shard` = (row offset, column offset, columns) of this weight in the
+    unsharded weight, so a tensor-parallel shard draws the bits its elements draw unsharded.
     """
 
     def __init__(self, weight: torch.Tensor, rule: str | type[Rule] = "adamw", *, weight_store: str = "master",
-                 **hyperparameters: Any):
+                 state_dtype: str = "fp32", seed: int = 0, layer: int = 0, **hyperparameters: Any):
         if weight_store not in WEIGHT_STORES:
             raise ValueError(f"unknown weight_store {weight_store!r}; choose one of {WEIGHT_STORES}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"unknown state_dtype {state_dtype!r}; choose one of {tuple(STATE_DTYPES)}")
         self.rule = get_rule(rule)
         self.hyperparameters = self.rule.hyperparameters(**hyperparameters)
         self.weight_store = weight_store
+        self.state_dtype = state_dtype
+        self.seed, self.layer = int(seed), int(layer)
         self.step = 0
         self.shape = tuple(weight.shape)
+        self.shard = (0, 0, self.shape[1])
         init = self.rule.state_init(self.hyperparameters)
-        self.tensors = {
-            name: torch.full(self.shape, float(init.get(name, 0.0)), dtype=torch.float32, device=weight.device)
-            for name in self.rule.stored_states(self.hyperparameters)
-        }
+        self.tensors: dict[str, torch.Tensor] = {}
+        for name in self.rule.stored_states(self.hyperparameters):
+            value = float(init.get(name, 0.0))
+            if state_dtype == "int8":
+                if value != 0.0:
+                    raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
+                                     f"{value}: use state_dtype='bf16' or 'fp32'")
+                self.tensors[name] = torch.full(self.shape, code_of_zero(self.rule, name), dtype=torch.uint8,
+                                                device=weight.device)
+                self.tensors[f"{name}.scale"] = torch.ones(self.shape[0], num_blocks(self.shape[1]),
+                                                           dtype=torch.float32, device=weight.device)
+            else:
+                self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[state_dtype], device=weight.device)
         self.master: torch.Tensor | None = None
         self.adopt(weight)
 
     def adopt(self, weight: torch.Tensor, previous: torch.Tensor | None = None) -> None:
         """Follow the weight's device and dtype after a module conversion (.cuda(), .bfloat16()).
 
-        State stays fp32. A weight that became bf16 gets an fp32 master, copied from `previous`
-        (its value before the conversion) when given, so no precision is lost; a weight that
-        became fp32 takes the master's value and the master is dropped.
+        States keep their dtype. A weight that became bf16 under the master store gets an fp32
+        master, copied from `previous` (its value before the conversion) when given, so no
+        precision is lost; a weight that became fp32 takes the master's value, which is dropped.
         """
         if weight.dtype == torch.float16:
             raise TypeError(
@@ -56,7 +85,7 @@ class ForgeState:
             raise ValueError(f"state was built for a weight of shape {self.shape}, this weight is {tuple(weight.shape)}")
         for name, tensor in self.tensors.items():
             self.tensors[name] = tensor.to(weight.device)
-        if weight.dtype == torch.float32:
+        if weight.dtype == torch.float32 or self.weight_store != "master":
             if self.master is not None:
                 with torch.no_grad():
                     weight.copy_(self.master.to(weight.device))
@@ -70,24 +99,38 @@ class ForgeState:
     def set_hyperparameters(self, **changes: Any) -> None:
         """Change hyperparameters between steps (e.g. lr and weight decay from a schedule)."""
         hp = self.rule.hyperparameters(**{**self.hyperparameters, **changes})
-        if self.rule.stored_states(hp) != tuple(self.tensors):
+        if self.rule.stored_states(hp) != self.state_names():
             raise ValueError(
                 f"changing {sorted(changes)} would change the state tensors of rule '{self.rule.name}' "
-                f"from {tuple(self.tensors)} to {self.rule.stored_states(hp)}; create a new ForgeState instead"
+                f"from {self.state_names()} to {self.rule.stored_states(hp)}; create a new ForgeState instead"
             )
         self.hyperparameters = hp
 
-    def kernel_states(self, placeholder: torch.Tensor) -> tuple[list[torch.Tensor], list[bool]]:
-        """One tensor per declared state (`placeholder` where not stored) and the stored flags."""
-        tensors = [self.tensors.get(name, placeholder) for name in self.rule.states]
-        return tensors, [name in self.tensors for name in self.rule.states]
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.tensors if not n.endswith(".scale"))
+
+    def kernel_states(self, placeholder: torch.Tensor):
+        """Per declared state: the tensor (`placeholder` where not stored), its int8 scales
+        (`placeholder` otherwise), whether it is stored, and whether it is signed."""
+        names = self.rule.states
+        tensors = [self.tensors.get(n, placeholder) for n in names]
+        scales = [self.tensors.get(f"{n}.scale", placeholder) for n in names]
+        stored = [n in self.tensors for n in names]
+        signed = [n not in self.rule.nonnegative_states for n in names]
+        return tensors, scales, stored, signed
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor this state owns, by checkpoint name (states, and `master` if any)."""
+        """Every tensor this state owns, by checkpoint name (states, scales, `master` if any)."""
         out = dict(self.tensors)
         if self.master is not None:
             out["master"] = self.master
         return out
+
+    def bytes_per_parameter(self, weight: torch.Tensor) -> float:
+        """Bytes per weight element actually allocated: the weight, the master and the states."""
+        total = weight.element_size() * weight.numel()
+        total += sum(t.element_size() * t.numel() for t in self.named_tensors().values())
+        return total / weight.numel()
 
     def state_dict(self) -> dict[str, Any]:
         return {"rule": self.rule.name, "step": self.step, "hyperparameters": dict(self.hyperparameters),
@@ -97,12 +140,18 @@ class ForgeState:
         """Restore a state_dict; everything is checked before anything is copied."""
         if sd["rule"] != self.rule.name:
             raise ValueError(f"checkpoint holds state of rule '{sd['rule']}', this weight uses '{self.rule.name}'")
-        for name in self.named_tensors():
+        for name, tensor in self.named_tensors().items():
             src = sd.get(f"state.{name}")
-            if src is None or tuple(src.shape) != self.shape:
+            if src is None or src.shape != tensor.shape:
                 found = None if src is None else tuple(src.shape)
-                raise ValueError(f"state '{name}': checkpoint has {found}, expected shape {self.shape}")
+                raise ValueError(f"state '{name}': checkpoint has {found}, expected shape {tuple(tensor.shape)}")
         self.set_hyperparameters(**sd["hyperparameters"])
         for name, tensor in self.named_tensors().items():
             tensor.copy_(sd[f"state.{name}"])
         self.step = int(sd["step"])
+
+
+def code_of_zero(rule: type[Rule], state: str) -> int:
+    """The int8 code whose table value is 0 (signed tables put it in the middle)."""
+    table = code_tables()[0 if state not in rule.nonnegative_states else 1]
+    return int((table == 0).nonzero()[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from numbers import Real
@@ -10,6 +11,7 @@ import torch
 
 from forge_megatron import kernels, tiled
 from forge_megatron.kernels import TileConfig
+from forge_megatron.numerics import QBLOCK, code_tables, code_thresholds, rng_keys
 from forge_megatron.state import WEIGHT_DTYPES, ForgeState
 
 BACKENDS = ("triton", "torch")
@@ -64,6 +66,9 @@ def fused_update(
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
     which = resolve_backend(weight.device, backend)
     config = config or (kernels.default_config(weight.device, x2.dtype) if which == "triton" else tiled.DEFAULT_CONFIG)
+    if state.state_dtype == "int8" and config.block_n % (2 * QBLOCK):
+        raise ValueError(f"int8 states need tiles whose width is a multiple of {2 * QBLOCK} (each epilogue "
+                         f"half-tile holds whole {QBLOCK}-element blocks); got block_n={config.block_n}")
     step = state.step + 1
     coefs = torch.tensor((1.0, *state.rule.coefficients(state.hyperparameters, step)), dtype=torch.float32)
     coefs = coefs.to(weight.device, non_blocking=True)
@@ -71,20 +76,43 @@ def fused_update(
         coefs[:1].copy_(grad_scale.reshape(1))
     else:
         coefs[0] = float(grad_scale)
-    states, stored = state.kernel_states(placeholder=weight)
     # Outputs are poisoned, so anything a backend fails to write shows up.
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
     n_tiles = kernels.num_tiles(weight.shape, config)
-    sumsq = torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=weight.device)
-    nonfinite = torch.full((n_tiles,), -(2**30), dtype=torch.int32, device=weight.device)
-    if which == "triton":
-        run, update_fn = kernels.launch, state.rule.triton_update
-    else:
-        run, update_fn = tiled.run, state.rule.torch_update
-    run(x2, dy2, weight, state.master, states, stored, update_fn, coefs, grad, sumsq, nonfinite, config, apply)
+    plan = _plan(state, weight, which, coefs, step, grad, n_tiles, apply)
+    (kernels.launch if which == "triton" else tiled.run)(x2, dy2, weight, plan, config)
     if apply:
         state.step = step
-    return UpdateResult(sumsq=sumsq.sum(), nonfinite=nonfinite.sum(), grad=grad)
+    return UpdateResult(sumsq=plan.sumsq.sum(), nonfinite=plan.nonfinite.sum(), grad=grad)
+
+
+def _plan(state: ForgeState, weight, backend: str, coefs, step: int, grad, n_tiles: int, apply: bool):
+    """The StepPlan both backends execute: regime constants, state tensors, keys, tables."""
+    device = weight.device
+    states, scales, stored, signed = state.kernel_states(placeholder=weight)
+    if weight.dtype == torch.float32:
+        weight_store = kernels.WEIGHT_FP32
+    else:
+        weight_store = {"master": kernels.WEIGHT_MASTER, "sr": kernels.WEIGHT_SR, "rne": kernels.WEIGHT_RNE}[
+            state.weight_store]
+    keys = [k for stream in range(1 + len(states)) for k in rng_keys(state.seed, state.layer, step, stream)]
+    tables = _tables(device)
+    return kernels.StepPlan(
+        update_fn=state.rule.triton_update if backend == "triton" else state.rule.torch_update,
+        weight_store=weight_store, master=state.master, states=states, scales=scales, stored=tuple(stored),
+        signed=tuple(signed),
+        state_format={"fp32": kernels.STATE_FP32, "bf16": kernels.STATE_BF16, "int8": kernels.STATE_INT8}[
+            state.state_dtype],
+        coefs=coefs, keys=tuple(keys), tables=tables[0], thresholds=tables[1], shard=state.shard, grad_out=grad,
+        sumsq=torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=device),
+        nonfinite=torch.full((n_tiles,), -(2**30), dtype=torch.int32, device=device),
+        apply=apply)
+
+
+@functools.cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tables = code_tables()
+    return tables.to(device), code_thresholds(tables).to(device)
 
 
 def _check_inputs(x, dy, weight, state, grad_scale):
@@ -117,11 +145,17 @@ def _check_inputs(x, dy, weight, state, grad_scale):
     if state.shape != (n_out, n_in):
         raise ValueError(f"state was built for a weight of shape {state.shape}, this weight is {(n_out, n_in)}")
     for name, t in state.named_tensors().items():
-        if t.device != weight.device or not t.is_contiguous() or t.dtype != torch.float32:
-            raise ValueError(f"state '{name}' must be a contiguous float32 tensor on {weight.device}")
-    if (weight.dtype == torch.float32) != (state.master is None):
+        if t.device != weight.device or not t.is_contiguous():
+            raise ValueError(f"state '{name}' must be a contiguous tensor on {weight.device}")
+    wants_master = weight.dtype != torch.float32 and state.weight_store == "master"
+    if wants_master != (state.master is not None):
         raise ValueError(f"state holds {'no' if state.master is None else 'a'} master copy but the weight is "
-                         f"{weight.dtype}; call state.adopt(weight) after converting the weight's dtype")
+                         f"{weight.dtype} with weight_store={state.weight_store!r}; call state.adopt(weight) after "
+                         "converting the weight's dtype")
+    row_offset, col_offset, global_cols = state.shard
+    if (row_offset + n_out) * global_cols >= 2**32 or col_offset + n_in > global_cols:
+        raise ValueError(f"state.shard {state.shard} does not describe a [{n_out}, {n_in}] shard of a weight with "
+                         "fewer than 2**32 elements")
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1 or grad_scale.device != weight.device:
             raise ValueError(f"grad_scale tensor must have one element on {weight.device}")
