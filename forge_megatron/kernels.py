@@ -35,6 +35,8 @@ import triton.language as tl
 from forge_megatron.numerics import (QBLOCK, dequantize, quantize, random_bits, round_to_bf16,
                                      stochastic_round_to_bf16)
 
+QB = tl.constexpr(QBLOCK)  # the quantization block, as a constant the kernel may read
+
 # Weight stores and state formats, as kernel constants.
 WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
 STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
@@ -205,7 +207,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         if STATE_STORED[k]:
             if STATE_FORMAT == 2:
                 codes = tl.load(state_ptrs[k] + offs, mask=ok, other=0)
-                scale = tl.load(scale_ptrs[k] + rows[:, None] * SCALE_COLS + (cols // QBLOCK)[None, :], mask=ok,
+                scale = tl.load(scale_ptrs[k] + rows[:, None] * SCALE_COLS + (cols // QB)[None, :], mask=ok,
                                 other=0.0)
                 value = dequantize(codes, scale, table_ptr + (0 if STATE_SIGNED[k] else 256))
             else:
@@ -237,9 +239,9 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
                 tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], bits), mask=ok)
             else:
                 value = tl.where(in_bounds, state[k], 0.0)
-                codes, scale = quantize(value, threshold_ptr + (0 if STATE_SIGNED[k] else 255), QBLOCK)
+                codes, scale = quantize(value, threshold_ptr + (0 if STATE_SIGNED[k] else 255), QB)
                 tl.store(state_ptrs[k] + offs, codes, mask=ok)
-                blocks = col0 // QBLOCK + tl.arange(0, WIDTH // QBLOCK)
+                blocks = col0 // QB + tl.arange(0, WIDTH // QB)
                 scale_ok = ((rows < N_OUT)[:, None] & (blocks < SCALE_COLS)[None, :]) & ok_tile
                 tl.store(scale_ptrs[k] + rows[:, None] * SCALE_COLS + blocks[None, :], scale, mask=scale_ok)
 

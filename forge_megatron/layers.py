@@ -49,9 +49,16 @@ class _ForgeLinear:
                 "(--no-gradient-accumulation-fusion)"
             )
 
-    def _cover(self, forge: ForgeConfig | None) -> None:
+    def _cover(self, forge: ForgeConfig | None, partition_dim: int) -> None:
         self.forge = ForgeParam(self.weight, forge or ForgeConfig())
         self.weight.requires_grad_(False)
+        # Where this shard sits in the unsharded weight (keys stochastic rounding per element).
+        rank = self.tp_group.rank() if self.tp_group is not None else 0
+        out_local, in_local = self.weight.shape
+        if partition_dim == 0:
+            self.forge.state.shard = (rank * out_local, 0, in_local)
+        else:
+            self.forge.state.shard = (0, rank * in_local, in_local * (self.tp_group.size() if self.tp_group else 1))
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, **unused):
@@ -77,7 +84,7 @@ class ForgeColumnParallelLinear(_ForgeLinear, ColumnParallelLinear):
     def __init__(self, input_size, output_size, *, config, init_method, forge: ForgeConfig | None = None, **kwargs):
         self._refuse_unsupported(type(self).__name__, config, kwargs)
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
-        self._cover(forge)
+        self._cover(forge, partition_dim=0)
 
 
 class ForgeRowParallelLinear(_ForgeLinear, RowParallelLinear):
@@ -86,4 +93,4 @@ class ForgeRowParallelLinear(_ForgeLinear, RowParallelLinear):
     def __init__(self, input_size, output_size, *, config, init_method, forge: ForgeConfig | None = None, **kwargs):
         self._refuse_unsupported(type(self).__name__, config, kwargs)
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
-        self._cover(forge)
+        self._cover(forge, partition_dim=1)

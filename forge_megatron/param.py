@@ -24,6 +24,8 @@ class ForgeConfig:
     rule: str = "adamw"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     weight_store: str = "master"
+    state_dtype: str = "fp32"
+    seed: int = 0  # keys stochastic rounding, with the layer index and the step
     backend: str | None = None
     tile_config: TileConfig | None = None
 
@@ -38,7 +40,8 @@ class ForgeParam:
                 "(tied weights) would be updated twice per step; cover only one of them, or neither"
             )
         self.config = config
-        self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, **config.hyperparameters)
+        self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, state_dtype=config.state_dtype,
+                                seed=config.seed, **config.hyperparameters)
         self.grad_scale: float | torch.Tensor = 1.0
         self.apply = True  # False: a norms-only backward (two-pass clipping); nothing is written
         self.materialize = False  # debug: keep the last weight gradient in `self.grad` (exactness tests)

@@ -77,5 +77,5 @@ def cover_output_layer(model, forge: ForgeConfig | None = None) -> bool:
         raise TypeError(f"cover_output_layer expects megatron-core's ColumnParallelLinear, got {type(layer).__name__}")
     ForgeColumnParallelLinear._refuse_unsupported("output layer", layer.config, {"is_expert": layer.is_expert})
     layer.__class__ = ForgeColumnParallelLinear
-    layer._cover(forge)
+    layer._cover(forge, partition_dim=0)
     return True

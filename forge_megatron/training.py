@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from forge_megatron.param import ForgeConfig, ForgeParam
 from forge_megatron.rules import get_rule, registered_rules
-from forge_megatron.state import WEIGHT_STORES
+from forge_megatron.state import STATE_DTYPES, WEIGHT_STORES
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,13 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--forge-rule", default=None, choices=registered_rules(),
                        help="Element-wise rule for covered weights (default: from --optimizer; adam -> adamw).")
     group.add_argument("--forge-weight-store", default="master", choices=WEIGHT_STORES,
-                       help="How bf16 weights are updated: 'master' keeps an fp32 master copy in FORGE's state.")
+                       help="How bf16 weights are written back: 'master' keeps an fp32 master copy in FORGE's state "
+                            "(the weight is its rounded copy); 'sr' keeps none and rounds the fp32 result "
+                            "stochastically; 'rne' keeps none and rounds to nearest (loses small updates; for "
+                            "studies).")
+    group.add_argument("--forge-state-dtype", default="fp32", choices=tuple(STATE_DTYPES),
+                       help="Optimizer state storage: fp32, bf16 (stochastically rounded) or int8 (8-bit codes with "
+                            "one fp32 scale per 32 elements).")
     group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
                        help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' runs a norms-only backward first (exact, ~2x "
@@ -67,7 +73,8 @@ def forge_config_from_args(args) -> ForgeConfig:
                   "weight_decay": args.weight_decay, "momentum": getattr(args, "sgd_momentum", 0.0)}
     rule = get_rule(name)
     hyperparameters = {k: v for k, v in from_flags.items() if k in rule.defaults}
-    return ForgeConfig(name, hyperparameters, weight_store=args.forge_weight_store, backend=args.forge_backend)
+    return ForgeConfig(name, hyperparameters, weight_store=args.forge_weight_store,
+                       state_dtype=args.forge_state_dtype, seed=args.seed, backend=args.forge_backend)
 
 
 def validate_forge_args(args) -> ForgeConfig:
@@ -127,6 +134,8 @@ class ForgeController:
         if not self.named:
             raise ValueError("no FORGE-covered weights in the model: build it with get_gpt_layer_forge_spec")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
+        for index, param in enumerate(self.params):  # the same order, hence keys, on every rank
+            param.state.layer = index
         self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
                                              config_overrides)
         self.clip_grad = float(clip_grad)

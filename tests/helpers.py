@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from forge_megatron import ForgeState, get_rule, registered_rules
+from forge_megatron import ForgeState, numerics, registered_rules
 
 BACKENDS = ("torch", "triton")
 
@@ -35,17 +35,60 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
 
 
 def snapshot(weight: torch.Tensor, state: ForgeState):
-    return weight.clone(), {k: v.clone() for k, v in state.tensors.items()}
+    return weight.clone(), {k: v.clone() for k, v in state.named_tensors().items()}
 
 
 def reference_step(weight, tensors, state: ForgeState, grad, step):
-    """The rule's torch formula applied to whole tensors: the unfused optimizer step."""
-    rule = state.rule
-    zero = torch.zeros((), dtype=torch.float32, device=weight.device)
-    coef = torch.tensor(rule.coefficients(state.hyperparameters, step), dtype=torch.float32, device=weight.device)
-    states = tuple(tensors.get(n, zero) for n in rule.states)
-    p, new = rule.torch_update(weight.float(), grad, states, tuple(coef))
-    return p, {n: new[i] for i, n in enumerate(rule.states) if n in tensors}
+    """The unfused optimizer step on whole tensors, in the state's precision regime: read the
+    weight (or master) and states, apply the rule's torch formula to `grad`, write back with the
+    regime's rounding (numerics.py's torch functions). Returns (weight, {name: tensor}) as stored."""
+    rule, device = state.rule, weight.device
+    n_out, n_in = weight.shape
+    row_off, col_off, global_cols = state.shard
+    index = ((torch.arange(n_out, device=device) + row_off)[:, None] * global_cols
+             + (torch.arange(n_in, device=device) + col_off)[None, :])
+    keys = [numerics.rng_keys(state.seed, state.layer, step, stream) for stream in range(1 + len(rule.states))]
+    tables = numerics.code_tables().to(device)
+    thresholds = numerics.code_thresholds(tables.cpu()).to(device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    pad = -n_in % numerics.QBLOCK
+
+    def padded(t):
+        return torch.nn.functional.pad(t, (0, pad))
+
+    states = []
+    for name in rule.states:
+        if name not in tensors:
+            states.append(zero)
+        elif state.state_dtype == "int8":
+            table = tables[1 if name in rule.nonnegative_states else 0]
+            states.append(numerics.dequantize_torch(padded(tensors[name]), tensors[f"{name}.scale"], table)[:, :n_in])
+        else:
+            states.append(tensors[name].float())
+    coef = torch.tensor(rule.coefficients(state.hyperparameters, step), dtype=torch.float32, device=device)
+    p = tensors["master"] if "master" in tensors else weight.float()
+    p, new = rule.torch_update(p, grad, tuple(states), tuple(coef))
+    out = {}
+    if weight.dtype == torch.float32:
+        w = p
+    elif state.weight_store == "master":
+        out["master"], w = p, p.to(torch.bfloat16)
+    elif state.weight_store == "sr":
+        w = numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *keys[0]))
+    else:
+        w = p.to(torch.bfloat16)
+    for k, name in enumerate(rule.states):
+        if name not in tensors:
+            continue
+        if state.state_dtype == "fp32":
+            out[name] = new[k]
+        elif state.state_dtype == "bf16":
+            out[name] = numerics.stochastic_round_to_bf16_torch(new[k], numerics.random_bits_torch(index, *keys[1 + k]))
+        else:
+            codes, scales = numerics.quantize_torch(padded(new[k]),
+                                                    thresholds[1 if name in rule.nonnegative_states else 0])
+            out[name], out[f"{name}.scale"] = codes[:, :n_in], scales
+    return w, out
 
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = ""):

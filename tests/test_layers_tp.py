@@ -189,7 +189,7 @@ def scenario_unsupported_configurations_are_refused_with_the_fix():
     other = ForgeColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init_std)
     other.weight = fc1.weight
     with pytest.raises(ValueError, match="already covered by another FORGE layer") as err:
-        other._cover(ADAMW)
+        other._cover(ADAMW, partition_dim=0)
     messages.append(str(err.value))
     with pytest.raises(ValueError, match="got a weight at forward time"):
         fc1(torch.randn(SEQ, BATCH, HIDDEN), weight=torch.zeros_like(fc1.weight))

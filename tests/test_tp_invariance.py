@@ -1,6 +1,7 @@
 """One FORGE layer fed identical X and dY gets bit-identical weights and states at TP=1, 2 and 4
 (sequence parallel off and on), on both backends: the tile reduction over tokens does not
-depend on the shard. 4 gloo ranks on CPU."""
+depend on the shard; with bf16 weights and states stochastically rounded, neither do the random
+bits. 4 gloo ranks on CPU."""
 
 import pytest
 import torch
@@ -30,13 +31,16 @@ def _gathered(t, dim):
     return torch.cat(parts, dim)
 
 
-def _run(tp, sp, backend):
+def _run(tp, sp, backend, regime=None):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     model_parallel_cuda_manual_seed(5)
     torch.manual_seed(5)
+    dtype = torch.bfloat16 if regime else torch.float32
     config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4, tensor_model_parallel_size=tp,
-                               sequence_parallel=sp, use_cpu_initialization=True, gradient_accumulation_fusion=False)
-    forge = ForgeConfig("adamw", {"lr": 1e-2, "weight_decay": 0.1}, backend=backend)
+                               sequence_parallel=sp, use_cpu_initialization=True, gradient_accumulation_fusion=False,
+                               params_dtype=dtype, bf16=regime is not None)
+    forge = ForgeConfig("adamw", {"lr": 1e-2, "weight_decay": 0.1}, backend=backend, seed=3,
+                        **(regime or {}))
     init = lambda w: torch.nn.init.normal_(w, std=0.5)  # noqa: E731
     column = ForgeColumnParallelLinear(H, F, config=config, init_method=init, bias=False, gather_output=False,
                                        forge=forge)
@@ -44,8 +48,8 @@ def _run(tp, sp, backend):
                                  skip_bias_add=False, forge=forge)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
-        x1, dy1 = torch.randn(S, B, H, generator=g), torch.randn(S, B, F, generator=g)
-        x2, dy2 = torch.randn(S, B, F, generator=g), torch.randn(S, B, H, generator=g)
+        x1, dy1 = torch.randn(S, B, H, generator=g).to(dtype), torch.randn(S, B, F, generator=g).to(dtype)
+        x2, dy2 = torch.randn(S, B, F, generator=g).to(dtype), torch.randn(S, B, H, generator=g).to(dtype)
         out, _ = column(_sliced(x1, 0, tp) if sp else x1)
         out.backward(_sliced(dy1, 2, tp))
         out, _ = row(_sliced(x2, 2, tp))
@@ -57,11 +61,11 @@ def _run(tp, sp, backend):
     return state
 
 
-def _compare(backend):
-    reference = _run(1, False, backend)
+def _compare(backend, regime=None):
+    reference = _run(1, False, backend, regime)
     for tp, sp in RUNS[1:]:
-        for name, value in _run(tp, sp, backend).items():
-            assert torch.equal(value, reference[name]), f"{backend}: {name} differs at tp={tp} sp={sp}"
+        for name, value in _run(tp, sp, backend, regime).items():
+            assert torch.equal(value, reference[name]), f"{backend} {regime}: {name} differs at tp={tp} sp={sp}"
     return True
 
 
@@ -73,11 +77,16 @@ def scenario_triton_backend():
     return _compare("triton")
 
 
+def scenario_bf16_stochastic_rounding():
+    """bf16 weights rounded stochastically, bf16 states: the random bits follow the global index."""
+    return _compare("torch", {"weight_store": "sr", "state_dtype": "bf16"})
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_scenarios(WORLD, [scenario_torch_backend, scenario_triton_backend])
+    return run_scenarios(WORLD, [scenario_torch_backend, scenario_triton_backend, scenario_bf16_stochastic_rounding])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gathered_weights_are_bit_identical_at_tp_1_2_4(results, backend):
-    assert result(results, f"scenario_{backend}_backend") == [True] * WORLD
+@pytest.mark.parametrize("scenario", ["torch_backend", "triton_backend", "bf16_stochastic_rounding"])
+def test_gathered_weights_are_bit_identical_at_tp_1_2_4(results, scenario):
+    assert result(results, f"scenario_{scenario}") == [True] * WORLD

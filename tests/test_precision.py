@@ -1,0 +1,211 @@
+"""Precision regimes: bf16 weights with stochastic rounding or an fp32 master, bf16 and 8-bit
+states. The kernel's numerics agree with their torch twins bit for bit; stochastic rounding is
+unbiased; 8-bit block quantization stays within its documented bound; the fused step equals the
+unfused step in every regime; and the memory each regime allocates is what docs/numerics.md says."""
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from helpers import BACKENDS, assert_bits_equal, case_id, randn, reference_step, rule_cases, snapshot
+
+from forge_megatron import ForgeState, fused_update, numerics
+
+# -- the kernel's numerics vs their torch twins (run through tiny Triton kernels) --------------
+
+
+@triton.jit
+def _bits_and_sr_kernel(x_ptr, bits_ptr, sr_ptr, n, k1, k2, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    bits = numerics.random_bits(offs.to(tl.uint32), k1, k2)
+    tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
+    tl.store(sr_ptr + offs, numerics.stochastic_round_to_bf16(tl.load(x_ptr + offs, mask=mask), bits), mask=mask)
+
+
+def _kernel_bits_and_sr(x, k1, k2):
+    bits = torch.full(x.shape, -1, dtype=torch.int64, device=x.device)
+    sr = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device=x.device)
+    _bits_and_sr_kernel[(triton.cdiv(x.numel(), 1024),)](x, bits, sr, x.numel(), k1, k2, BLOCK=1024)
+    return bits, sr
+
+
+def test_random_bits_and_stochastic_rounding_match_the_torch_twins(gen, device):
+    x = randn(gen, 5000, device=device) * torch.logspace(-20, 20, 5000, device=device)
+    k1, k2 = numerics.rng_keys(seed=7, layer=3, step=11, stream=0)
+    bits, sr = _kernel_bits_and_sr(x, k1, k2)
+    expected_bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), k1, k2)
+    assert_bits_equal(bits, expected_bits, "random bits")
+    assert_bits_equal(sr.view(torch.int16), numerics.stochastic_round_to_bf16_torch(x, expected_bits).view(torch.int16),
+                      "stochastic rounding")
+
+
+def test_random_bits_are_uniform_and_independent_of_keys(device):
+    index = torch.arange(1 << 16, device=device)
+    a = numerics.random_bits_torch(index, *numerics.rng_keys(0, 0, 1, 0))
+    b = numerics.random_bits_torch(index, *numerics.rng_keys(0, 0, 2, 0))
+    for bits in (a, b):
+        low16 = (bits & 0xFFFF).double()
+        # mean of 65536 uniform 16-bit values: 32767.5 +- 18918/sqrt(65536) = 74; 6 sigma
+        assert abs(float(low16.mean()) - 32767.5) < 6 * 74
+        counts = torch.bincount((bits >> 28).long(), minlength=16).double()  # top 4 bits: chi-square, 15 dof
+        assert float(((counts - 4096) ** 2 / 4096).sum()) < 50
+    assert float(((a ^ b) != 0).double().mean()) > 0.999  # another step, other bits
+
+
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(gen, device):
+    """Over N keys, the mean of SR(x) is x within 6 standard deviations of the binomial mean
+    (sd <= spacing / (2 sqrt(N))); every draw is the bf16 value just below or just above x."""
+    x = randn(gen, 4000, device=device)
+    lower = (x.view(torch.int32) & ~0xFFFF).view(torch.float32)  # truncation: the neighbour towards 0
+    upper = ((x.view(torch.int32) & ~0xFFFF) + 0x10000).view(torch.float32)  # the one away from 0
+    spacing = (upper - lower).abs().double()
+    n = 800
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for seed in range(n):
+        bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.rng_keys(seed, 0, 1, 0))
+        draw = numerics.stochastic_round_to_bf16_torch(x, bits).float()
+        assert bool(((draw == lower) | (draw == upper)).all())
+        total += draw.double()
+    mean = total / n
+    assert bool(((mean - x.double()).abs() <= 6 * spacing / (2 * math.sqrt(n))).all())
+    # the same key gives the same bits
+    bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.rng_keys(3, 0, 1, 0))
+    assert torch.equal(numerics.stochastic_round_to_bf16_torch(x, bits), numerics.stochastic_round_to_bf16_torch(x, bits))
+
+
+@triton.jit
+def _quant_kernel(x_ptr, code_ptr, scale_ptr, value_ptr, table_ptr, threshold_ptr, M: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
+    codes, scale = numerics.quantize(tl.load(x_ptr + offs), threshold_ptr, 32)
+    tl.store(code_ptr + offs, codes)
+    tl.store(scale_ptr + tl.arange(0, M)[:, None] * (N // 32) + tl.arange(0, N // 32)[None, :], scale)
+    per_element = tl.reshape(tl.broadcast_to(scale[:, :, None], (M, N // 32, 32)), (M, N))
+    tl.store(value_ptr + offs, numerics.dequantize(codes, per_element, table_ptr))
+
+
+def _blocks(gen, device):
+    """Rows of 64 = two blocks each: ordinary, all-zero, one huge outlier, all negative, tiny."""
+    rows = randn(gen, 8, 64, device=device)
+    rows[1, :32] = 0.0
+    rows[2, 5] = 1e6
+    rows[3] = -rows[3].abs()
+    rows[4] *= 1e-30
+    rows[5, :32] = rows[5, :32].abs() * torch.logspace(-12, 0, 32, device=device)
+    return rows
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_quantization_matches_the_twin_and_its_bound(signed, gen, device):
+    x = _blocks(gen, device)
+    if not signed:
+        x = x.abs()
+    tables = numerics.code_tables().to(device)
+    thresholds = numerics.code_thresholds(numerics.code_tables()).to(device)
+    row = 0 if signed else 1
+    codes = torch.zeros(8, 64, dtype=torch.uint8, device=device)
+    scales = torch.full((8, 2), float("nan"), device=device)
+    values = torch.full((8, 64), float("nan"), device=device)
+    _quant_kernel[(1,)](x, codes, scales, values, tables[row], thresholds[row], M=8, N=64)
+    expected_codes, expected_scales = numerics.quantize_torch(x, thresholds[row])
+    assert_bits_equal(codes, expected_codes, "codes")
+    assert_bits_equal(scales, expected_scales, "scales")
+    decoded = numerics.dequantize_torch(codes, scales, tables[row])
+    assert_bits_equal(values, decoded, "dequantized values")
+
+    # The documented bound, per block: relative error (r-1)/(r+1) above floor * absmax, and an
+    # absolute error below it of at most floor * absmax; one fp32 rounding of the product on top.
+    blocks, error = x.reshape(8, 2, 32), (decoded - x).abs().reshape(8, 2, 32)
+    absmax = blocks.abs().amax(dim=2, keepdim=True)
+    bound = torch.maximum(numerics.relative_error_bound(signed) * blocks.abs(), numerics.range_floor(signed) * absmax)
+    assert bool((error <= bound * (1 + 2**-22) + 1e-45).all())
+    assert bool((decoded.reshape(8, 2, 32)[1, 0] == 0).all()) if signed else True  # the zero block stays zero
+    assert bool(((decoded == 0) | (torch.sign(decoded) == torch.sign(x))).all())  # signs survive
+    assert float(decoded.reshape(8, 2, 32)[2, 0, 5]) == pytest.approx(1e6, rel=1e-6)  # the outlier itself is exact
+
+
+# -- the fused step in every regime --------------------------------------------------------------
+
+REGIMES = [  # (weight dtype, weight store, state dtype)
+    (torch.bfloat16, "sr", "fp32"),
+    (torch.bfloat16, "sr", "bf16"),
+    (torch.bfloat16, "sr", "int8"),
+    (torch.bfloat16, "master", "int8"),
+    (torch.bfloat16, "rne", "bf16"),
+    (torch.float32, "master", "int8"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", rule_cases(), ids=case_id)
+@pytest.mark.parametrize("regime", REGIMES, ids=lambda r: f"{str(r[0])[6:]}-{r[1]}-{r[2]}")
+@pytest.mark.parametrize("shape", [(37, 130, 70), (1, 17, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_step_equals_the_unfused_step_in_every_regime(backend, case, regime, shape, gen, device):
+    rule, hp = case
+    weight_dtype, store, state_dtype = regime
+    tokens, n_out, n_in = shape
+    weight = randn(gen, n_out, n_in, device=device).to(weight_dtype)
+    try:
+        state = ForgeState(weight, rule, weight_store=store, state_dtype=state_dtype, seed=5, layer=2, **hp)
+    except ValueError as err:  # e.g. Adagrad's nonzero initial accumulator cannot start as int8 codes
+        assert "int8 states start at zero" in str(err)
+        return
+    for step in range(1, 3):
+        x = randn(gen, tokens, n_in, dtype=torch.bfloat16, device=device)
+        dy = randn(gen, tokens, n_out, dtype=torch.bfloat16, device=device)
+        w0, s0 = snapshot(weight, state)
+        result = fused_update(x, dy, weight, state, materialize=True, backend=backend)
+        expected_w, expected = reference_step(w0, s0, state, result.grad, step)
+        assert_bits_equal(weight.view(torch.int16) if weight_dtype == torch.bfloat16 else weight,
+                          expected_w.view(torch.int16) if weight_dtype == torch.bfloat16 else expected_w, "weight")
+        for name, tensor in state.named_tensors().items():
+            got, want = (tensor.view(torch.int16), expected[name].view(torch.int16)) if tensor.dtype == torch.bfloat16 \
+                else (tensor, expected[name])
+            assert_bits_equal(got, want, f"{name}, step {step}")
+
+
+def test_stochastic_rounding_does_not_depend_on_tensor_parallel_sharding(gen, device):
+    """Column and row shards draw the random bits their elements draw in the unsharded weight."""
+    for backend in BACKENDS:
+        tokens, n_out, n_in = 20, 96, 80
+        x = randn(gen, tokens, n_in, dtype=torch.bfloat16, device=device)
+        dy = randn(gen, tokens, n_out, dtype=torch.bfloat16, device=device)
+        full = randn(gen, n_out, n_in, device=device).to(torch.bfloat16)
+        weight = full.clone()
+        fused_update(x, dy, weight, ForgeState(weight, "adamw", weight_store="sr", state_dtype="bf16", seed=1),
+                     backend=backend)
+        for rank in range(2):
+            rows = slice(rank * n_out // 2, (rank + 1) * n_out // 2)
+            shard = full[rows].clone()
+            state = ForgeState(shard, "adamw", weight_store="sr", state_dtype="bf16", seed=1)
+            state.shard = (rows.start, 0, n_in)
+            fused_update(x, dy[:, rows], shard, state, backend=backend)
+            assert_bits_equal(shard.view(torch.int16), weight[rows].view(torch.int16), f"{backend} column shard")
+            cols = slice(rank * n_in // 2, (rank + 1) * n_in // 2)
+            shard = full[:, cols].clone()
+            state = ForgeState(shard, "adamw", weight_store="sr", state_dtype="bf16", seed=1)
+            state.shard = (0, cols.start, n_in)
+            fused_update(x[:, cols], dy, shard, state, backend=backend)
+            assert_bits_equal(shard.view(torch.int16), weight[:, cols].view(torch.int16), f"{backend} row shard")
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+MEMORY_TABLE = {  # bytes per parameter: weight + master + two AdamW states (docs/numerics.md)
+    (torch.float32, "master", "fp32"): 4 + 0 + 8,
+    (torch.bfloat16, "master", "fp32"): 2 + 4 + 8,
+    (torch.bfloat16, "sr", "fp32"): 2 + 0 + 8,
+    (torch.bfloat16, "sr", "bf16"): 2 + 0 + 4,
+    (torch.bfloat16, "master", "int8"): 2 + 4 + 2 * (1 + 4 / 32),
+    (torch.bfloat16, "sr", "int8"): 2 + 0 + 2 * (1 + 4 / 32),
+}
+
+
+@pytest.mark.parametrize("regime", list(MEMORY_TABLE), ids=lambda r: f"{str(r[0])[6:]}-{r[1]}-{r[2]}")
+def test_bytes_per_parameter_match_the_documented_table(regime):
+    weight_dtype, store, state_dtype = regime
+    weight = torch.zeros(256, 512, dtype=weight_dtype)
+    state = ForgeState(weight, "adamw", weight_store=store, state_dtype=state_dtype)
+    assert state.bytes_per_parameter(weight) == MEMORY_TABLE[regime]
