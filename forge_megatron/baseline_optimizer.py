@@ -11,15 +11,22 @@ a sharded state dict built with megatron-core's dist_checkpointing helpers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from forge_megatron.training import counted_grads, sumsq
 
 
 class BaselineOptimizer:
+    """`master_weights=False` updates bf16 parameters in place (no fp32 copy); `optimizer_class`
+    (with extra `optimizer_kwargs`) replaces torch.optim's AdamW/SGD, e.g. by a memory-lean peer
+    such as torchao's AdamW8bit (used by scripts/convergence_study.py)."""
+
     CHECKPOINT_PREFIX = "optimizer.state."  # the keys optim_state_to_sharding_state gives
 
-    def __init__(self, model_chunks, optimizer_config, config_overrides):
+    def __init__(self, model_chunks, optimizer_config, config_overrides, master_weights: bool = True,
+                 optimizer_class=None, optimizer_kwargs: dict | None = None):
         from megatron.core.optimizer import _get_param_groups
 
         groups = _get_param_groups(model_chunks, optimizer_config, config_overrides)
@@ -30,7 +37,7 @@ class BaselineOptimizer:
         for group in groups:
             mains = []
             for p in group["params"]:
-                main = p.detach().float().clone() if p.dtype != torch.float32 else p
+                main = p.detach().float().clone() if p.dtype != torch.float32 and master_weights else p
                 if main is not p:
                     main.requires_grad_(True)
                 self.model_params.append(p)
@@ -39,13 +46,14 @@ class BaselineOptimizer:
             torch_groups.append({**group, "params": mains})
         cfg = optimizer_config
         if cfg.optimizer == "adam":
-            self.optimizer = torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                               eps=cfg.adam_eps, weight_decay=cfg.weight_decay, foreach=False)
+            cls = optimizer_class or functools.partial(torch.optim.AdamW, foreach=False)
+            hp = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(torch_groups, lr=cfg.lr, momentum=cfg.sgd_momentum,
-                                             weight_decay=cfg.weight_decay, foreach=False)
+            cls = optimizer_class or functools.partial(torch.optim.SGD, foreach=False)
+            hp = dict(lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
         else:
             raise ValueError(f"--optimizer {cfg.optimizer} is not supported by forge-pretrain-gpt (adam, sgd)")
+        self.optimizer = cls(torch_groups, **hp, **(optimizer_kwargs or {}))
 
     @property
     def param_groups(self):
@@ -60,8 +68,9 @@ class BaselineOptimizer:
         for p, main in zip(self.model_params, self.main_params):
             grad = getattr(p, "main_grad", None)
             grad = grad if grad is not None else p.grad
-            main.grad = None if grad is None else (grad.float() * clip_coefficient if clip_coefficient < 1.0
-                                                   else grad.float())
+            if grad is not None:
+                grad = grad.float() * clip_coefficient if clip_coefficient < 1.0 else grad.float()
+            main.grad = None if grad is None else grad.to(main.dtype)
         self.optimizer.step()
         with torch.no_grad():
             for p, main in zip(self.model_params, self.main_params):

@@ -109,8 +109,8 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
         raise ValueError(f"rule '{name}': nonnegative_states names states not in `states`")
     if len(cls.states) > MAX_STATES:
         raise ValueError(f"rule '{name}' has {len(cls.states)} states; the kernel takes at most {MAX_STATES}")
-    fn = cls.__dict__.get("update")
-    if not isinstance(fn, staticmethod):
+    fn = inspect.getattr_static(cls, "update")
+    if fn is inspect.getattr_static(Rule, "update") or not isinstance(fn, staticmethod):
         raise ValueError(f"rule '{name}': `update` must be a @staticmethod update(p, g, state, coef)")
     fn = fn.__func__
     _check_update_source(name, fn)
@@ -221,22 +221,6 @@ def _adam_update(p, g, state, coef):
     return p, (exp_avg, exp_avg_sq)
 
 
-def _adam_coefficients(hp: Mapping[str, Any], step: int, decoupled: bool) -> tuple[float, ...]:
-    lr, wd, (beta1, beta2) = hp["lr"], hp["weight_decay"], hp["betas"]
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
-    l2, decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
-    return (l2, decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, -lr / bias_correction1,
-            math.sqrt(bias_correction2), hp["eps"])
-
-
-def _check_adam(rule: str, hp: Mapping[str, Any]) -> None:
-    _require(rule, hp["lr"] >= 0, f"lr must be >= 0, got {hp['lr']}")
-    _require(rule, hp["eps"] >= 0, f"eps must be >= 0, got {hp['eps']}")
-    _require(rule, hp["weight_decay"] >= 0, f"weight_decay must be >= 0, got {hp['weight_decay']}")
-    _check_betas(rule, hp["betas"])
-
-
 @register_rule
 class AdamW(Rule):
     """torch.optim.AdamW: decoupled weight decay p <- p * (1 - lr * wd)."""
@@ -245,34 +229,33 @@ class AdamW(Rule):
     states = ("exp_avg", "exp_avg_sq")
     nonnegative_states = ("exp_avg_sq",)
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+    decoupled: ClassVar[bool] = True
     update = staticmethod(_adam_update)
 
     @classmethod
     def check(cls, hp):
-        _check_adam(cls.name, hp)
+        _require(cls.name, hp["lr"] >= 0, f"lr must be >= 0, got {hp['lr']}")
+        _require(cls.name, hp["eps"] >= 0, f"eps must be >= 0, got {hp['eps']}")
+        _require(cls.name, hp["weight_decay"] >= 0, f"weight_decay must be >= 0, got {hp['weight_decay']}")
+        _check_betas(cls.name, hp["betas"])
 
     @classmethod
     def coefficients(cls, hp, step):
-        return _adam_coefficients(hp, step, decoupled=True)
+        lr, wd, (beta1, beta2) = hp["lr"], hp["weight_decay"], hp["betas"]
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        l2, decay = (0.0, 1.0 - lr * wd) if cls.decoupled else (wd, 1.0)
+        return (l2, decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, -lr / bias_correction1,
+                math.sqrt(bias_correction2), hp["eps"])
 
 
 @register_rule
-class Adam(Rule):
-    """torch.optim.Adam: L2 weight decay g <- g + wd * p."""
+class Adam(AdamW):
+    """torch.optim.Adam: L2 weight decay g <- g + wd * p (AdamW's formula with decay factor 1)."""
 
     name = "adam"
-    states = ("exp_avg", "exp_avg_sq")
-    nonnegative_states = ("exp_avg_sq",)
     defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-    update = staticmethod(_adam_update)
-
-    @classmethod
-    def check(cls, hp):
-        _check_adam(cls.name, hp)
-
-    @classmethod
-    def coefficients(cls, hp, step):
-        return _adam_coefficients(hp, step, decoupled=False)
+    decoupled = False
 
 
 @register_rule

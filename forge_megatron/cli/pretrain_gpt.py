@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     run(argv)
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Train; returns {"history": per-iteration records, "model": the trained GPTModel}."""
+def run(argv: list[str] | None = None, baseline: dict | None = None) -> dict:
+    """Train; returns {"history": per-iteration records, "model": the trained GPTModel}.
+    `baseline` holds BaselineOptimizer options (master_weights, optimizer_class, ...)."""
     args = _parse_args(argv)
-    trainer = Trainer(args)
+    trainer = Trainer(args, baseline)
     try:
         return trainer.train()
     finally:
@@ -59,7 +60,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, baseline: dict | None = None):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
@@ -93,7 +94,7 @@ class Trainer:
         self.config.finalize_model_grads_func = finalize_model_grads
 
         optimizer_config, overrides = get_megatron_optimizer_config(args)
-        self.optimizer = BaselineOptimizer([self.ddp], optimizer_config, overrides)
+        self.optimizer = BaselineOptimizer([self.ddp], optimizer_config, overrides, **(baseline or {}))
         self.scheduler = get_optimizer_param_scheduler(self.optimizer)
         self.forge = None
         if args.use_forge:
@@ -325,10 +326,12 @@ class Trainer:
 
     def close(self) -> None:
         from megatron.core import parallel_state
+        from megatron.core.num_microbatches_calculator import unset_num_microbatches_calculator
 
         if self.json_log is not None:
             self.json_log.close()
         parallel_state.destroy_model_parallel()
+        unset_num_microbatches_calculator()
 
 
 def _loss_func(loss_mask, output_tensor):

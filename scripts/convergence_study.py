@@ -1,0 +1,164 @@
+"""Convergence study on CPU: the tiny GPT (configs/tiny_gpt_cpu.sh, byte-level on the Python
+standard library's source) trained 300 steps in each precision regime, FORGE's and its peers'.
+
+Writes bench/results/convergence_cpu.json (every run's per-step losses, validation losses, wall
+time, bytes per parameter) and docs/convergence.png (loss curves); prints the final-loss gaps
+against the standard bf16 run with an fp32 master (Megatron's default).
+
+    .venv/bin/python scripts/convergence_study.py            # all runs (~10 min on 2 cores)
+    .venv/bin/python scripts/convergence_study.py --iters 20 --runs forge-fp32 standard-fp32   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torchao(name: str, **kwargs):
+    import torchao.optim
+
+    return {"optimizer_class": getattr(torchao.optim, name), "optimizer_kwargs": kwargs, "master_weights": False}
+
+
+# name -> (label, extra flags, BaselineOptimizer options, bytes per covered parameter: weight +
+# gradient (bf16 under --bf16, as the run allocates it) + master + optimizer states). Every run
+# uses the same seed (same initialization and data order) and --clip-grad 0, so that runs differ
+# by precision alone (the clipping modes are tested in tests/test_pretrain_gpt.py). Training is
+# chaotic: two runs that differ in the last bit of anything drift apart; the two control runs
+# (the reference with its initialization scaled by 1 +- 1e-7) measure how far, the noise floor
+# against which the gaps are read.
+FORGE = ["--use-forge"]
+RUNS = {
+    "standard-fp32": ("standard AdamW, fp32", [], None, 4 + 4 + 8),
+    "forge-fp32": ("FORGE, fp32", FORGE, None, 4 + 8),
+    "standard-bf16": ("standard AdamW, bf16 + fp32 master", ["--bf16"], None, 2 + 2 + 4 + 8),
+    "forge-bf16-master": ("FORGE, bf16 + fp32 master", ["--bf16", *FORGE], None, 2 + 4 + 8),
+    "forge-bf16-sr": ("FORGE, bf16 SR, no master", ["--bf16", *FORGE, "--forge-weight-store", "sr"], None, 2 + 8),
+    "forge-bf16-rne": ("FORGE, bf16 round-to-nearest, no master", ["--bf16", *FORGE, "--forge-weight-store", "rne"],
+                       None, 2 + 8),
+    "forge-int8": ("FORGE, bf16 + master, 8-bit states", ["--bf16", *FORGE, "--forge-state-dtype", "int8"], None,
+                   2 + 4 + 2.25),
+    "forge-sr-int8": ("FORGE, bf16 SR + 8-bit states",
+                      ["--bf16", *FORGE, "--forge-weight-store", "sr", "--forge-state-dtype", "int8"], None, 2 + 2.25),
+    "bf16-no-master": ("AdamW on bf16, no master (round-to-nearest)", ["--bf16"], {"master_weights": False},
+                       2 + 2 + 4),
+    "torchao-adamw-sr": ("torchao AdamW, bf16 SR", ["--bf16"], lambda: _torchao("_AdamW", bf16_stochastic_round=True),
+                         2 + 2 + 8),
+    "torchao-adamw8bit": ("torchao AdamW8bit, bf16 SR", ["--bf16"],
+                          lambda: _torchao("AdamW8bit", bf16_stochastic_round=True), 2 + 2 + 2 * (1 + 4 / 256)),
+}
+REFERENCE = "standard-bf16"
+CONTROLS = {"control-init+1e-7": ("control: reference, init std x (1 + 1e-7)", ["--bf16", "--init-method-std", "0.020000002"],
+                                  None, 2 + 2 + 4 + 8),
+            "control-init-1e-7": ("control: reference, init std x (1 - 1e-7)", ["--bf16", "--init-method-std", "0.019999998"],
+                                  None, 2 + 2 + 4 + 8)}
+RUNS.update(CONTROLS)
+
+
+def config_args() -> list[str]:
+    out = subprocess.run(["bash", "-c", 'source configs/tiny_gpt_cpu.sh; printf "%s\\n" "${TINY_GPT_ARGS[@]}"'],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def train(name: str, iters: int, seed: int = 1234) -> dict:
+    from forge_megatron.cli.pretrain_gpt import run
+
+    label, flags, baseline, bytes_per_param = RUNS[name]
+    baseline = baseline() if callable(baseline) else baseline
+    argv = config_args() + ["--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 10)),
+                            "--eval-interval", str(iters), "--eval-iters", "16", "--log-interval", str(iters),
+                            "--clip-grad", "0", "--seed", str(seed), *flags]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        result = run(argv, baseline)
+    history = result["history"]
+    return {
+        "label": label, "flags": flags, "baseline": {k: str(v) for k, v in (baseline or {}).items()},
+        "bytes_per_covered_parameter": bytes_per_param, "wall_s": time.perf_counter() - start,
+        "loss": [r["lm loss"] for r in history],
+        "validation": history[-1].get("validation lm loss"), "seed": seed,
+        "final_train_loss": sum(r["lm loss"] for r in history[-50:]) / len(history[-50:]),
+        "log_tail": log.getvalue().splitlines()[-3:],
+    }
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_zoom) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, r in results.items():
+        loss = torch.tensor(r["loss"])
+        smooth = torch.nn.functional.avg_pool1d(loss[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+        style = "--" if name.startswith(("standard", "bf16", "torchao")) else "-"
+        for axis in (ax, ax_zoom):
+            axis.plot(range(1, len(loss) + 1), smooth, style, label=r["label"], linewidth=1.2)
+    ax.set(xlabel="iteration", ylabel="training loss (9-step mean)", title="tiny GPT on the Python stdlib (CPU)")
+    n = len(next(iter(results.values()))["loss"])
+    ax_zoom.set(xlabel="iteration", title="last third", xlim=(2 * n // 3, n))
+    low = min(min(r["loss"][2 * n // 3:]) for r in results.values())
+    high = max(max(r["loss"][2 * n // 3:]) for r in results.values())
+    ax_zoom.set_ylim(low - 0.05, high + 0.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence_cpu.json"))
+    parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "convergence.png"))
+    args = parser.parse_args(argv)
+    results = {}
+    for name in args.runs:
+        results[name] = train(name, args.iters)
+        print(f"{name:24s} validation {results[name]['validation']:.4f}  train (last 50) "
+              f"{results[name]['final_train_loss']:.4f}  {results[name]['wall_s']:.0f}s", flush=True)
+    reference = results.get(REFERENCE)
+    for r in results.values():
+        if reference is not None:
+            r["gap_vs_reference"] = r["validation"] / reference["validation"] - 1
+    controls = [abs(results[c]["gap_vs_reference"]) for c in CONTROLS if c in results and reference is not None]
+    noise = max(controls) if controls else None
+    if "standard-fp32" in results and "forge-fp32" in results:  # where the two fp32 runs part
+        pairs = zip(results["forge-fp32"]["loss"], results["standard-fp32"]["loss"])
+        results["forge-fp32"]["steps_within_1e-4_of_standard"] = next(
+            (i for i, (a, b) in enumerate(pairs) if abs(a - b) > 1e-4 * abs(b)), args.iters)
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0], "torch": torch.__version__},
+        "config": "configs/tiny_gpt_cpu.sh with --clip-grad 0", "iters": args.iters, "reference": REFERENCE,
+        "metric": "validation loss after the last step (16 batches of held-out stdlib files); "
+                  "final_train_loss = mean training loss of the last 50 steps",
+        "noise_floor_relative": noise, "runs": results,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    plot(results, args.plot)
+    if reference is not None:
+        if noise is not None:
+            print(f"noise floor (largest control gap): {100 * noise:.2f}%")
+        for name, r in results.items():
+            print(f"{r['label']:48s} {r['validation']:.4f}  gap {100 * r['gap_vs_reference']:+.2f}%")
+
+
+if __name__ == "__main__":
+    main()
