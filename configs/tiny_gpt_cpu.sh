@@ -8,7 +8,7 @@ TINY_GPT_ARGS=(
     --transformer-impl local --no-gradient-accumulation-fusion
     --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
     --micro-batch-size 8 --global-batch-size 8
-    --train-iters 300 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30
+    --train-iters 300 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 30
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
     --forge-corpus stdlib --tokenizer-type NullTokenizer --vocab-size 256
     --log-interval 25 --eval-interval 100 --eval-iters 4 --seed 1234

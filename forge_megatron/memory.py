@@ -1,0 +1,268 @@
+"""Per-rank memory of one training step, standard Megatron or FORGE: an analytic model, no GPU.
+
+It answers "how many bytes does one GPU rank hold at the peak of a step, and what is the largest
+micro-batch that fits in G GiB?" from a Megatron argument set (`parse_megatron_args`).
+
+The peak comes in backward: DDP's gradient buffer, the master weights and the optimizer states
+live for the whole run, and every layer's activations are held from forward until its backward.
+So the peak is weights + gradients + master + states + activations, plus the larger of two
+short-lived buffers that come one after the other: the loss stage (logits and cross entropy) and
+one layer's attention backward (only where attention materializes its score matrix).
+
+Megatron's estimator (megatron/training/theoretical_memory_usage.py) gives the parameter count
+and the stored activations; it is called, not copied. This module adds what it cannot give:
+- which parameters FORGE covers (the estimator returns one total);
+- bytes per parameter for the precision-aware optimizer and for each FORGE regime (the
+  estimator knows 18, or 6 + 12/dp with the distributed optimizer, only);
+- the attention-score matrices of unfused attention (the estimator assumes selective recompute,
+  which stores none), and the loss stage at its real size (the estimator counts 4 bytes per logit).
+docs/memory.md states what is and is not counted. Dense models with PP = CP = 1 and Adam only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from typing import Callable
+
+import torch
+from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+from megatron.training.theoretical_memory_usage import compute_activation_memory, compute_weight_and_optimizer_memory
+
+GIB = 2**30
+DEFAULT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, set aside
+MEGATRON_BYTES_PER_PARAMETER = 18  # what Megatron's estimator charges without the distributed optimizer
+ADAM_STATES = 2
+FP32 = 4
+# Megatron's dtype flags, as parsed (strings) and as validate_args maps them (fp8 states are uint8).
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1,
+               torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.uint8: 1}
+# FORGE's --forge-state-dtype: int8 is one code per element plus one fp32 scale per 32 elements
+# (forge_megatron.numerics.QBLOCK; this module imports only torch and megatron, the test checks both
+# against ForgeState's allocations).
+FORGE_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1 + 4 / 32}
+FORGE_WEIGHT_STORES = ("master", "sr", "rne")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterBytes:
+    """Bytes one parameter costs, by what holds them."""
+
+    weight: float
+    grad: float
+    master: float
+    states: float
+
+    @property
+    def total(self) -> float:
+        return self.weight + self.grad + self.master + self.states
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes one rank holds at the peak of a step."""
+
+    weights: int
+    grads: int
+    master: int
+    states: int
+    activations: int  # held from forward until backward
+    logits: int  # loss stage: 16-bit logits and the fp32 copy cross entropy keeps for backward
+    attention_workspace: int  # one layer's attention backward: gradients of its score matrices
+    reserve: int
+
+    @property
+    def total(self) -> int:
+        """The loss stage ends before the first layer's backward starts, so only the larger counts."""
+        return (self.weights + self.grads + self.master + self.states + self.activations
+                + max(self.logits, self.attention_workspace) + self.reserve)
+
+
+def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel_size: int = 1) -> argparse.Namespace:
+    """Megatron's own parser on `argv` (pretrain_gpt.py flags), then the sizes the model reads.
+
+    Only parse_args: validate_args queries the GPU. The few sizes it would derive are set here:
+    data-parallel and world size (data-parallel size is not a flag), the padded vocabulary,
+    kv-channels, query groups and the (absent) virtual pipeline.
+    """
+    from megatron.training.arguments import parse_args
+
+    saved = sys.argv
+    sys.argv = ["pretrain_gpt.py", *argv]
+    try:
+        args = parse_args(extra_args_provider=extra_args_provider)
+    finally:
+        sys.argv = saved
+    if args.vocab_size is None or args.ffn_hidden_size is None:
+        raise ValueError("the memory model needs --vocab-size and --ffn-hidden-size in the flags")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    return replace_args(
+        args,
+        data_parallel_size=data_parallel_size,
+        world_size=model_parallel * data_parallel_size,
+        padded_vocab_size=vocab_size_with_padding(args.vocab_size, args, logging_enabled=False),
+        kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+        virtual_pipeline_model_parallel_size=None,  # no pipeline parallelism here (refused below)
+    )
+
+
+def replace_args(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    """A copy of `args` with `changes`: variants of one run (and Megatron's estimator writes to its args)."""
+    new = copy.copy(args)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
+
+
+def parameters_per_rank(args) -> int:
+    """Parameters on one rank (Megatron's estimator, which returns them at 18 bytes each when the
+    distributed optimizer is off)."""
+    counted = compute_weight_and_optimizer_memory(replace_args(args, use_distributed_optimizer=False))
+    return round(counted / MEGATRON_BYTES_PER_PARAMETER)
+
+
+def covered_parameters_per_rank(args, cover_output_layer: bool) -> int:
+    """Weights FORGE covers on one rank: linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every
+    layer, and the output layer if covered. Weights only: biases stay with the standard optimizer."""
+    hidden, ffn = args.hidden_size, args.ffn_hidden_size
+    query = args.num_attention_heads * args.kv_channels
+    qkv = hidden * (query + 2 * args.num_query_groups * args.kv_channels)
+    proj = query * hidden
+    fc1 = hidden * ffn * (2 if args.swiglu else 1)
+    fc2 = ffn * hidden
+    output = args.padded_vocab_size * hidden if cover_output_layer else 0
+    return (args.num_layers * (qkv + proj + fc1 + fc2) + output) // args.tensor_model_parallel_size
+
+
+def standard_bytes_per_parameter(args) -> ParameterBytes:
+    """Megatron's accounting: bf16 weight 2, fp32 main gradient 4, fp32 master 4, Adam's two fp32
+    states 8 = 18; the distributed optimizer shards master and states over data-parallel ranks
+    (6 + 12/dp). The precision-aware optimizer (TE FusedAdam) takes the state dtypes from
+    --exp-avg-dtype / --exp-avg-sq-dtype and keeps a 16-bit master: fp16 with --main-params-dtype
+    fp16, and with fp32 only the 16 bits the bf16 weight lacks (store_param_remainders, on by default)."""
+    weight = 2 if args.bf16 else FP32
+    grad = 2 if args.bf16 and (args.grad_reduce_in_bf16 or DTYPE_BYTES[args.main_grads_dtype] == 2) else FP32
+    if args.use_precision_aware_optimizer:
+        master = 2 if args.bf16 else 0
+        states = DTYPE_BYTES[args.exp_avg_dtype] + DTYPE_BYTES[args.exp_avg_sq_dtype]
+    else:
+        master = FP32 if args.bf16 else 0
+        states = ADAM_STATES * FP32
+    shards = args.data_parallel_size if args.use_distributed_optimizer else 1
+    return ParameterBytes(weight, grad, master / shards, states / shards)
+
+
+def forge_bytes_per_parameter(args) -> ParameterBytes:
+    """A FORGE-covered weight: no gradient ever; the weight, an fp32 master for bf16 weights under
+    --forge-weight-store master, and Adam's two states in --forge-state-dtype (docs/numerics.md)."""
+    if args.forge_weight_store not in FORGE_WEIGHT_STORES:
+        raise ValueError(f"unknown --forge-weight-store {args.forge_weight_store!r}")
+    master = FP32 if args.bf16 and args.forge_weight_store == "master" else 0
+    return ParameterBytes(2 if args.bf16 else FP32, 0, master, ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype])
+
+
+def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB) -> MemoryBreakdown:
+    """Peak bytes on one rank for `args` (standard Megatron, or FORGE with --use-forge) at
+    `micro_batch` sequences of args.seq_length tokens per step."""
+    _refuse_unmodelled(args)
+    forge = getattr(args, "use_forge", False)
+    covered = covered_parameters_per_rank(args, args.forge_cover_output_layer) if forge else 0
+    groups = [(parameters_per_rank(args) - covered, standard_bytes_per_parameter(args))]
+    if forge:
+        groups.append((covered, forge_bytes_per_parameter(args)))
+    held = {field: round(sum(count * getattr(per, field) for count, per in groups))
+            for field in ("weight", "grad", "master", "states")}
+    activations, logits, workspace = activation_memory(args, micro_batch)
+    return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], activations, logits,
+                           workspace, round(reserve_gib * GIB))
+
+
+def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
+    """(activations held from forward to backward, loss stage, one layer's attention backward), bytes.
+
+    Megatron's formula (Korthikanti et al. 2022, sequence parallel + selective recompute) counts
+    16-bit activations and, among them, 4 bytes per logit; its logit term moves to the loss stage,
+    and the rest scales to the activation dtype.
+    """
+    args = replace_args(args, micro_batch_size=micro_batch)
+    element = 2 if args.bf16 else FP32
+    logits_per_rank = args.seq_length * micro_batch * args.padded_vocab_size // args.tensor_model_parallel_size
+    layers = (compute_activation_memory(args, num_microbatches=1) - FP32 * logits_per_rank) * element / 2
+    # Loss stage: the 16-bit logits, and cross entropy's fp32 copy (softmax, then gradient, in place);
+    # in fp32 training they are one tensor.
+    logits = logits_per_rank * (FP32 if element == FP32 else element + FP32)
+    scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
+    held_per_score, workspace_per_score = _attention_score_bytes(args, element)
+    activations = layers + held_per_score * scores_per_layer
+    return round(activations), round(logits), round(workspace_per_score * scores_per_layer)
+
+
+def _attention_score_bytes(args, element: int) -> tuple[float, float]:
+    """Bytes per score of one layer's [heads/tp, s, s] matrix: held (all layers plus the raw-score
+    buffer) and in one layer's backward. Only the local spec's unfused DotProductAttention
+    materializes scores; Transformer Engine's fused attention keeps O(s) statistics."""
+    if args.transformer_impl != "local":
+        return 0.0, 0.0
+    recomputed = args.recompute_granularity == "selective" and "core_attn" in (args.recompute_modules or ["core_attn"])
+    # Stored per layer: the softmax output (also the input of the matmul with V); with attention
+    # dropout also its mask and output (Korthikanti's 5 bytes per score).
+    per_layer = 0 if recomputed else element + (1 + element if args.attention_dropout > 0 else 0)
+    raw_scores = element  # Megatron's global memory buffer for Q·Kᵀ, kept once allocated
+    # Backward of one layer: gradients of the probabilities and of the scores, and under selective
+    # recompute the recomputed probabilities.
+    workspace = element * (2 + recomputed)
+    return args.num_layers * per_layer + raw_scores, workspace
+
+
+def _refuse_unmodelled(args) -> None:
+    """Name the flag when a configuration falls outside the model."""
+    def refuse(message: str):
+        raise ValueError(f"memory model: {message}")
+
+    if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
+        refuse("pipeline and context parallelism are not modelled (FORGE refuses both); set them to 1")
+    if args.num_experts:
+        refuse("mixture-of-experts models are not modelled; drop --num-experts")
+    if args.optimizer != "adam":
+        refuse(f"only Adam's two states are modelled, not --optimizer {args.optimizer}")
+    if args.fp16:
+        refuse("--fp16 is not modelled (FORGE refuses it); use --bf16")
+    if args.recompute_granularity == "full":
+        refuse("--recompute-granularity full is not modelled")
+    if args.tensor_model_parallel_size > 1 and not args.sequence_parallel:
+        refuse("Megatron's activation formula assumes --sequence-parallel with tensor parallelism")
+    if args.use_precision_aware_optimizer and not args.use_distributed_optimizer:
+        refuse("--use-precision-aware-optimizer needs --use-distributed-optimizer (Megatron refuses it otherwise)")
+    if getattr(args, "use_forge", False):
+        if args.data_parallel_size != 1:
+            refuse(f"FORGE needs data-parallel size 1, not {args.data_parallel_size}")
+        if args.multi_latent_attention:
+            refuse("FORGE does not cover multi-latent attention")
+        if args.forge_cover_output_layer and not args.untie_embeddings_and_output_weights:
+            refuse("--forge-cover-output-layer needs --untie-embeddings-and-output-weights")
+
+
+def max_micro_batch(memory_at: Callable[[int], MemoryBreakdown], gib: float, limit: int = 1 << 20) -> int:
+    """The largest micro-batch whose peak fits in `gib` GiB, 0 if one sequence does not. Memory
+    grows with the micro-batch, so doubling then bisection finds it."""
+    budget = gib * GIB
+
+    def fits(micro_batch: int) -> bool:
+        return memory_at(micro_batch).total <= budget
+
+    if not fits(1):
+        return 0
+    low = 1
+    while fits(2 * low):
+        low *= 2
+        if low >= limit:
+            raise ValueError(f"memory does not grow with the micro-batch (still fits at {low})")
+    high = 2 * low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low

@@ -1,0 +1,139 @@
+"""The per-rank memory model (forge_megatron/memory.py) and the headroom tool (scripts/memory_headroom.py):
+parameter counts of the 8B TP=8 config, Megatron's bytes per parameter, FORGE's per regime (checked
+against the tensors ForgeState allocates), monotone micro-batch search, and a smoke run of the tool."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from forge_megatron import memory
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+spec = importlib.util.spec_from_file_location("memory_headroom", os.path.join(ROOT, "scripts", "memory_headroom.py"))
+headroom = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(headroom)
+
+# (bf16 weights, --forge-weight-store, --forge-state-dtype) -> bytes per covered parameter (docs/numerics.md)
+FORGE_REGIMES = {
+    (False, "master", "fp32"): 4 + 8,
+    (True, "master", "fp32"): 2 + 4 + 8,
+    (True, "sr", "fp32"): 2 + 8,
+    (True, "sr", "bf16"): 2 + 4,
+    (True, "master", "int8"): 2 + 4 + 2 * (1 + 4 / 32),
+    (True, "sr", "int8"): 2 + 2 * (1 + 4 / 32),
+}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    argv = headroom.config_argv(os.path.join(ROOT, "configs", "llama3_8b_tp8.sh"), "LLAMA3_8B_TP8_ARGS")
+    return headroom.parse_config(argv)
+
+
+def forge(args, bf16=True, weight_store="master", state_dtype="fp32"):
+    return memory.replace_args(args, use_forge=True, bf16=bf16, forge_weight_store=weight_store,
+                               forge_state_dtype=state_dtype)
+
+
+def test_llama3_8b_tp8_parameters_per_rank(llama):
+    assert (llama.padded_vocab_size, llama.tensor_model_parallel_size, llama.data_parallel_size) == (129024, 8, 1)
+    assert memory.parameters_per_rank(llama) == pytest.approx(1.005e9, rel=1e-3)
+    assert memory.covered_parameters_per_rank(llama, cover_output_layer=False) == pytest.approx(0.872e9, rel=1e-3)
+    output_layer = 129024 * 4096 // 8
+    assert (memory.covered_parameters_per_rank(llama, cover_output_layer=True)
+            == memory.covered_parameters_per_rank(llama, cover_output_layer=False) + output_layer)
+    # what is not covered: the embedding, the output layer and the norms
+    norms = (2 * 32 + 1) * 4096
+    assert (memory.parameters_per_rank(llama) - memory.covered_parameters_per_rank(llama, cover_output_layer=False)
+            == 2 * output_layer + norms)
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4, 8])
+def test_standard_bytes_per_parameter_are_megatrons(llama, dp):
+    args = memory.replace_args(llama, use_forge=False, data_parallel_size=dp, world_size=8 * dp)
+    assert memory.standard_bytes_per_parameter(args).total == 18
+    distributed = memory.replace_args(args, use_distributed_optimizer=True)
+    assert memory.standard_bytes_per_parameter(distributed).total == pytest.approx(6 + 12 / dp)
+    for run in (args, distributed):  # the parameter part is Megatron's own estimate
+        held = memory.rank_memory(run, 1)
+        assert held.weights + held.grads + held.master + held.states == pytest.approx(
+            memory.compute_weight_and_optimizer_memory(run), rel=1e-9)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"exp_avg_dtype": "bf16", "exp_avg_sq_dtype": "bf16"}, 2 + 4 + 2 + 2 + 2),  # 16-bit master (remainder)
+    ({"exp_avg_dtype": "fp8", "exp_avg_sq_dtype": "fp8", "main_grads_dtype": "bf16"}, 2 + 2 + 2 + 1 + 1),
+    ({"main_params_dtype": "fp16"}, 2 + 4 + 2 + 8),
+])
+def test_precision_aware_optimizer_bytes(llama, flags, expected):
+    args = memory.replace_args(llama, use_forge=False, use_distributed_optimizer=True,
+                               use_precision_aware_optimizer=True, **flags)
+    assert memory.standard_bytes_per_parameter(args).total == expected
+
+
+@pytest.mark.parametrize("regime, expected", FORGE_REGIMES.items(), ids=["-".join(map(str, r)) for r in FORGE_REGIMES])
+def test_forge_bytes_per_covered_parameter(llama, regime, expected):
+    from forge_megatron.state import ForgeState
+
+    bf16, weight_store, state_dtype = regime
+    per = memory.forge_bytes_per_parameter(forge(llama, bf16, weight_store, state_dtype))
+    assert per.grad == 0 and per.total == pytest.approx(expected)
+    weight = torch.zeros(4, 64, dtype=torch.bfloat16 if bf16 else torch.float32)
+    state = ForgeState(weight, "adamw", weight_store=weight_store, state_dtype=state_dtype)
+    assert per.total == pytest.approx(state.bytes_per_parameter(weight))  # what the kernel's state allocates
+
+
+def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
+    args = forge(llama, weight_store="sr", state_dtype="int8")
+    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    other = memory.parameters_per_rank(args) - covered
+    held = memory.rank_memory(args, 1)
+    assert held.grads == 4 * other  # no gradient for covered weights
+    assert held.weights + held.grads + held.master + held.states == pytest.approx(18 * other + 4.25 * covered, abs=2)
+    standard = memory.rank_memory(memory.replace_args(args, use_forge=False), 1)
+    assert (held.activations, held.logits) == (standard.activations, standard.logits)
+    with pytest.raises(ValueError, match="data-parallel size 1"):
+        memory.rank_memory(memory.replace_args(args, data_parallel_size=2), 1)
+
+
+def test_activations_are_megatrons_where_its_assumptions_hold(llama):
+    """Fused attention (no score matrix): held activations plus Megatron's 4 bytes per logit are its estimate."""
+    args = memory.replace_args(llama, use_forge=False, transformer_impl="transformer_engine", micro_batch_size=3)
+    activations, logits, workspace = memory.activation_memory(args, 3)
+    logits_per_rank = args.seq_length * 3 * args.padded_vocab_size // 8
+    assert activations + 4 * logits_per_rank == pytest.approx(memory.compute_activation_memory(args, 1), rel=1e-9)
+    assert (logits, workspace) == (6 * logits_per_rank, 0)
+    unfused = memory.activation_memory(memory.replace_args(args, transformer_impl="local"), 3)
+    selective = memory.activation_memory(
+        memory.replace_args(args, transformer_impl="local", recompute_granularity="selective"), 3)
+    scores = 3 * (32 // 8) * args.seq_length**2  # one layer's [b, heads/tp, s, s]
+    assert unfused[0] - activations == pytest.approx(2 * scores * (32 + 1), abs=1)  # softmaxes, raw-score buffer
+    assert selective[0] - activations == pytest.approx(2 * scores, abs=1)
+    assert (unfused[2], selective[2]) == (2 * 2 * scores, 3 * 2 * scores)
+
+
+def test_max_micro_batch_is_monotone_and_tight(llama):
+    for args in (llama, forge(llama, weight_store="sr", state_dtype="int8")):
+        def at(micro_batch, args=memory.replace_args(args, seq_length=2048)):
+            return memory.rank_memory(args, micro_batch)
+
+        fits = [memory.max_micro_batch(at, gib) for gib in range(8, 200, 4)]
+        assert fits == sorted(fits) and fits[0] == 0 and fits[-1] > 0
+        best = memory.max_micro_batch(at, 80)
+        assert at(best).total <= 80 * memory.GIB < at(best + 1).total
+
+
+def test_headroom_tool_smoke(tmp_path, capsys):
+    out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
+    assert headroom.main(["--gpu-gib", "40", "80", "--seq-lengths", "8192", "--sweep-gib", "20", "40",
+                          "--json", str(out_json), "--plot", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    assert "Largest micro-batch, seq 8192" in printed and "4x standard" in printed
+    result = json.loads(out_json.read_text())
+    assert set(result["max_micro_batch"]["8192"]) == set(headroom.RUNS)
+    assert result["max_micro_batch"]["8192"]["standard"]["40"] == 0  # said as such, no division by zero
+    assert {e["gpu_gib"] for e in result["four_x"]["standard_fits_none"]} == {40.0}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
