@@ -45,8 +45,10 @@ class BaselineOptimizer:
                 mains.append(main)
             torch_groups.append({**group, "params": mains})
         cfg = optimizer_config
-        if cfg.optimizer == "adam":
-            cls = optimizer_class or functools.partial(torch.optim.AdamW, foreach=False)
+        on_gpu = bool(self.main_params) and self.main_params[0].is_cuda
+        if cfg.optimizer == "adam":  # fused on GPUs (as Megatron's FusedAdam); per tensor on CPU
+            cls = optimizer_class or functools.partial(torch.optim.AdamW, **({"fused": True} if on_gpu else
+                                                                             {"foreach": False}))
             hp = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "sgd":
             cls = optimizer_class or functools.partial(torch.optim.SGD, foreach=False)

@@ -178,6 +178,11 @@ class Trainer:
             loss = _mean_loss(losses)
             record = {"iteration": self.iteration, "lm loss": loss, "lr": lr, "weight_decay": wd,
                       "grad norm": grad_norm, "elapsed_s": time.perf_counter() - start}
+            if torch.cuda.is_available():  # the step's peak: forward, backward (FORGE's updates) and step
+                torch.cuda.synchronize()
+                record["elapsed_s"] = time.perf_counter() - start
+                record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             if self.forge is not None:
                 record["forge nonfinite"] = self.forge.nonfinite
                 record["forge lr, wd"] = forge_hp

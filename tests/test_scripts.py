@@ -1,0 +1,63 @@
+"""Smoke runs of the benchmark and study scripts on CPU (tiny shapes): they run end to end and
+write what they promise. The GPU figures themselves come from scripts/gpu_bench.sh on a GPU."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kernel_smoke(tmp_path):
+    out = tmp_path / "kernel.json"
+    report = load("bench_kernel").main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(report["cases"]))
+    for case in report["cases"]:
+        for regime in ("forge-master", "forge-sr", "forge-sr-int8"):
+            assert case[f"{regime}_ms"] > 0 and case[f"{regime}_speedup_vs_baseline"] > 0
+
+
+def test_bench_e2e_smoke(tmp_path):
+    out = tmp_path / "e2e.json"
+    load("bench_e2e").main(["--smoke", "--iters", "4", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"standard", "forge-master", "forge-sr-int8"}
+    assert all(r["1"] is not None and r["1"]["iteration_ms"] > 0 for r in runs.values())
+
+
+def test_bench_memory_compares_measurements_with_the_model():
+    bench = load("bench_memory")
+    budget = 24 * 2**30
+
+    def fake_measure(flags, micro_batch):  # a device where the model is exact and 24 GiB fit
+        from forge_megatron import memory
+        from forge_megatron.training import add_forge_args
+
+        peak = memory.rank_memory(memory.parse_megatron_args(flags, extra_args_provider=add_forge_args),
+                                  micro_batch, reserve_gib=0).total
+        return peak if peak <= budget else None
+
+    regimes = bench.compare(bench.emulated_rank(2, 1024), fake_measure, gib=24, max_micro_batch=64)
+    assert set(regimes) == set(bench.REGIMES)
+    for entry in regimes.values():
+        assert entry["relative_error"] == pytest.approx(0.0)
+        assert entry["largest_power_of_two_micro_batch"] >= 1
+    assert regimes["forge-sr-int8"]["model_max_micro_batch"] >= regimes["standard"]["model_max_micro_batch"]
+
+
+def test_convergence_study_smoke(tmp_path):
+    out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
+    load("convergence_study").main(["--iters", "12", "--runs", "standard-fp32", "forge-fp32", "--out", str(out),
+                                    "--plot", str(plot)])
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"standard-fp32", "forge-fp32"} and plot.stat().st_size > 0
+    assert report["runs"]["forge-fp32"]["steps_within_1e-4_of_standard"] == 12
