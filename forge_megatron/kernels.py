@@ -88,11 +88,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
-    """The tile config for a device and activation dtype; never depends on the weight's shape.
+def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = "fp32") -> TileConfig:
+    """The tile config for a device, activation dtype and state dtype; never depends on the
+    weight's shape. All share block_t per activation dtype, hence the same summation order.
 
-    The GPU configs compile for sm_90a without register spills for every built-in rule
-    (tests/test_compile.py checks it with ptxas on a CPU machine).
+    The GPU configs compile for sm_90a without register spills for every built-in rule and
+    regime (tests/test_compile.py checks it with ptxas on a CPU machine).
     """
     if interpreting():
         # The interpreter costs ~4 ms per program per T-step: few, large tiles.
@@ -100,6 +101,9 @@ def default_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:
         # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
         return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
+    if state_dtype == "int8":
+        # Dequantize/requantize (table lookups, binary search) need registers: half the rows.
+        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
     # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
     return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
 

@@ -65,7 +65,8 @@ def fused_update(
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
     which = resolve_backend(weight.device, backend)
-    config = config or (kernels.default_config(weight.device, x2.dtype) if which == "triton" else tiled.DEFAULT_CONFIG)
+    config = config or (kernels.default_config(weight.device, x2.dtype, state.state_dtype) if which == "triton"
+                        else tiled.DEFAULT_CONFIG)
     if state.state_dtype == "int8" and config.block_n % (2 * QBLOCK):
         raise ValueError(f"int8 states need tiles whose width is a multiple of {2 * QBLOCK} (each epilogue "
                          f"half-tile holds whole {QBLOCK}-element blocks); got block_n={config.block_n}")

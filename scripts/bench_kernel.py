@@ -42,6 +42,14 @@ REGIMES = {"forge-master": ("master", "fp32"), "forge-sr": ("sr", "fp32"), "forg
 STATE_BYTES = {"fp32": 8, "int8": 2 * (1 + 4 / 32)}
 
 
+def step_bytes_per_parameter(store: str, state_dtype: str) -> float:
+    """Bytes FORGE's step must move per weight element: the master store reads and writes the fp32
+    master and writes the bf16 weight; the others read and write the bf16 weight; both read and
+    write the two states (docs/performance.md)."""
+    weight = 4 + 4 + 2 if store == "master" else 2 + 2
+    return weight + 2 * STATE_BYTES[state_dtype]
+
+
 def bench(fn, device) -> float:
     """Median milliseconds: do_bench (CUDA events, warm-up) on a GPU; wall clock elsewhere (smoke)."""
     if device.type == "cuda":
@@ -79,17 +87,17 @@ def ceilings(device, smoke: bool) -> dict:
 
 def wgrad(dy, x):
     """cuBLAS wgrad with an fp32 result (bf16 operands, fp32 accumulation)."""
-    try:
+    if dy.is_cuda:
         return torch.mm(dy.t(), x, out_dtype=torch.float32)
-    except TypeError:  # torch without out_dtype: bf16 result, then widened
-        return torch.mm(dy.t(), x).float()
+    return torch.mm(dy.t(), x).float()  # CPU (smoke): no mixed-dtype mm
 
 
 def unfused(weight, master, optimizer, dy, x):
     def step():
         master.grad = wgrad(dy, x)
         optimizer.step()
-        weight.copy_(master)
+        with torch.no_grad():
+            weight.copy_(master)
     return step
 
 
@@ -144,8 +152,7 @@ def run_case(shape, tokens, device, ceiling) -> dict:
     for name, (store, state_dtype) in REGIMES.items():
         w = weight.clone()
         state = ForgeState(w, "adamw", weight_store=store, state_dtype=state_dtype, lr=1e-4)
-        master_bytes = 8 if store == "master" else 0  # fp32 master read + written
-        moved = io_bytes + n_out * n_in * (2 * 2 + master_bytes + 2 * STATE_BYTES[state_dtype])
+        moved = io_bytes + n_out * n_in * step_bytes_per_parameter(store, state_dtype)
         step = lambda w=w, state=state: fused_update(x, dy, w, state)  # noqa: E731
         step()
         ms = bench(step, device)

@@ -16,14 +16,21 @@ import pytest
 SCRIPT = r"""
 import json, torch
 from forge_megatron import kernels, rules
+REGIMES = [  # (activation dtype, weight store, state format): every precision regime
+    (torch.float32, kernels.WEIGHT_FP32, "fp32"), (torch.bfloat16, kernels.WEIGHT_MASTER, "fp32"),
+    (torch.bfloat16, kernels.WEIGHT_SR, "fp32"), (torch.bfloat16, kernels.WEIGHT_SR, "bf16"),
+    (torch.bfloat16, kernels.WEIGHT_SR, "int8"), (torch.bfloat16, kernels.WEIGHT_MASTER, "int8"),
+]
+FORMATS = {"fp32": kernels.STATE_FP32, "bf16": kernels.STATE_BF16, "int8": kernels.STATE_INT8}
 out = []
 for name in rules.registered_rules():
     rule = rules.get_rule(name)
-    for dtype in (torch.bfloat16, torch.float32):
-        config = kernels.default_config(torch.device("cuda"), dtype)
-        compiled, report = kernels.compile_for_target(rule, dtype, config, arch=90)
+    for dtype, store, states in REGIMES:
+        config = kernels.default_config(torch.device("cuda"), dtype, states)
+        compiled, report = kernels.compile_for_target(rule, dtype, config, arch=90, weight_store=store,
+                                                      state_format=FORMATS[states])
         ptx = compiled.asm["ptx"]
-        out.append(dict(rule=name, dtype=str(dtype), config=repr(config), **report,
+        out.append(dict(rule=name, dtype=str(dtype), store=store, states=states, config=repr(config), **report,
                         wgmma="wgmma.mma_async" in ptx, div_full="div.full.f32" in ptx,
                         sqrt_approx="sqrt.approx" in ptx, cubin_bytes=len(compiled.asm["cubin"])))
 print(json.dumps(out))
@@ -38,7 +45,7 @@ def reports():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_every_rule_compiles_for_sm90_in_both_dtypes(reports):
+def test_every_rule_compiles_for_sm90_in_every_regime(reports):
     from forge_megatron import registered_rules
 
     assert {r["rule"] for r in reports} == set(registered_rules())
