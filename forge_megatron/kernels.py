@@ -58,7 +58,6 @@ class StepPlan:
     coefs: torch.Tensor  # fp32 [1 + n]: grad scale, then the rule's coefficients
     keys: tuple[int, ...]  # 2 random keys per stream: the weight's, then each state's
     tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
-    thresholds: torch.Tensor  # fp32 [2, 255] their midpoints
     shard: tuple[int, int, int]  # row offset, column offset, columns of the unsharded weight
     grad_out: torch.Tensor | None  # materialized gradient (debug), or None
     sumsq: torch.Tensor  # fp32 [tiles]
@@ -102,7 +101,7 @@ def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = 
         # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
         return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
     if state_dtype == "int8":
-        # Dequantize/requantize (table lookups, binary search) need registers: half the rows.
+        # Dequantize/requantize (table lookups, binary search, random bits) need registers: half the rows.
         return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
     # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
     return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
@@ -124,7 +123,7 @@ def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def fused_wgrad_update_kernel(
-    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr,
+    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr,
     grad_ptr, sumsq_ptr, nonfinite_ptr,
     T, N_OUT, N_IN, ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
     stride_xt, stride_xi, stride_dt, stride_do,
@@ -176,18 +175,18 @@ def fused_wgrad_update_kernel(
     g_lo, g_hi = tl.split(g3)
     col0 = pid_n * BLOCK_N
     _epilogue(g_lo, rows, col0, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
               ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
               UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
     _epilogue(g_hi, rows, col0 + BLOCK_N // 2, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
               ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
               UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
 
 
 @triton.jit
 def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, threshold_ptr, grad_ptr,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
               ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
               UPDATE: tl.constexpr, WEIGHT_STORE: tl.constexpr, STATE_STORED: tl.constexpr,
               STATE_SIGNED: tl.constexpr, STATE_FORMAT: tl.constexpr, NUM_COEFS: tl.constexpr,
@@ -242,8 +241,9 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
                 bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
                 tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], bits), mask=ok)
             else:
+                bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
                 value = tl.where(in_bounds, state[k], 0.0)
-                codes, scale = quantize(value, threshold_ptr + (0 if STATE_SIGNED[k] else 255), QB)
+                codes, scale = quantize(value, bits, table_ptr + (0 if STATE_SIGNED[k] else 256), QB)
                 tl.store(state_ptrs[k] + offs, codes, mask=ok)
                 blocks = col0 // QB + tl.arange(0, WIDTH // QB)
                 scale_ok = ((rows < N_OUT)[:, None] & (blocks < SCALE_COLS)[None, :]) & ok_tile
@@ -280,7 +280,7 @@ def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
     keys = torch.tensor(plan.keys, dtype=torch.int32).to(weight.device, non_blocking=True)
     fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
         x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states), tuple(plan.scales),
-        plan.coefs, keys, plan.tables, plan.thresholds,
+        plan.coefs, keys, plan.tables,
         plan.grad_out if plan.grad_out is not None else weight, plan.sumsq, plan.nonfinite,
         x.shape[0], n_out, n_in, *plan.shard, triton.cdiv(n_in, QBLOCK),
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
@@ -310,14 +310,14 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
         update_fn=rule.triton_update, weight_store=weight_store, master=None, states=[], scales=[],
         stored=tuple(n in rule.stored_states(hp) for n in names),
         signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
-        coefs=torch.empty(1 + len(rule.coefficients(hp, 1))), keys=(), tables=None, thresholds=None,
+        coefs=torch.empty(1 + len(rule.coefficients(hp, 1))), keys=(), tables=None,
         shard=(0, 0, 0), grad_out=None, sumsq=None, nonfinite=None)
     act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
     state = {STATE_FP32: "*fp32", STATE_BF16: "*bf16", STATE_INT8: "*u8"}[state_format]
     signature = {
         "x_ptr": act, "dy_ptr": act, "w_ptr": act, "master_ptr": "*fp32",
         "state_ptrs": tuple(state for _ in names), "scale_ptrs": tuple("*fp32" for _ in names),
-        "coef_ptr": "*fp32", "key_ptr": "*i32", "table_ptr": "*fp32", "threshold_ptr": "*fp32",
+        "coef_ptr": "*fp32", "key_ptr": "*i32", "table_ptr": "*fp32",
         "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
         "T": "i32", "N_OUT": "i32", "N_IN": "i32", "ROW_OFFSET": "i32", "COL_OFFSET": "i32", "GLOBAL_COLS": "i32",
         "SCALE_COLS": "i32", "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",

@@ -24,9 +24,12 @@ whole blocks). A code indexes a 256-entry table of values in [-1, 1] (signed, fi
 or [0, 1] (unsigned, second moments); x ~ table[code] * scale. The tables are logarithmic: each
 value is a constant ratio above the previous, so the relative error is the same at every
 magnitude, which is what a second moment needs (it spans many decades and is used through
-1 / sqrt(v)). Quantizing picks the nearest table value by a binary search over the 255
-midpoints (comparisons only, so every backend picks the same code). docs/numerics.md derives
-the error bounds.
+1 / sqrt(v)). Quantizing rounds stochastically between the two table values that bracket
+x / scale, found by a binary search over the table (comparisons only, so every backend finds
+the same pair), with the probability of the upper one set by linear interpolation: the stored
+value is unbiased, so a state whose per-step change is smaller than a table step still moves
+in expectation (an exponential average with beta2 = 0.999 would freeze under rounding to
+nearest). docs/numerics.md derives the error bounds.
 """
 
 from __future__ import annotations
@@ -133,15 +136,9 @@ def code_tables() -> torch.Tensor:
     return torch.tensor([signed, unsigned], dtype=torch.float32)
 
 
-def code_thresholds(tables: torch.Tensor) -> torch.Tensor:
-    """[2, 255] midpoints between consecutive table values (computed in fp32, once)."""
-    return (tables[:, :-1] + tables[:, 1:]) * 0.5
-
-
 def relative_error_bound(signed: bool) -> float:
-    """Largest |x_hat - x| / |x| for |x| / absmax inside the table's range: (r - 1) / (r + 1)."""
-    ratio = 10.0 ** ((SIGNED_DECADES / 126) if signed else (UNSIGNED_DECADES / 254))
-    return (ratio - 1) / (ratio + 1)
+    """Largest |x_hat - x| / |x| for |x| / absmax inside the table's range: one step, r - 1."""
+    return 10.0 ** ((SIGNED_DECADES / 126) if signed else (UNSIGNED_DECADES / 254)) - 1
 
 
 def range_floor(signed: bool) -> float:
@@ -155,21 +152,28 @@ def dequantize(codes, scales, table_ptr):
 
 
 @triton.jit
-def quantize(x, threshold_ptr, QB: tl.constexpr):
-    """fp32 [M, N] -> (codes uint8 [M, N], block scales fp32 [M, N // QB]).
+def quantize(x, bits, table_ptr, QB: tl.constexpr):
+    """fp32 [M, N] -> (codes uint8 [M, N], block scales fp32 [M, N // QB]), rounding stochastically.
 
-    Scale = the block's absmax (1 for an all-zero block); code = number of table midpoints
-    below x / scale, by binary lifting over the 255 sorted midpoints."""
+    Scale = the block's absmax (1 for an all-zero block). y = x / scale lies between table[j] and
+    table[j + 1], j = the number of table[1:] values <= y (binary lifting over 255 sorted values);
+    the code is j + 1 with probability (y - table[j]) / (table[j + 1] - table[j]), drawn from the
+    top 24 of the 32 random `bits`."""
     M: tl.constexpr = x.shape[0]
     N: tl.constexpr = x.shape[1]
     blocks = tl.reshape(x, (M, N // QB, QB))
     absmax = tl.max(tl.abs(blocks), axis=2)
     scale = tl.where(absmax > 0, absmax, 1.0)
-    normalized = tl.reshape(tl.div_rn(blocks, scale[:, :, None]), (M, N))
-    code = tl.zeros((M, N), dtype=tl.int32)
+    y = tl.reshape(tl.div_rn(blocks, scale[:, :, None]), (M, N))
+    j = tl.zeros((M, N), dtype=tl.int32)
     for k in tl.static_range(8):
-        probe = code + (128 >> k)
-        code = tl.where(tl.load(threshold_ptr + probe - 1) < normalized, probe, code)
+        probe = j + (128 >> k)
+        j = tl.where(tl.load(table_ptr + probe) <= y, probe, j)
+    lo = tl.load(table_ptr + j)
+    hi = tl.load(table_ptr + tl.minimum(j + 1, 255))
+    up = tl.div_rn(y - lo, tl.where(hi > lo, hi - lo, 1.0))
+    uniform = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    code = j + (uniform < up).to(tl.int32)
     return code.to(tl.uint8), scale
 
 
@@ -178,15 +182,18 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, table: torch.Ten
     return table[codes.long()] * scales.repeat_interleave(QBLOCK, dim=1)
 
 
-def quantize_torch(x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of `quantize` (x fp32 [M, N] with N a multiple of QBLOCK)."""
+def quantize_torch(x: torch.Tensor, table: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of `quantize` (x fp32 [M, N] with N a multiple of QBLOCK; bits from random_bits_torch)."""
     m, n = x.shape
     blocks = x.reshape(m, n // QBLOCK, QBLOCK)
     absmax = blocks.abs().amax(dim=2)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = torch.div(blocks, scale[:, :, None]).reshape(m, n)
-    codes = torch.searchsorted(thresholds, normalized.contiguous(), right=False)  # = #{midpoints < x}
-    return codes.to(torch.uint8), scale
+    y = torch.div(blocks, scale[:, :, None]).reshape(m, n).contiguous()
+    j = torch.searchsorted(table[1:].contiguous(), y, right=True)  # = #{table[1:] <= y}
+    lo, hi = table[j], table[(j + 1).clamp(max=255)]
+    up = torch.div(y - lo, torch.where(hi > lo, hi - lo, torch.ones_like(hi)))
+    uniform = (bits >> 8).float() * (1.0 / 16777216.0)
+    return (j + (uniform < up).long()).to(torch.uint8), scale
 
 
 def num_blocks(n: int) -> int:

@@ -101,7 +101,8 @@ def _store_state(plan: StepPlan, k: int, rows: slice, cols: slice, value: torch.
         bits = numerics.random_bits_torch(index, *plan.keys[2 + 2 * k: 4 + 2 * k])
         target.copy_(numerics.stochastic_round_to_bf16_torch(value, bits))
     else:
-        codes, scales = numerics.quantize_torch(_padded(value), plan.thresholds[0 if plan.signed[k] else 1])
+        bits = numerics.random_bits_torch(_padded_index(index), *plan.keys[2 + 2 * k: 4 + 2 * k])
+        codes, scales = numerics.quantize_torch(_padded(value), plan.tables[0 if plan.signed[k] else 1], bits)
         width = cols.stop - cols.start
         target.copy_(codes[:, :width])
         first = cols.start // numerics.QBLOCK
@@ -112,6 +113,16 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     """`t` with zero columns appended up to a multiple of QBLOCK (ragged right edge)."""
     pad = -t.shape[1] % numerics.QBLOCK
     return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
+def _padded_index(index: torch.Tensor) -> torch.Tensor:
+    """Element indices continued over the zero columns `_padded` appends (their codes do not
+    depend on the bits: zero is a table value)."""
+    pad = -index.shape[1] % numerics.QBLOCK
+    if not pad:
+        return index
+    extra = index[:, -1:] + torch.arange(1, pad + 1, device=index.device)
+    return torch.cat([index, extra], dim=1)
 
 
 def _fill(panel: torch.Tensor, src: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from forge_megatron import kernels, tiled
 from forge_megatron.kernels import TileConfig
-from forge_megatron.numerics import QBLOCK, code_tables, code_thresholds, rng_keys
+from forge_megatron.numerics import QBLOCK, code_tables, rng_keys
 from forge_megatron.state import WEIGHT_DTYPES, ForgeState
 
 BACKENDS = ("triton", "torch")
@@ -97,23 +97,21 @@ def _plan(state: ForgeState, weight, backend: str, coefs, step: int, grad, n_til
         weight_store = {"master": kernels.WEIGHT_MASTER, "sr": kernels.WEIGHT_SR, "rne": kernels.WEIGHT_RNE}[
             state.weight_store]
     keys = [k for stream in range(1 + len(states)) for k in rng_keys(state.seed, state.layer, step, stream)]
-    tables = _tables(device)
     return kernels.StepPlan(
         update_fn=state.rule.triton_update if backend == "triton" else state.rule.torch_update,
         weight_store=weight_store, master=state.master, states=states, scales=scales, stored=tuple(stored),
         signed=tuple(signed),
         state_format={"fp32": kernels.STATE_FP32, "bf16": kernels.STATE_BF16, "int8": kernels.STATE_INT8}[
             state.state_dtype],
-        coefs=coefs, keys=tuple(keys), tables=tables[0], thresholds=tables[1], shard=state.shard, grad_out=grad,
+        coefs=coefs, keys=tuple(keys), tables=_tables(device), shard=state.shard, grad_out=grad,
         sumsq=torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=device),
         nonfinite=torch.full((n_tiles,), -(2**30), dtype=torch.int32, device=device),
         apply=apply)
 
 
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    tables = code_tables()
-    return tables.to(device), code_thresholds(tables).to(device)
+def _tables(device: torch.device) -> torch.Tensor:
+    return code_tables().to(device)
 
 
 def _check_inputs(x, dy, weight, state, grad_scale):

@@ -49,7 +49,6 @@ def reference_step(weight, tensors, state: ForgeState, grad, step):
              + (torch.arange(n_in, device=device) + col_off)[None, :])
     keys = [numerics.rng_keys(state.seed, state.layer, step, stream) for stream in range(1 + len(rule.states))]
     tables = numerics.code_tables().to(device)
-    thresholds = numerics.code_thresholds(tables.cpu()).to(device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     pad = -n_in % numerics.QBLOCK
 
@@ -85,8 +84,11 @@ def reference_step(weight, tensors, state: ForgeState, grad, step):
         elif state.state_dtype == "bf16":
             out[name] = numerics.stochastic_round_to_bf16_torch(new[k], numerics.random_bits_torch(index, *keys[1 + k]))
         else:
-            codes, scales = numerics.quantize_torch(padded(new[k]),
-                                                    thresholds[1 if name in rule.nonnegative_states else 0])
+            padded_index = ((torch.arange(n_out, device=device) + row_off)[:, None] * global_cols
+                            + (torch.arange(n_in + pad, device=device) + col_off)[None, :])
+            bits = numerics.random_bits_torch(padded_index, *keys[1 + k])
+            codes, scales = numerics.quantize_torch(padded(new[k]), tables[1 if name in rule.nonnegative_states else 0],
+                                                    bits)
             out[name], out[f"{name}.scale"] = codes[:, :n_in], scales
     return w, out
 

@@ -77,9 +77,9 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(gen, device):
 
 
 @triton.jit
-def _quant_kernel(x_ptr, code_ptr, scale_ptr, value_ptr, table_ptr, threshold_ptr, M: tl.constexpr, N: tl.constexpr):
+def _quant_kernel(x_ptr, bits_ptr, code_ptr, scale_ptr, value_ptr, table_ptr, M: tl.constexpr, N: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
-    codes, scale = numerics.quantize(tl.load(x_ptr + offs), threshold_ptr, 32)
+    codes, scale = numerics.quantize(tl.load(x_ptr + offs), tl.load(bits_ptr + offs).to(tl.uint32), table_ptr, 32)
     tl.store(code_ptr + offs, codes)
     tl.store(scale_ptr + tl.arange(0, M)[:, None] * (N // 32) + tl.arange(0, N // 32)[None, :], scale)
     per_element = tl.reshape(tl.broadcast_to(scale[:, :, None], (M, N // 32, 32)), (M, N))
@@ -97,33 +97,55 @@ def _blocks(gen, device):
     return rows
 
 
+def _bits(key: int, shape, device):
+    index = torch.arange(shape[0] * shape[1], device=device).reshape(shape)
+    return numerics.random_bits_torch(index, *numerics.rng_keys(key, 0, 1, 1))
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_quantization_matches_the_twin_and_its_bound(signed, gen, device):
     x = _blocks(gen, device)
     if not signed:
         x = x.abs()
-    tables = numerics.code_tables().to(device)
-    thresholds = numerics.code_thresholds(numerics.code_tables()).to(device)
-    row = 0 if signed else 1
+    table = numerics.code_tables().to(device)[0 if signed else 1]
+    bits = _bits(0, x.shape, device)
     codes = torch.zeros(8, 64, dtype=torch.uint8, device=device)
     scales = torch.full((8, 2), float("nan"), device=device)
     values = torch.full((8, 64), float("nan"), device=device)
-    _quant_kernel[(1,)](x, codes, scales, values, tables[row], thresholds[row], M=8, N=64)
-    expected_codes, expected_scales = numerics.quantize_torch(x, thresholds[row])
+    _quant_kernel[(1,)](x, bits.to(torch.int64), codes, scales, values, table, M=8, N=64)
+    expected_codes, expected_scales = numerics.quantize_torch(x, table, bits)
     assert_bits_equal(codes, expected_codes, "codes")
     assert_bits_equal(scales, expected_scales, "scales")
-    decoded = numerics.dequantize_torch(codes, scales, tables[row])
+    decoded = numerics.dequantize_torch(codes, scales, table)
     assert_bits_equal(values, decoded, "dequantized values")
 
-    # The documented bound, per block: relative error (r-1)/(r+1) above floor * absmax, and an
-    # absolute error below it of at most floor * absmax; one fp32 rounding of the product on top.
+    # The documented bound, per block: relative error r - 1 (one table step, stochastic rounding
+    # picks either neighbour) above floor * absmax, and at most floor * absmax below it; one fp32
+    # rounding of the product on top.
     blocks, error = x.reshape(8, 2, 32), (decoded - x).abs().reshape(8, 2, 32)
     absmax = blocks.abs().amax(dim=2, keepdim=True)
     bound = torch.maximum(numerics.relative_error_bound(signed) * blocks.abs(), numerics.range_floor(signed) * absmax)
     assert bool((error <= bound * (1 + 2**-22) + 1e-45).all())
-    assert bool((decoded.reshape(8, 2, 32)[1, 0] == 0).all()) if signed else True  # the zero block stays zero
+    assert bool((decoded.reshape(8, 2, 32)[1, 0] == 0).all())  # the zero block stays zero
     assert bool(((decoded == 0) | (torch.sign(decoded) == torch.sign(x))).all())  # signs survive
     assert float(decoded.reshape(8, 2, 32)[2, 0, 5]) == pytest.approx(1e6, rel=1e-6)  # the outlier itself is exact
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_stochastic_requantization_is_unbiased(signed, gen, device):
+    """Over N keys the mean decoded value is x within 6 standard deviations (one table step of
+    spread: sd <= step / 2, so 6 * step / (2 sqrt(N))), for values inside the table's range."""
+    x = randn(gen, 16, 64, device=device) * torch.logspace(-3, 0, 64, device=device)
+    if not signed:
+        x = x.abs()
+    table = numerics.code_tables().to(device)[0 if signed else 1]
+    n = 400
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for key in range(n):
+        codes, scales = numerics.quantize_torch(x, table, _bits(key, x.shape, device))
+        total += numerics.dequantize_torch(codes, scales, table).double()
+    step = numerics.relative_error_bound(signed) * x.abs().double()
+    assert bool(((total / n - x.double()).abs() <= 6 * step / (2 * math.sqrt(n)) + 1e-30).all())
 
 
 # -- the fused step in every regime --------------------------------------------------------------
