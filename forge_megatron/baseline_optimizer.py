@@ -85,9 +85,11 @@ class BaselineOptimizer:
             main.grad = None
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
-        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                                make_sharded_optimizer_tensor,
-                                                                optim_state_to_sharding_state)
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            make_sharded_optimizer_tensor,
+            optim_state_to_sharding_state,
+        )
 
         if is_loading:
             self._init_state()

@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_megatron.numerics import (QBLOCK, dequantize, quantize, random_bits, round_to_bf16,
-                                     stochastic_round_to_bf16)
+from forge_megatron.numerics import QBLOCK, dequantize, quantize, random_bits, round_to_bf16, stochastic_round_to_bf16
 
 QB = tl.constexpr(QBLOCK)  # the quantization block, as a constant the kernel may read
 

@@ -14,7 +14,6 @@ layer, in fp32, on the weight's device, whatever dtype conversion the module goe
 
 from __future__ import annotations
 
-import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 

@@ -9,14 +9,11 @@ first two) and peak memory (torch.cuda.max_memory_allocated) of each.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 
 import torch
+
+from forge_megatron.benchmarking import pretrain_records, write_report
 
 MODEL = ("--num-layers 16 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --seq-length 2048 "
          "--max-position-embeddings 2048 --swiglu --normalization RMSNorm --position-embedding-type rope --no-rope-fusion "
@@ -34,15 +31,10 @@ RUNS = {"standard": [], "forge-master": ["--use-forge", "--forge-cover-output-la
 
 
 def run(model: list[str], flags: list[str], micro_batch: int, iters: int) -> dict | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "log.jsonl")
-        cmd = [sys.executable, "-m", "forge_megatron.cli.pretrain_gpt", *model, *flags, "--train-iters", str(iters),
-               "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch), "--forge-log-json", log]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(log):
-            return None
-        with open(log) as f:
-            records = [json.loads(line) for line in f]
+    records = pretrain_records([*model, *flags, "--train-iters", str(iters), "--micro-batch-size", str(micro_batch),
+                                "--global-batch-size", str(micro_batch)])
+    if records is None:
+        return None
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records[1:], records[2:])]
     peaks = [r["max_memory_allocated"] for r in records if "max_memory_allocated" in r]
     return {"iteration_ms": 1000 * statistics.median(times), "peak_bytes": max(peaks) if peaks else None,
@@ -74,10 +66,7 @@ def main(argv=None):
             if result is None:
                 break
             b *= 2
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ GEMM TFLOP/s. Peak memory above the inputs is read with torch.cuda.max_memory_al
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -31,6 +29,7 @@ import time
 import torch
 
 from forge_megatron import ForgeState, fused_update
+from forge_megatron.benchmarking import write_report
 
 SHAPES = {  # name -> (out, in) of the weight
     "llama8b": {"qkv": (6144, 4096), "proj": (4096, 4096), "fc1": (28672, 4096), "fc2": (4096, 14336)},
@@ -201,10 +200,7 @@ def main(argv=None):
                       f"forge-master {case['forge-master_ms']:8.3f} ms  x{case['forge-master_speedup_vs_baseline']:.2f}  "
                       f"{100 * case['forge-master_fraction_of_copy_bw']:.0f}% of copy bw  "
                       f"{100 * case['forge-master_fraction_of_matmul']:.0f}% of matmul", flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args.out, report)
     return report
 
 

@@ -17,15 +17,11 @@ runs, found by doubling, against the model's answer for the GPU's memory.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import torch
 
 from forge_megatron import memory
+from forge_megatron.benchmarking import pretrain_records, write_report
 from forge_megatron.training import add_forge_args
 
 REGIMES = {
@@ -48,15 +44,8 @@ def emulated_rank(layers: int, seq: int) -> list[str]:
 
 def measure(argv: list[str], micro_batch: int) -> int | None:
     """Peak bytes over the run's steps, or None if it did not fit (or failed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "log.jsonl")
-        cmd = [sys.executable, "-m", "forge_megatron.cli.pretrain_gpt", *argv, "--micro-batch-size", str(micro_batch),
-               "--global-batch-size", str(micro_batch), "--forge-log-json", log]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(log):
-            return None
-        with open(log) as f:
-            return max(json.loads(line)["max_memory_allocated"] for line in f)
+    records = pretrain_records([*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch)])
+    return None if records is None else max(r["max_memory_allocated"] for r in records)
 
 
 def compare(base: list[str], measure_fn, gib: float, max_micro_batch: int) -> dict:
@@ -73,7 +62,8 @@ def compare(base: list[str], measure_fn, gib: float, max_micro_batch: int) -> di
         out[name] = {"measured_peak_bytes_mb1": measured, "model_peak_bytes_mb1": model_peak,
                      "relative_error": None if measured is None else model_peak / measured - 1,
                      "largest_power_of_two_micro_batch": largest,
-                     "model_max_micro_batch": memory.max_micro_batch(lambda m: memory.rank_memory(model_args, m), gib)}
+                     "model_max_micro_batch": memory.max_micro_batch(
+                         lambda m, model_args=model_args: memory.rank_memory(model_args, m), gib)}
     return out
 
 
@@ -96,10 +86,7 @@ def main(argv=None):
               f"{entry['model_peak_bytes_mb1'] / memory.GIB:.2f} GiB  error "
               f"{100 * entry['relative_error'] if measured else float('nan'):+.1f}%  largest mbs (2^k) "
               f"{entry['largest_power_of_two_micro_batch']}  model max mbs {entry['model_max_micro_batch']}", flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def main(argv=None):
     if reference is not None:
         if noise is not None:
             print(f"noise floor (largest control gap): {100 * noise:.2f}%")
-        for name, r in results.items():
+        for r in results.values():
             print(f"{r['label']:48s} {r['validation']:.4f}  gap {100 * r['gap_vs_reference']:+.2f}%")
 
 

@@ -116,8 +116,10 @@ def test_activations_are_megatrons_where_its_assumptions_hold(llama):
 
 
 def test_max_micro_batch_is_monotone_and_tight(llama):
-    for args in (llama, forge(llama, weight_store="sr", state_dtype="int8")):
-        def at(micro_batch, args=memory.replace_args(args, seq_length=2048)):
+    for regime in (llama, forge(llama, weight_store="sr", state_dtype="int8")):
+        args = memory.replace_args(regime, seq_length=2048)
+
+        def at(micro_batch, args=args):
             return memory.rank_memory(args, micro_batch)
 
         fits = [memory.max_micro_batch(at, gib) for gib in range(8, 200, 4)]

@@ -2,7 +2,7 @@
 materialized gradient, and that gradient is dy^T x within the fp32 dot-product bound."""
 
 import torch
-from helpers import BACKENDS, assert_bits_equal, rule_cases, reference_step, snapshot
+from helpers import BACKENDS, assert_bits_equal, reference_step, rule_cases, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,8 +6,18 @@ import pytest
 import torch
 from helpers import BACKENDS, assert_bits_equal, randn, reference_step, snapshot
 
-from forge_megatron import ForgeState, Rule, fused_update, get_rule, ops, register_rule, registered_rules
-from forge_megatron import ops_torch, ops_triton, rules
+from forge_megatron import (
+    ForgeState,
+    Rule,
+    fused_update,
+    get_rule,
+    ops,
+    ops_torch,
+    ops_triton,
+    register_rule,
+    registered_rules,
+    rules,
+)
 
 
 def test_both_vocabularies_export_the_same_names():

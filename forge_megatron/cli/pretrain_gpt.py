@@ -28,8 +28,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from forge_megatron.data import BYTE_VOCAB, CORPORA, TokenWindows, batches, mock_tokens, stdlib_tokens
 from forge_megatron.baseline_optimizer import BaselineOptimizer
+from forge_megatron.data import BYTE_VOCAB, CORPORA, TokenWindows, batches, mock_tokens, stdlib_tokens
 from forge_megatron.training import CHECKPOINT_PREFIX, ForgeController, add_forge_args, validate_forge_args
 
 
@@ -68,8 +68,11 @@ class Trainer:
         from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
         from megatron.core.transformer.module import Float16Module
         from megatron.training.arguments import core_transformer_config_from_args
-        from megatron.training.training import (get_megatron_ddp_config, get_megatron_optimizer_config,
-                                                get_optimizer_param_scheduler)
+        from megatron.training.training import (
+            get_megatron_ddp_config,
+            get_megatron_optimizer_config,
+            get_optimizer_param_scheduler,
+        )
 
         self.args = args
         self.rank = dist.get_rank()
