@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from forge_megatron.numerics import QBLOCK
 from forge_megatron.param import ForgeConfig, ForgeParam
 from forge_megatron.rules import get_rule, registered_rules
 from forge_megatron.state import STATE_DTYPES, WEIGHT_STORES
@@ -243,7 +244,6 @@ class ForgeController:
         """FORGE state as sharded optimizer state: each state tensor (and master) sharded exactly
         like its weight, so a checkpoint saved at one TP size loads at another."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
         from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
         # ShardedTensors, and ShardedTensorFactories (e.g. SwiGLU's fc1, split per TP rank on save)
@@ -254,7 +254,7 @@ class ForgeController:
             sharded_weight = by_data.get(id(weight))
             if sharded_weight is None:
                 raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
-            entry = {state_name: make_sharded_optimizer_tensor(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}")
+            entry = {state_name: _sharded_like(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}", name)
                      for state_name, tensor in param.state.named_tensors().items()}
             entry["step"] = param.state.step
             out[name] = entry  # sharded keys are per stacked layer; the parameter name is unique
@@ -267,6 +267,29 @@ class ForgeController:
             for state_name, tensor in param.state.named_tensors().items():
                 tensor.copy_(entry[state_name])
             param.state.step = int(entry["step"])
+
+
+def _sharded_like(sharded_weight, tensor: torch.Tensor, prefix: str, name: str):
+    """`tensor` sharded like its weight: states and master have the weight's shape; the int8
+    states' block scales have one column per QBLOCK weight columns, so their last axis is the
+    weight's divided by QBLOCK (which the shard boundaries must respect)."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    if not isinstance(sharded_weight, ShardedTensor) or tuple(tensor.shape) == sharded_weight.local_shape:
+        return make_sharded_optimizer_tensor(sharded_weight, tensor, prefix)  # factories split rows only
+    offset, columns = sharded_weight.global_offset[-1], sharded_weight.global_shape[-1]
+    if offset % QBLOCK or (sharded_weight.local_shape[-1] != columns and columns % QBLOCK):
+        raise ValueError(f"{name}: int8 state scales cover {QBLOCK}-column blocks, but this shard starts at column "
+                         f"{offset} of {columns}; checkpointing needs shard widths that are multiples of {QBLOCK}")
+    scaled = dataclasses.replace(
+        sharded_weight, key=f"{prefix}.{sharded_weight.key}", data=tensor, dtype=tensor.dtype,
+        local_shape=tuple(tensor.shape), global_shape=(*sharded_weight.global_shape[:-1], -(-columns // QBLOCK)),
+        global_offset=(*sharded_weight.global_offset[:-1], offset // QBLOCK))
+    scaled.validate_metadata_integrity()
+    return scaled
 
 
 class _Recorder:

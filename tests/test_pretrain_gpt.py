@@ -149,6 +149,19 @@ def test_checkpoints_reshard_forge_state_between_tp_sizes(runs):
         assert common_a["forge"] == common_b["forge"]  # the step counts
 
 
+def test_int8_state_checkpoints_reshard_between_tp_sizes(runs):
+    """8-bit codes and their block scales (one per 32 columns) round-trip TP=2 -> TP=1."""
+    work = runs["work"]
+    flags = ["--use-forge", "--forge-state-dtype", "int8", "--clip-grad", "0", "--train-iters", "3", "--lr-warmup-iters", "1"]
+    launch(work, "int8-tp2", *flags, "--save", os.path.join(work, "int8-tp2"), tp=2)
+    launch(work, "int8-tp1", *flags, "--load", os.path.join(work, "int8-tp2"), "--save", os.path.join(work, "int8-tp1"))
+    (a, _), (b, _) = checkpoint(os.path.join(work, "int8-tp2")), checkpoint(os.path.join(work, "int8-tp1"))
+    state_a, state_b = _forge_state(a), _forge_state(b)
+    assert any(k.startswith("optimizer.forge.exp_avg.scale") for k in state_a) and state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
 def test_resuming_without_forge_state_starts_it_fresh(runs):
     work = runs["work"]
     records, stdout = launch(work, "forge-from-standard", "--use-forge", "--clip-grad", "0", "--train-iters", "21",
