@@ -18,4 +18,5 @@ LLAMA3_8B_TP8_ARGS=(
     --init-method-std 0.02 --attention-dropout 0.0 --hidden-dropout 0.0
     --log-interval 10 --save-interval 1000 --eval-interval 1000 --eval-iters 10
     --use-forge --forge-cover-output-layer
+    --forge-core-attention sdpa --no-create-attention-mask-in-dataloader
 )

@@ -39,7 +39,7 @@ def enable_forge(args, model_cfg) -> None:
         return
     forge = validate_forge_args(args)
     _STATE.update(config=forge, args=args)
-    model_cfg.transformer_layer_spec = functools.partial(_layer_spec, forge)
+    model_cfg.transformer_layer_spec = functools.partial(_layer_spec, forge, args.forge_core_attention)
     if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
         model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
     from megatron.training import training
@@ -54,8 +54,8 @@ def enable_forge(args, model_cfg) -> None:
             setattr(training, name, wrapped)
 
 
-def _layer_spec(forge: ForgeConfig, model_config, vp_stage=None):
-    return get_gpt_layer_forge_spec(forge, normalization=model_config.transformer.normalization,
+def _layer_spec(forge: ForgeConfig, core_attention: str, model_config, vp_stage=None):
+    return get_gpt_layer_forge_spec(forge, core_attention, normalization=model_config.transformer.normalization,
                                     qk_layernorm=model_config.transformer.qk_layernorm)
 
 

@@ -198,14 +198,28 @@ def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
     scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
     held_per_score, workspace_per_score = _attention_score_bytes(args, element)
     activations = layers + held_per_score * scores_per_layer
-    return round(activations), round(logits), round(workspace_per_score * scores_per_layer)
+    workspace = workspace_per_score * scores_per_layer
+    if fused_attention(args):
+        # Fused attention keeps each layer's softmax log-sum-exp (fp32, one per query row and head)
+        # for its backward, which accumulates dQ in fp32.
+        rows = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length
+        activations += args.num_layers * FP32 * rows
+        workspace = FP32 * rows * args.kv_channels
+    return round(activations), round(logits), round(workspace)
+
+
+def fused_attention(args) -> bool:
+    """Whether attention keeps O(s) statistics instead of [heads/tp, s, s] scores: Transformer
+    Engine's attention, or SDPAttention (--forge-core-attention sdpa, which forge-pretrain-gpt
+    applies to standard runs too; a standard Megatron-LM run would use Transformer Engine's)."""
+    return args.transformer_impl != "local" or getattr(args, "forge_core_attention", "local") == "sdpa"
 
 
 def _attention_score_bytes(args, element: int) -> tuple[float, float]:
     """Bytes per score of one layer's [heads/tp, s, s] matrix: held (all layers plus the raw-score
     buffer) and in one layer's backward. Only the local spec's unfused DotProductAttention
-    materializes scores; Transformer Engine's fused attention keeps O(s) statistics."""
-    if args.transformer_impl != "local":
+    materializes scores; fused attention keeps O(s) statistics (counted by the caller)."""
+    if fused_attention(args):
         return 0.0, 0.0
     recomputed = args.recompute_granularity == "selective" and "core_attn" in (args.recompute_modules or ["core_attn"])
     # Stored per layer: the softmax output (also the input of the matmul with V); with attention

@@ -17,17 +17,21 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from forge_megatron.attention import with_core_attention
 from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 from forge_megatron.param import ForgeConfig
 
 logger = logging.getLogger(__name__)
 
 
-def get_gpt_layer_forge_spec(forge: ForgeConfig | None = None, **local_spec_kwargs) -> ModuleSpec:
+def get_gpt_layer_forge_spec(forge: ForgeConfig | None = None, core_attention: str = "local",
+                             **local_spec_kwargs) -> ModuleSpec:
     """The local GPT layer spec with the four transformer linears covered by FORGE.
 
-    `local_spec_kwargs` go to megatron-core's get_gpt_layer_local_spec (normalization,
-    qk_layernorm, ...). Mixture-of-experts and multi-latent attention are not covered.
+    `core_attention` is "local" (megatron-core's DotProductAttention) or "sdpa" (torch's fused
+    attention, forge_megatron.attention). `local_spec_kwargs` go to megatron-core's
+    get_gpt_layer_local_spec (normalization, qk_layernorm, ...). Mixture-of-experts and
+    multi-latent attention are not covered.
     """
     if local_spec_kwargs.get("num_experts"):
         raise ValueError("FORGE does not cover mixture-of-experts layers (experts see a different token set per "
@@ -43,7 +47,7 @@ def get_gpt_layer_forge_spec(forge: ForgeConfig | None = None, **local_spec_kwar
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
         attention.submodules, linear_qkv=column, linear_proj=row))
     layer = dataclasses.replace(layer, self_attention=attention, mlp=_cover_mlp(layer.mlp, column, row))
-    return dataclasses.replace(spec, submodules=layer)
+    return with_core_attention(dataclasses.replace(spec, submodules=layer), core_attention)
 
 
 def _cover_mlp(mlp, column, row):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from forge_megatron.attention import CORE_ATTENTIONS
 from forge_megatron.numerics import QBLOCK
 from forge_megatron.param import ForgeConfig, ForgeParam
 from forge_megatron.rules import get_rule, registered_rules
@@ -61,6 +62,11 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Also cover the output layer (needs --untie-embeddings-and-output-weights).")
     group.add_argument("--forge-backend", default=None, choices=("triton", "torch"),
                        help="Kernel backend (default: triton on CUDA, the tiled torch twin on CPU).")
+    group.add_argument("--forge-core-attention", default="local", choices=CORE_ATTENTIONS,
+                       help="Core attention of FORGE's layer spec: 'local' is megatron-core's DotProductAttention "
+                            "(materializes the s x s scores), 'sdpa' is torch's fused scaled_dot_product_attention "
+                            "(flash or memory-efficient attention on a GPU). forge-pretrain-gpt applies it to "
+                            "standard runs too, so that comparisons are like for like.")
     return parser
 
 

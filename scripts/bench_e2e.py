@@ -46,11 +46,14 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--max-micro-batch", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="a tiny model on any device, micro-batch 1")
+    parser.add_argument("--core-attention", default="sdpa", choices=("sdpa", "local"),
+                        help="--forge-core-attention for every run, standard ones included (default: torch's fused "
+                             "attention, as a GPU user would run; local materializes the s x s scores)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("bench_e2e.py needs a GPU (or --smoke)")
-    model = SMOKE if args.smoke else MODEL
+    model = [*(SMOKE if args.smoke else MODEL), "--forge-core-attention", args.core_attention]
     max_micro_batch = 1 if args.smoke else args.max_micro_batch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"device": device, "torch": torch.__version__, "model": model, "runs": {}}

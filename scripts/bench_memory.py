@@ -72,14 +72,18 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--max-micro-batch", type=int, default=64)
+    parser.add_argument("--core-attention", default="sdpa", choices=("sdpa", "local"),
+                        help="--forge-core-attention for every regime, standard included (the model follows it)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_memory.py measures GPU memory; run it on a GPU (the model alone: memory_headroom.py)")
     gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB
-    regimes = compare(emulated_rank(args.layers, args.seq_length), measure, gib, args.max_micro_batch)
+    base = [*emulated_rank(args.layers, args.seq_length), "--forge-core-attention", args.core_attention]
+    regimes = compare(base, measure, gib, args.max_micro_batch)
     report = {"device": torch.cuda.get_device_name(), "gpu_gib": gib, "layers": args.layers,
-              "seq_length": args.seq_length, "torch": torch.__version__, "regimes": regimes}
+              "seq_length": args.seq_length, "core_attention": args.core_attention, "torch": torch.__version__,
+              "regimes": regimes}
     for name, entry in regimes.items():
         measured = entry["measured_peak_bytes_mb1"]
         print(f"{name:14s} measured {measured / memory.GIB if measured else float('nan'):.2f} GiB  model "

@@ -225,6 +225,9 @@ def attention_path(args) -> str:
     """Which attention the config runs, in words: it decides whether score matrices are held."""
     if args.transformer_impl != "local":
         return "fused (Transformer Engine): no score matrix stored"
+    if args.forge_core_attention == "sdpa":
+        return ("fused (torch SDPA, --forge-core-attention sdpa; a standard run would use Transformer Engine's): "
+                "no score matrix stored")
     if args.recompute_granularity == "selective":
         return "unfused local DotProductAttention, selective recompute: scores recomputed in backward"
     return "unfused local DotProductAttention, no recompute: every layer keeps its [heads/tp, s, s] softmax"

@@ -13,7 +13,7 @@ BASE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-h
         "--lr-warmup-iters 2 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 --transformer-impl local "
         "--no-gradient-accumulation-fusion --no-persist-layer-norm --normalization RMSNorm "
         "--position-embedding-type rope --no-rope-fusion --untie-embeddings-and-output-weights --use-cpu-initialization "
-        "--tokenizer-type NullTokenizer --vocab-size 128 --mock-data --use-forge --forge-cover-output-layer").split()
+        "--tokenizer-type NullTokenizer --vocab-size 128 --mock-data --use-forge --forge-cover-output-layer --forge-core-attention sdpa").split()
 
 
 class StandInOptimizer:
@@ -73,10 +73,12 @@ def _model_and_controller():
 
 
 def scenario_layer_spec_and_pre_wrap_hook():
+    from forge_megatron.attention import SDPAttention
     from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 
     args, (model,), controller = _model_and_controller()
     layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attention.core_attention, SDPAttention)  # --forge-core-attention sdpa
     assert isinstance(layer.self_attention.linear_qkv, ForgeColumnParallelLinear)
     assert isinstance(layer.mlp.linear_fc2, ForgeRowParallelLinear)
     assert isinstance(model.output_layer, ForgeColumnParallelLinear)  # --forge-cover-output-layer

@@ -99,19 +99,24 @@ def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
         memory.rank_memory(memory.replace_args(args, data_parallel_size=2), 1)
 
 
-def test_activations_are_megatrons_where_its_assumptions_hold(llama):
-    """Fused attention (no score matrix): held activations plus Megatron's 4 bytes per logit are its estimate."""
-    args = memory.replace_args(llama, use_forge=False, transformer_impl="transformer_engine", micro_batch_size=3)
+@pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])
+def test_activations_are_megatrons_where_its_assumptions_hold(llama, fused):
+    """Fused attention (no score matrix): held activations plus Megatron's 4 bytes per logit are its
+    estimate, plus each layer's fp32 log-sum-exp per query row and head."""
+    args = memory.replace_args(llama, use_forge=False, micro_batch_size=3, **fused)
     activations, logits, workspace = memory.activation_memory(args, 3)
     logits_per_rank = args.seq_length * 3 * args.padded_vocab_size // 8
-    assert activations + 4 * logits_per_rank == pytest.approx(memory.compute_activation_memory(args, 1), rel=1e-9)
-    assert (logits, workspace) == (6 * logits_per_rank, 0)
-    unfused = memory.activation_memory(memory.replace_args(args, transformer_impl="local"), 3)
-    selective = memory.activation_memory(
-        memory.replace_args(args, transformer_impl="local", recompute_granularity="selective"), 3)
-    scores = 3 * (32 // 8) * args.seq_length**2  # one layer's [b, heads/tp, s, s]
-    assert unfused[0] - activations == pytest.approx(2 * scores * (32 + 1), abs=1)  # softmaxes, raw-score buffer
-    assert selective[0] - activations == pytest.approx(2 * scores, abs=1)
+    rows = 3 * (32 // 8) * args.seq_length  # one layer's [b, heads/tp, s] softmax statistics
+    assert activations + 4 * logits_per_rank - 32 * 4 * rows == pytest.approx(
+        memory.compute_activation_memory(args, 1), rel=1e-9)
+    assert (logits, workspace) == (6 * logits_per_rank, 4 * rows * 128)  # dQ accumulated in fp32
+    local = memory.replace_args(args, transformer_impl="local", forge_core_attention="local")
+    unfused = memory.activation_memory(local, 3)
+    selective = memory.activation_memory(memory.replace_args(local, recompute_granularity="selective"), 3)
+    scores = rows * args.seq_length  # one layer's [b, heads/tp, s, s]
+    held = activations - 32 * 4 * rows
+    assert unfused[0] - held == pytest.approx(2 * scores * (32 + 1), abs=1)  # softmaxes, raw-score buffer
+    assert selective[0] - held == pytest.approx(2 * scores, abs=1)
     assert (unfused[2], selective[2]) == (2 * 2 * scores, 3 * 2 * scores)
 
 
@@ -130,10 +135,13 @@ def test_max_micro_batch_is_monotone_and_tight(llama):
 
 def test_headroom_tool_smoke(tmp_path, capsys):
     out_json, out_png = tmp_path / "memory.json", tmp_path / "memory.png"
+    # The local spec's unfused attention: at 40 GiB and s = 8192 the standard run fits no sequence.
     assert headroom.main(["--gpu-gib", "40", "80", "--seq-lengths", "8192", "--sweep-gib", "20", "40",
-                          "--json", str(out_json), "--plot", str(out_png)]) == 0
+                          "--json", str(out_json), "--plot", str(out_png), "--", "--forge-core-attention",
+                          "local"]) == 0
     printed = capsys.readouterr().out
     assert "Largest micro-batch, seq 8192" in printed and "4x standard" in printed
+    assert "unfused local DotProductAttention" in printed
     result = json.loads(out_json.read_text())
     assert set(result["max_micro_batch"]["8192"]) == set(headroom.RUNS)
     assert result["max_micro_batch"]["8192"]["standard"]["40"] == 0  # said as such, no division by zero

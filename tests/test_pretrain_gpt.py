@@ -69,12 +69,15 @@ def rel(a, b):
 def runs(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("runs"))
     out = {}
+    # The clipping runs use torch's fused attention (--forge-core-attention sdpa, applied to the
+    # standard run too), so that FORGE matching the standard run is shown with either attention.
+    sdpa = ["--forge-core-attention", "sdpa"]
     for name, flags in [
         ("standard", ["--clip-grad", "0"]),
         ("forge", ["--use-forge", "--clip-grad", "0"]),
-        ("standard-clip", ["--clip-grad", "0.05"]),
-        ("forge-two-pass", ["--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode", "two-pass"]),
-        ("forge-stale", ["--use-forge", "--clip-grad", "0.05"]),
+        ("standard-clip", ["--clip-grad", "0.05", *sdpa]),
+        ("forge-two-pass", ["--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode", "two-pass", *sdpa]),
+        ("forge-stale", ["--use-forge", "--clip-grad", "0.05", *sdpa]),
     ]:
         save = os.path.join(work, name)
         out[name] = (*launch(work, name, *flags, "--save", save), save)

@@ -131,12 +131,14 @@ class Trainer:
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+        from forge_megatron.attention import with_core_attention
         from forge_megatron.spec import cover_output_layer, get_gpt_layer_forge_spec
 
         args = self.args
         spec_kwargs = dict(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
         spec = (get_gpt_layer_forge_spec(self.forge_config, **spec_kwargs) if args.use_forge
                 else get_gpt_layer_local_spec(**spec_kwargs))
+        spec = with_core_attention(spec, args.forge_core_attention)
         model = GPTModel(config=self.config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
                          max_sequence_length=args.max_position_embeddings, pre_process=True, post_process=True,
                          parallel_output=True,
@@ -224,7 +226,10 @@ class Trainer:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         batch = {k: v.to(device) for k, v in batch.items()}
         seq = batch["tokens"].shape[1]
-        mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), 1)
+        # SDPAttention's causal kernel needs no mask (flash attention takes none); Megatron's local
+        # attention builds its default one on "cuda", so it gets one built here.
+        mask = (None if self.args.forge_core_attention == "sdpa"
+                else torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device), 1))
         output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 

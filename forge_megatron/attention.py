@@ -1,0 +1,103 @@
+"""Core attention through torch's scaled_dot_product_attention, for the local layer spec.
+
+FORGE's layer spec is megatron-core's local spec, whose DotProductAttention materializes the
+[b, heads/tp, s, s] score and probability matrices: at 8k tokens they, not weights or optimizer
+state, fill a GPU (docs/memory.md). `SDPAttention` takes the same constructor and forward
+arguments and calls `torch.nn.functional.scaled_dot_product_attention`, which on a GPU runs a
+fused kernel (flash or memory-efficient attention) that keeps O(s) statistics instead of the
+O(s²) matrices, and on CPU torch's fused CPU kernel. It is a drop-in replacement for the
+`core_attention` entry of any local spec, FORGE's or the standard one
+(`with_core_attention(spec, "sdpa")`); the two agree to rounding (tests/test_attention.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import divide
+
+CORE_ATTENTIONS = ("local", "sdpa")
+
+
+class SDPAttention(MegatronModule):
+    """DotProductAttention's interface, computed by torch's fused scaled_dot_product_attention.
+
+    query [sq, b, heads/tp, d], key and value [sk, b, groups/tp, d] -> context [sq, b, heads/tp·d].
+    Grouped-query attention is handled inside the kernel (no repeated keys and values). Megatron's
+    boolean mask marks the positions to drop; with no mask and a causal mask type the kernel's own
+    causal path runs (the fastest: flash attention on a GPU).
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        _refuse_unsupported(config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        # apply_query_key_layer_scaling divides the scale by the layer number and the softmax
+        # multiplies it back (DotProductAttention): the probabilities see the plain scale.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention takes neither packed sequences nor an attention bias; use "
+                             "--forge-core-attention local or Transformer Engine's attention")
+        mask_type = attn_mask_type or self.attn_mask_type
+        sq, batch = query.shape[:2]
+        # [s, b, heads, d] -> [b, heads, s, d]: a view, the head dimension stays contiguous.
+        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
+        if attention_mask is not None:
+            attention_mask = ~attention_mask  # Megatron: True drops a position; SDPA: True keeps it.
+        dropout = self.dropout if self.training else 0.0
+        with (tensor_parallel.get_cuda_rng_tracker().fork() if dropout and not self.config.sequence_parallel
+              else contextlib.nullcontext()):
+            context = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=self.heads_per_partition != self.groups_per_partition)
+        # [b, heads, sq, d] -> [sq, b, heads·d]
+        return context.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+
+
+def _refuse_unsupported(config) -> None:
+    """DotProductAttention options the fused kernel does not compute, each with the fix."""
+    if config.context_parallel_size != 1:
+        raise ValueError("SDPAttention does not split sequences across ranks; set --context-parallel-size 1")
+    if config.window_size is not None:
+        raise ValueError("SDPAttention has no sliding window; drop --window-size or use --forge-core-attention local")
+    if config.softmax_type != "vanilla":
+        raise ValueError(f"SDPAttention computes the vanilla softmax, not {config.softmax_type!r}; use "
+                         "--forge-core-attention local")
+
+
+def with_core_attention(spec: ModuleSpec, core_attention: str) -> ModuleSpec:
+    """A GPT layer spec whose self-attention uses `core_attention` ("local": megatron-core's
+    DotProductAttention, "sdpa": SDPAttention); the spec is returned unchanged for "local"."""
+    if core_attention not in CORE_ATTENTIONS:
+        raise ValueError(f"unknown core attention {core_attention!r}; choose one of {CORE_ATTENTIONS}")
+    if core_attention == "local":
+        return spec
+    layer = spec.submodules
+    attention = layer.self_attention
+    if attention.submodules.core_attention is not DotProductAttention:
+        raise TypeError("with_core_attention swaps megatron-core's local DotProductAttention; got "
+                        f"{attention.submodules.core_attention!r}")
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules,
+                                                                              core_attention=SDPAttention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention))
