@@ -1,12 +1,14 @@
 """Convergence study on CPU: the tiny GPT (configs/tiny_gpt_cpu.sh, byte-level on the Python
 standard library's source) trained 300 steps in each precision regime, FORGE's and its peers'.
 
-Writes bench/results/convergence_cpu.json (every run's per-step losses, validation losses, wall
-time, bytes per parameter) and docs/convergence.png (loss curves); prints the final-loss gaps
-against the standard bf16 run with an fp32 master (Megatron's default).
+Every run is repeated for three seeds (initialization and data order). Writes
+bench/results/convergence_cpu.json (the first seed's per-step losses; every seed's validation loss,
+wall time and gap) and docs/convergence.png (the first seed's loss curves); prints the
+validation-loss gaps against the standard bf16 run with an fp32 master (Megatron's default), as
+mean and standard error over seeds.
 
-    .venv/bin/python scripts/convergence_study.py            # all runs (~10 min on 2 cores)
-    .venv/bin/python scripts/convergence_study.py --iters 20 --runs forge-fp32 standard-fp32   # a smoke run
+    .venv/bin/python scripts/convergence_study.py            # all runs, three seeds (~35 min on 2 cores)
+    .venv/bin/python scripts/convergence_study.py --iters 20 --seeds 1 --runs forge-fp32 standard-fp32   # a smoke run
 """
 
 from __future__ import annotations
@@ -123,20 +125,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
+                        help="every run is repeated per seed (initialization and data order); gaps are taken "
+                             "against the reference of the same seed, then averaged")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence_cpu.json"))
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "convergence.png"))
     args = parser.parse_args(argv)
-    results = {}
-    for name in args.runs:
-        results[name] = train(name, args.iters)
-        print(f"{name:24s} validation {results[name]['validation']:.4f}  train (last 50) "
-              f"{results[name]['final_train_loss']:.4f}  {results[name]['wall_s']:.0f}s", flush=True)
+    by_seed = {seed: {} for seed in args.seeds}
+    for seed in args.seeds:
+        for name in args.runs:
+            r = by_seed[seed][name] = train(name, args.iters, seed)
+            print(f"seed {seed} {name:24s} validation {r['validation']:.4f}  train (last 50) "
+                  f"{r['final_train_loss']:.4f}  {r['wall_s']:.0f}s", flush=True)
+        reference = by_seed[seed].get(REFERENCE)
+        for r in by_seed[seed].values():
+            if reference is not None:
+                r["gap_vs_reference"] = r["validation"] / reference["validation"] - 1
+    results = by_seed[args.seeds[0]]  # the curves plotted and kept in full
     reference = results.get(REFERENCE)
-    for r in results.values():
-        if reference is not None:
-            r["gap_vs_reference"] = r["validation"] / reference["validation"] - 1
-    controls = [abs(results[c]["gap_vs_reference"]) for c in CONTROLS if c in results and reference is not None]
+    controls = [abs(runs[c]["gap_vs_reference"]) for runs in by_seed.values() for c in CONTROLS
+                if c in runs and reference is not None]
     noise = max(controls) if controls else None
+    gaps = {name: summarize([by_seed[seed][name]["gap_vs_reference"] for seed in args.seeds])
+            for name in args.runs if reference is not None}
     if "standard-fp32" in results and "forge-fp32" in results:  # where the two fp32 runs part
         pairs = zip(results["forge-fp32"]["loss"], results["standard-fp32"]["loss"])
         results["forge-fp32"]["steps_within_1e-4_of_standard"] = next(
@@ -147,7 +158,11 @@ def main(argv=None):
         "config": "configs/tiny_gpt_cpu.sh with --clip-grad 0", "iters": args.iters, "reference": REFERENCE,
         "metric": "validation loss after the last step (16 batches of held-out stdlib files); "
                   "final_train_loss = mean training loss of the last 50 steps",
-        "noise_floor_relative": noise, "runs": results,
+        "noise_floor_relative": noise, "seeds": args.seeds,
+        "gap_vs_reference_over_seeds": gaps,
+        "by_seed": {str(seed): {name: {k: r[k] for k in ("validation", "final_train_loss", "gap_vs_reference", "wall_s")
+                                       if k in r} for name, r in runs.items()} for seed, runs in by_seed.items()},
+        "runs": results,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -156,8 +171,18 @@ def main(argv=None):
     if reference is not None:
         if noise is not None:
             print(f"noise floor (largest control gap): {100 * noise:.2f}%")
-        for r in results.values():
-            print(f"{r['label']:48s} {r['validation']:.4f}  gap {100 * r['gap_vs_reference']:+.2f}%")
+        print(f"validation-loss gap to {REFERENCE}, over seeds {args.seeds}: mean, standard error, each seed")
+        for name, gap in gaps.items():
+            print(f"{RUNS[name][0]:48s} {100 * gap['mean']:+.2f}%  +- {100 * gap['stderr']:.2f}%  "
+                  f"[{', '.join(f'{100 * g:+.2f}' for g in gap['each'])}]")
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, sample standard deviation and standard error of a run's gaps over seeds."""
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return {"mean": mean, "std": std, "stderr": std / n**0.5, "n": n, "each": values}
 
 
 if __name__ == "__main__":
