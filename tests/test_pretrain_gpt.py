@@ -190,3 +190,19 @@ def test_no_load_optim_and_finetune(runs):
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]  # the iteration count restarts
     _, common = checkpoint(os.path.join(work, "finetune"))
     assert {entry["step"] for entry in common["forge"].values()} == {6}
+
+
+def test_activation_recompute_updates_once_per_backward(runs):
+    """Full recompute re-runs each layer's forward inside backward; FORGE's update lives in the
+    backward of its autograd function, so it still fires once per weight and step: the same bits
+    as the run without recompute."""
+    work = runs["work"]
+    records, _ = launch(work, "forge-recompute", "--use-forge", "--clip-grad", "0", "--recompute-granularity", "full",
+                        "--recompute-method", "uniform", "--recompute-num-layers", "1",
+                        "--save", os.path.join(work, "forge-recompute"))
+    assert [r["lm loss"] for r in records] == [r["lm loss"] for r in runs["forge"][0]]
+    weights, common = checkpoint(os.path.join(work, "forge-recompute"))
+    reference, _ = checkpoint(runs["forge"][2])
+    assert {entry["step"] for entry in common["forge"].values()} == {20}
+    for key in reference:
+        assert torch.equal(weights[key], reference[key]), key
