@@ -1,12 +1,49 @@
-"""Helpers the benchmark and study scripts share: running forge-pretrain-gpt and writing reports."""
+"""Helpers the benchmark and study scripts share: timing, peak memory, running forge-pretrain-gpt
+and writing reports."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+
+import torch
+
+
+def bench(fn, device: torch.device) -> float:
+    """Median milliseconds: do_bench (CUDA events, warm-up) on a GPU; wall clock elsewhere (smoke)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def peak_bytes(fn, device: torch.device) -> int | None:
+    """Peak allocation during one call above what was allocated before it (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def pretrain_records(argv: list[str]) -> list[dict] | None:

@@ -22,14 +22,11 @@ GEMM TFLOP/s. Peak memory above the inputs is read with torch.cuda.max_memory_al
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
 from forge_megatron import ForgeState, fused_update
-from forge_megatron.benchmarking import write_report
+from forge_megatron.benchmarking import bench, device_name, peak_bytes, write_report
 
 SHAPES = {  # name -> (out, in) of the weight
     "llama8b": {"qkv": (6144, 4096), "proj": (4096, 4096), "fc1": (28672, 4096), "fc2": (4096, 14336)},
@@ -47,33 +44,6 @@ def step_bytes_per_parameter(store: str, state_dtype: str) -> float:
     write the two states (docs/performance.md)."""
     weight = 4 + 4 + 2 if store == "master" else 2 + 2
     return weight + 2 * STATE_BYTES[state_dtype]
-
-
-def bench(fn, device) -> float:
-    """Median milliseconds: do_bench (CUDA events, warm-up) on a GPU; wall clock elsewhere (smoke)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def peak_bytes(fn, device) -> int | None:
-    """Peak allocation above what was allocated before one call."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 def ceilings(device, smoke: bool) -> dict:
@@ -187,8 +157,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes, tokens = (["smoke"], [16, 40]) if args.smoke else (args.shapes, args.tokens)
     ceiling = ceilings(device, args.smoke)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "triton": __import__("triton").__version__,
+    report = {"device": device_name(device), "torch": torch.__version__, "triton": __import__("triton").__version__,
               "timer": "triton.testing.do_bench median" if device.type == "cuda" else "wall clock (smoke)",
               "ceilings": ceiling, "cases": []}
     for family in shapes:

@@ -5,8 +5,9 @@
 #   1. the kernel, rule, precision and layer tests, compiled for the GPU (no interpreter);
 #   2. the kernel benchmark (bench_kernel.py): FORGE vs cuBLAS wgrad + fused AdamW, and peers;
 #   3. measured peak memory against the model (bench_memory.py);
-#   4. end to end (bench_e2e.py): a ~1B GPT, iteration time and peak memory per micro-batch.
-#   PART=tests|kernel|memory|e2e runs one part (each fits a 10-minute device call).
+#   4. one transformer layer (bench_layer.py): FORGE's backward vs backward + optimizer step;
+#   5. end to end (bench_e2e.py): a ~1B GPT, iteration time and peak memory per micro-batch.
+#   PART=tests|kernel|memory|layer|e2e runs one part (each fits a 10-minute device call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu}
@@ -30,6 +31,9 @@ if [ "$part" = all ] || [ "$part" = kernel ]; then
 fi
 if [ "$part" = all ] || [ "$part" = memory ]; then
     python3 scripts/bench_memory.py --out "$out/memory.json" 2>&1 | tee "$out/memory.log" | tail -30
+fi
+if [ "$part" = all ] || [ "$part" = layer ]; then
+    python3 scripts/bench_layer.py --out "$out/layer.json" 2>&1 | tee "$out/layer.log" | tail -5
 fi
 if [ "$part" = all ] || [ "$part" = e2e ]; then
     python3 scripts/bench_e2e.py --out "$out/e2e.json" 2>&1 | tee "$out/e2e.log" | tail -20

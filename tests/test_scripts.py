@@ -4,6 +4,8 @@ write what they promise. The GPU figures themselves come from scripts/gpu_bench.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -24,6 +26,22 @@ def test_bench_kernel_smoke(tmp_path):
     for case in report["cases"]:
         for regime in ("forge-master", "forge-sr", "forge-sr-int8"):
             assert case[f"{regime}_ms"] > 0 and case[f"{regime}_speedup_vs_baseline"] > 0
+
+
+def test_bench_layer_smoke(tmp_path):
+    """In its own process: the script sets up a process group and model parallelism."""
+    out = tmp_path / "layer.json"
+    script = os.path.join(SCRIPTS, "bench_layer.py")
+    proc = subprocess.run([sys.executable, script, "--smoke", "--dtype", "fp32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["standard_covered_weights"], report["forge_covered_weights"]) == (0, 4)
+    assert report["standard_step_ms"] > 0 and report["forge_step_ms"] > 0
+    # fp32: the first updates differ only by the wgrad GEMMs' summation order (AdamW's first step
+    # is about lr * sign(g), so the difference is relative rounding, ~1e-7, and 0 for the norms).
+    diffs = report["first_update_relative_difference"]
+    assert len(diffs) == 6 and max(diffs.values()) <= 1e-5, diffs
 
 
 def test_bench_e2e_smoke(tmp_path):

@@ -1,0 +1,189 @@
+"""One transformer layer: FORGE's backward (the update fused in) against the standard layer's
+backward plus the optimizer step, side by side in one run.
+
+Llama-3 8B shapes divided by TP=8 (one TP=8 rank emulated at TP=1, as bench_memory.py: hidden
+4096, 4 heads and 1 query group of 128 channels, SwiGLU ffn 1792, RMSNorm, no biases), bf16,
+micro-batch 1, sequence 4096, torch's fused attention in both layers.
+
+  standard  megatron-core's local-spec layer; backward leaves bf16 weight gradients, which are
+            accumulated into fp32 (as DDP's main_grad buffer), then torch.optim.AdamW (fused on a
+            GPU) steps the fp32 masters and they are copied into the bf16 weights;
+  forge     the FORGE layer spec: the four linears update inside backward (bf16 weights with an
+            fp32 master, fp32 states); only the two norms go through the same AdamW path.
+
+Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
+difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
+their difference. Peak memory is
+torch.cuda.max_memory_allocated during one full step above the resting state (weights, masters and
+states allocated). The run also checks that one step from the same weights and inputs moves both
+layers' fp32 masters alike: the norm-wise relative difference of the two updates, per weight.
+
+    python scripts/bench_layer.py --out bench/results/layer_h100.json          # on a GPU
+    python scripts/bench_layer.py --smoke --dtype fp32                          # tiny, any device
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import torch
+import torch.distributed as dist
+
+from forge_megatron import ForgeConfig
+from forge_megatron.benchmarking import bench, device_name, peak_bytes, write_report
+from forge_megatron.param import ForgeParam
+
+SHAPES = {"llama8b-tp8": {"hidden_size": 4096, "num_attention_heads": 4, "num_query_groups": 1, "kv_channels": 128,
+                          "ffn_hidden_size": 1792},
+          "smoke": {"hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 16,
+                    "ffn_hidden_size": 96}}
+HP = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def init_single_rank(device: torch.device) -> None:
+    """A one-rank process group and TP=1 model parallelism (megatron-core needs both)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if device.type == "cpu":
+        from forge_megatron.cpu import enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.device):
+    """A TransformerLayer from the local spec (standard) or FORGE's spec, torch's fused attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from forge_megatron.attention import with_core_attention
+    from forge_megatron.spec import get_gpt_layer_forge_spec
+
+    config = TransformerConfig(num_layers=1, **shape, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+                               normalization="RMSNorm", add_bias_linear=False, bf16=dtype == torch.bfloat16,
+                               params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
+                               gradient_accumulation_fusion=False, bias_activation_fusion=False,
+                               masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+                               use_cpu_initialization=device.type == "cpu")
+    torch.manual_seed(1234)
+    spec = (get_gpt_layer_forge_spec(ForgeConfig("adamw", HP), core_attention="sdpa", normalization="RMSNorm")
+            if forge else with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), "sdpa"))
+    return build_module(spec, config=config, layer_number=1).to(device)
+
+
+class MasterAdamW:
+    """Megatron's standard step for bf16 parameters, spelled with torch: bf16 gradients accumulated
+    into fp32, AdamW on fp32 masters, masters copied back. Fused AdamW on a GPU."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.masters = [p.detach().float().requires_grad_(True) for p in params]
+        fused = {"fused": True} if params and params[0].is_cuda else {}
+        self.optimizer = torch.optim.AdamW(self.masters, **HP, **fused)
+
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            m.grad = p.grad.float()
+            p.grad = None
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.masters)
+
+
+def masters(layer, optimizer: MasterAdamW) -> dict[str, torch.Tensor]:
+    """Every weight's fp32 value: FORGE's master where FORGE covers it, else the optimizer's master."""
+    out = {name: m.detach().clone() for (name, _), m in zip(_trained(layer), optimizer.masters)}
+    for name, module in _covered(layer):
+        master = module.forge.state.master
+        out[f"{name}.weight"] = (module.weight if master is None else master).detach().float().clone()
+    return out
+
+
+def _covered(layer):
+    return [(n, m) for n, m in layer.named_modules() if isinstance(getattr(m, "forge", None), ForgeParam)]
+
+
+def _trained(layer):
+    return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+
+
+def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dict:
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(seq, 1, shape["hidden_size"], device=device, generator=gen).to(dtype).requires_grad_(True)
+    dy = (torch.randn(seq, 1, shape["hidden_size"], device=device, generator=gen) * 1e-2).to(dtype)
+    out = {"shape": shape_name, **shape, "dtype": dtype_name, "seq_length": seq, "micro_batch": 1}
+    moved = {}
+    for name in ("standard", "forge"):
+        layer = build_layer(shape, dtype, name == "forge", device)
+        optimizer = MasterAdamW([p for _, p in _trained(layer)])
+        before = masters(layer, optimizer)
+
+        def forward(layer=layer):  # with autograd recording, as in the step; the graph is dropped
+            layer(x, attention_mask=None)
+
+        def step(layer=layer, optimizer=optimizer):
+            output, _ = layer(x, attention_mask=None)
+            output.backward(dy)
+            x.grad = None
+            optimizer.step()
+
+        step()  # the first step: compared across the two layers, and allocates the optimizer states
+        after = masters(layer, optimizer)
+        moved[name] = {k: after[k] - before[k] for k in after}
+        out[f"{name}_forward_ms"] = bench(forward, device)
+        out[f"{name}_step_ms"] = bench(step, device)
+        out[f"{name}_backward_and_step_ms"] = out[f"{name}_step_ms"] - out[f"{name}_forward_ms"]
+        out[f"{name}_peak_bytes"] = peak_bytes(step, device)
+        out[f"{name}_covered_weights"] = len(_covered(layer))
+        del layer, optimizer
+    out["speedup_backward_and_step"] = out["standard_backward_and_step_ms"] / out["forge_backward_and_step_ms"]
+    out["speedup_step"] = out["standard_step_ms"] / out["forge_step_ms"]
+    if out["standard_peak_bytes"] is not None:
+        out["peak_ratio"] = out["forge_peak_bytes"] / out["standard_peak_bytes"]
+    out["first_update_relative_difference"] = {
+        k: float((moved["forge"][k] - moved["standard"][k]).norm() / moved["standard"][k].norm())
+        for k in moved["standard"]}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--smoke", action="store_true", help="a tiny layer and sequence, any device")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("bench_layer.py times a GPU; on CPU run it with --smoke")
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    init_single_rank(device)
+    shape, seq = ("smoke", 24) if args.smoke else ("llama8b-tp8", args.seq_length)
+    result = run(shape, args.dtype, seq, device)
+    report = {"device": device_name(device), "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "timer": "triton.testing.do_bench median" if device.type == "cuda" else "wall clock (smoke)",
+              **result}
+    print(f"{shape} {args.dtype} seq {seq}: backward + step  standard {result['standard_backward_and_step_ms']:.3f} ms"
+          f"  forge {result['forge_backward_and_step_ms']:.3f} ms  x{result['speedup_backward_and_step']:.2f};  "
+          f"whole step x{result['speedup_step']:.2f};  peak ratio {result.get('peak_ratio')}", flush=True)
+    print("first update, FORGE vs standard (relative):",
+          {k: f"{v:.1e}" for k, v in result["first_update_relative_difference"].items()}, flush=True)
+    write_report(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
