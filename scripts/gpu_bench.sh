@@ -34,6 +34,9 @@ if [ "$part" = all ] || [ "$part" = memory ]; then
 fi
 if [ "$part" = all ] || [ "$part" = layer ]; then
     python3 scripts/bench_layer.py --out "$out/layer.json" 2>&1 | tee "$out/layer.log" | tail -5
+    # fp32: the two layers' first updates agree to the wgrad GEMMs' summation order (IEEE fp32 dots).
+    python3 scripts/bench_layer.py --dtype fp32 --seq-length 1024 --out "$out/layer_fp32.json" 2>&1 \
+        | tee "$out/layer_fp32.log" | tail -5
 fi
 if [ "$part" = all ] || [ "$part" = e2e ]; then
     python3 scripts/bench_e2e.py --out "$out/e2e.json" 2>&1 | tee "$out/e2e.log" | tail -20
