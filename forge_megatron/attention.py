@@ -32,9 +32,11 @@ class SDPAttention(MegatronModule):
     """DotProductAttention's interface, computed by torch's fused scaled_dot_product_attention.
 
     query [sq, b, heads/tp, d], key and value [sk, b, groups/tp, d] -> context [sq, b, heads/tp·d].
-    Grouped-query attention is handled inside the kernel (no repeated keys and values). Megatron's
-    boolean mask marks the positions to drop; with no mask and a causal mask type the kernel's own
-    causal path runs (the fastest: flash attention on a GPU).
+    Megatron's boolean mask marks the positions to drop; with no mask and a causal mask type the
+    kernel's own causal path runs (the fastest: flash attention on a GPU). Grouped-query attention
+    runs inside the kernel where flash attention takes it (`uses_native_gqa`); elsewhere keys and
+    values are repeated per query head first, because torch's other fused kernels refuse unequal
+    head counts and it would silently fall back to its unfused math kernel (the s × s scores).
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
@@ -63,6 +65,10 @@ class SDPAttention(MegatronModule):
         # [s, b, heads, d] -> [b, heads, s, d]: a view, the head dimension stays contiguous.
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
+        repeat = self.heads_per_partition // self.groups_per_partition
+        native_gqa = repeat > 1 and uses_native_gqa(query, attention_mask)
+        if repeat > 1 and not native_gqa:
+            key, value = (t.repeat_interleave(repeat, dim=1) for t in (key, value))
         if attention_mask is not None:
             attention_mask = ~attention_mask  # Megatron: True drops a position; SDPA: True keeps it.
         dropout = self.dropout if self.training else 0.0
@@ -70,9 +76,16 @@ class SDPAttention(MegatronModule):
               else contextlib.nullcontext()):
             context = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=self.heads_per_partition != self.groups_per_partition)
+                scale=self.softmax_scale, enable_gqa=native_gqa)
         # [b, heads, sq, d] -> [sq, b, heads·d]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+
+
+def uses_native_gqa(query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+    """Whether SDPA's flash kernel will take grouped-query attention as is: on a GPU, 16-bit, no
+    mask, head dimension <= 256 (the cases where enable_gqa does not fall back to the math kernel)."""
+    return (query.is_cuda and attention_mask is None and query.dtype in (torch.float16, torch.bfloat16)
+            and query.shape[-1] <= 256)
 
 
 def _refuse_unsupported(config) -> None:

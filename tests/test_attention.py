@@ -19,7 +19,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from forge_megatron import ForgeConfig
+from forge_megatron import ForgeConfig, attention
 from forge_megatron.attention import SDPAttention, with_core_attention
 from forge_megatron.spec import get_gpt_layer_forge_spec
 
@@ -48,7 +48,17 @@ def _relative(a, b):
 
 
 def scenario_matches_dot_product_attention():
-    """{(tp, dtype, mask): largest relative difference of context, dq, dk, dv} on this rank."""
+    """{(tp, dtype, mask, gqa path): largest relative difference of context, dq, dk, dv} on this
+    rank, with keys and values repeated per head (the CPU path) and through enable_gqa (the flash
+    path on a GPU, forced here)."""
+    out = {}
+    for native_gqa in (False, True):
+        attention.uses_native_gqa = lambda query, mask, native_gqa=native_gqa: native_gqa
+        out.update({(*key, f"native gqa {native_gqa}"): diff for key, diff in _compare_on_tp_1_and_2().items()})
+    return out
+
+
+def _compare_on_tp_1_and_2():
     out = {}
     for tp in (1, 2):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -151,9 +161,9 @@ def results():
 
 def test_sdpa_matches_dot_product_attention_on_every_shard(results):
     for rank_diffs in result(results, "scenario_matches_dot_product_attention"):
-        assert len(rank_diffs) == 2 * 2 * 3
-        for (tp, dtype, mask), diff in rank_diffs.items():
-            assert diff <= TOLERANCE[getattr(torch, dtype.split(".")[1])], (tp, dtype, mask, diff)
+        assert len(rank_diffs) == 2 * 2 * 3 * 2
+        for (tp, dtype, mask, gqa), diff in rank_diffs.items():
+            assert diff <= TOLERANCE[getattr(torch, dtype.split(".")[1])], (tp, dtype, mask, gqa, diff)
 
 
 def test_dropout_only_in_training_and_named_refusals(results):
