@@ -7,8 +7,9 @@ run, medians of triton.testing.do_bench after warm-up:
             master + the master copied into the bf16 weight (what Megatron does per weight);
   foreach   the same with AdamW(foreach=True);
   forge-*   FORGE's fused step in each regime (master, sr, sr + int8 states);
-  peers     bitsandbytes AdamW8bit and torchao AdamW8bit / AdamW with bf16 stochastic rounding
-            (bf16 weights, their own state formats) after the same cuBLAS wgrad, where installed.
+  peers     bitsandbytes AdamW8bit, FlashOptim's FlashAdamW (24-bit master, 8-bit states) and
+            torchao AdamW8bit / AdamW with bf16 stochastic rounding (bf16 weights, their own state
+            formats) after the same cuBLAS wgrad, where installed (all need CUDA).
 
 Also measured in the same run: a device-to-device copy (the bandwidth ceiling) and torch.matmul on
 the same GEMM (the TFLOP/s ceiling). Every FORGE time is reported against both: achieved bandwidth
@@ -85,6 +86,13 @@ def peers(weight) -> dict:
 
         out["bnb-adamw8bit"] = lambda p: bitsandbytes.optim.AdamW8bit([p], lr=1e-4)
     except Exception:  # not installed, or no CUDA build
+        pass
+    try:
+        import flashoptim
+
+        # bf16 weight + 8-bit error-correction bits (24-bit master), 8-bit states, fused Triton step
+        out["flashoptim-adamw"] = lambda p: flashoptim.FlashAdamW([p], lr=1e-4)
+    except Exception:
         pass
     try:
         import torchao.optim
