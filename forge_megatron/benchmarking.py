@@ -11,8 +11,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def bench(fn, device: torch.device) -> float:
@@ -40,6 +44,39 @@ def peak_bytes(fn, device: torch.device) -> int | None:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+class LiveTensorMemory(TorchDispatchMode):
+    """CPU counterpart of torch.cuda.memory_allocated / max_memory_allocated: the bytes of tensor
+    storage alive, and their peak, counting every storage an op under this mode creates (factory
+    ops included) until it is freed. Exact tensor bytes: no allocator rounding, caching or
+    fragmentation, which a GPU's caching allocator adds on top. Storages made outside the mode
+    (or by from_numpy) are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        if storage in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[storage] = size
+        weakref.finalize(storage, self._free, size)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
 
 
 def device_name(device: torch.device) -> str:

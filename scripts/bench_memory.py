@@ -1,4 +1,4 @@
-"""Measured peak memory of forward + backward + step against the memory model (GPU).
+"""Measured peak memory of forward + backward + step against the memory model.
 
 One TP=8 rank of Llama-3 8B is emulated on one GPU: the per-rank shapes at TP=1 (hidden 4096,
 4 heads and 1 query group of 128 channels, SwiGLU ffn 1792, vocabulary 129024 / 8 = 16128), so
@@ -7,21 +7,32 @@ sequence parallelism the norm and residual activations are whole-sequence here; 
 evaluated on the same emulated configuration, so measurement and model compare like with like.
 
 For standard Megatron and each FORGE regime: the peak of torch.cuda.max_memory_allocated over a few
-steps of forge-pretrain-gpt (mock data) at micro-batch 1, its model value (reserve 0: the CUDA
+steps of forge-pretrain-gpt (mock data) at micro-batch 1 and 2, its model value (reserve 0: the CUDA
 context is not in max_memory_allocated) and the relative error; then the largest micro-batch that
 runs, found by doubling, against the model's answer for the GPU's memory.
 
+On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.
+benchmarking): the peak bytes of live tensor storage over the whole run, which is what
+max_memory_allocated counts on a GPU minus the caching allocator's rounding. There is no
+out-of-memory on CPU to search for, so the micro-batch search is skipped.
+
     python scripts/bench_memory.py --out bench/results/memory_h100.json [--layers 8] [--seq-length 4096]
+    python scripts/bench_memory.py --layers 2 --seq-length 512 --out bench/results/memory_cpu.json   # CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
+import subprocess
+import sys
 
 import torch
 
 from forge_megatron import memory
-from forge_megatron.benchmarking import pretrain_records, write_report
+from forge_megatron.benchmarking import LiveTensorMemory, device_name, pretrain_records, write_report
 from forge_megatron.training import add_forge_args
 
 REGIMES = {
@@ -42,55 +53,99 @@ def emulated_rank(layers: int, seq: int) -> list[str]:
             "--mock-data --tokenizer-type NullTokenizer").format(layers, seq, seq).split()
 
 
+SMOKE = ("--num-layers 1 --hidden-size 128 --ffn-hidden-size 192 --num-attention-heads 4 --group-query-attention "
+         "--num-query-groups 1 --kv-channels 32 --seq-length 64 --max-position-embeddings 64 --swiglu "
+         "--normalization RMSNorm --position-embedding-type rope --no-rope-fusion --disable-bias-linear "
+         "--untie-embeddings-and-output-weights --vocab-size 512 --make-vocab-size-divisible-by 128 --bf16 "
+         "--transformer-impl local --no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant "
+         "--train-iters 2 --clip-grad 0 --attention-dropout 0 --hidden-dropout 0 --log-interval 1 "
+         "--mock-data --tokenizer-type NullTokenizer").split()
+
+
+def _batch(argv: list[str], micro_batch: int) -> list[str]:
+    return [*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch)]
+
+
 def measure(argv: list[str], micro_batch: int) -> int | None:
-    """Peak bytes over the run's steps, or None if it did not fit (or failed)."""
-    records = pretrain_records([*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch)])
+    """GPU: the peak of max_memory_allocated over the run's steps, or None if it did not fit."""
+    records = pretrain_records(_batch(argv, micro_batch))
     return None if records is None else max(r["max_memory_allocated"] for r in records)
 
 
-def compare(base: list[str], measure_fn, gib: float, max_micro_batch: int) -> dict:
-    """Per regime: measured and modelled peak at micro-batch 1, their relative error, the largest
-    power-of-two micro-batch that ran and the model's largest micro-batch for `gib` GiB."""
+def measure_cpu(argv: list[str], micro_batch: int) -> int | None:
+    """CPU: the peak live tensor bytes of the run, measured in a fresh process (this script with
+    --peak-of-run), or None if it failed."""
+    proc = subprocess.run([sys.executable, __file__, "--peak-of-run", *_batch(argv, micro_batch)],
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.splitlines()[-1])["peak_bytes"] if proc.returncode == 0 else None
+
+
+def peak_of_run(argv: list[str]) -> int:
+    """Run forge-pretrain-gpt in this process under LiveTensorMemory; the peak live tensor bytes."""
+    from forge_megatron.cli.pretrain_gpt import run
+
+    tracker = LiveTensorMemory()
+    with tracker, contextlib.redirect_stdout(io.StringIO()):
+        run(argv)
+    return tracker.peak
+
+
+def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int) -> dict:
+    """Per regime: measured and modelled peak at micro-batch 1 and 2, their relative errors, the
+    largest power-of-two micro-batch that ran (up to `max_micro_batch`; 0 skips the search) and the
+    model's largest micro-batch for `gib` GiB (None: not asked)."""
     out = {}
     for name, flags in REGIMES.items():
         model_args = memory.parse_megatron_args(base + flags, extra_args_provider=add_forge_args)
-        model_peak = memory.rank_memory(model_args, 1, reserve_gib=0).total
-        measured = measure_fn(base + flags, 1)
+        entry = {}
+        for b in (1, 2):
+            measured, modelled = measure_fn(base + flags, b), memory.rank_memory(model_args, b, reserve_gib=0).total
+            entry[f"measured_peak_bytes_mb{b}"], entry[f"model_peak_bytes_mb{b}"] = measured, modelled
+            entry[f"relative_error_mb{b}"] = None if measured is None else modelled / measured - 1
         largest, b = 0, 1
         while b <= max_micro_batch and measure_fn(base + flags, b) is not None:
             largest, b = b, 2 * b
-        out[name] = {"measured_peak_bytes_mb1": measured, "model_peak_bytes_mb1": model_peak,
-                     "relative_error": None if measured is None else model_peak / measured - 1,
-                     "largest_power_of_two_micro_batch": largest,
-                     "model_max_micro_batch": memory.max_micro_batch(
+        out[name] = {**entry, "largest_power_of_two_micro_batch": largest if max_micro_batch else None,
+                     "model_max_micro_batch": None if gib is None else memory.max_micro_batch(
                          lambda m, model_args=model_args: memory.rank_memory(model_args, m), gib)}
     return out
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--peak-of-run":  # the CPU measurement's child process
+        print(json.dumps({"peak_bytes": peak_of_run(argv[1:])}))
+        return None
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=4096)
-    parser.add_argument("--max-micro-batch", type=int, default=64)
+    parser.add_argument("--max-micro-batch", type=int, default=64, help="GPU only: the doubling search's limit")
     parser.add_argument("--core-attention", default="sdpa", choices=("sdpa", "local"),
                         help="--forge-core-attention for every regime, standard included (the model follows it)")
+    parser.add_argument("--iters", type=int, default=4, help="training steps per run (the peak comes from step 2 on)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model instead of the emulated 8B rank")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_memory.py measures GPU memory; run it on a GPU (the model alone: memory_headroom.py)")
-    gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB
-    base = [*emulated_rank(args.layers, args.seq_length), "--forge-core-attention", args.core_attention]
-    regimes = compare(base, measure, gib, args.max_micro_batch)
-    report = {"device": torch.cuda.get_device_name(), "gpu_gib": gib, "layers": args.layers,
-              "seq_length": args.seq_length, "core_attention": args.core_attention, "torch": torch.__version__,
+    gpu = torch.cuda.is_available()
+    gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB if gpu else None
+    base = [*(SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)), "--forge-core-attention",
+            args.core_attention, "--train-iters", str(args.iters)]
+    regimes = compare(base, measure if gpu else measure_cpu, gib, args.max_micro_batch if gpu else 0)
+    report = {"device": device_name(torch.device("cuda" if gpu else "cpu")), "gpu_gib": gib,
+              "measure": "torch.cuda.max_memory_allocated" if gpu else "LiveTensorMemory (live tensor bytes, CPU)",
+              "flags": base, "torch": torch.__version__,
               "regimes": regimes}
     for name, entry in regimes.items():
-        measured = entry["measured_peak_bytes_mb1"]
-        print(f"{name:14s} measured {measured / memory.GIB if measured else float('nan'):.2f} GiB  model "
-              f"{entry['model_peak_bytes_mb1'] / memory.GIB:.2f} GiB  error "
-              f"{100 * entry['relative_error'] if measured else float('nan'):+.1f}%  largest mbs (2^k) "
-              f"{entry['largest_power_of_two_micro_batch']}  model max mbs {entry['model_max_micro_batch']}", flush=True)
+        line = f"{name:14s}"
+        for b in (1, 2):
+            measured = entry[f"measured_peak_bytes_mb{b}"]
+            line += (f"  mbs {b}: measured {measured / 2**20 if measured else float('nan'):.1f} MiB, model "
+                     f"{entry[f'model_peak_bytes_mb{b}'] / 2**20:.1f} MiB "
+                     f"({100 * entry[f'relative_error_mb{b}'] if measured else float('nan'):+.1f}%)")
+        print(f"{line}  largest mbs (2^k) {entry['largest_power_of_two_micro_batch']}  model max mbs "
+              f"{entry['model_max_micro_batch']}", flush=True)
     write_report(args.out, report)
+    return report
 
 
 if __name__ == "__main__":
