@@ -51,13 +51,24 @@ class LiveTensorMemory(TorchDispatchMode):
     storage alive, and their peak, counting every storage an op under this mode creates (factory
     ops included) until it is freed. Exact tensor bytes: no allocator rounding, caching or
     fragmentation, which a GPU's caching allocator adds on top. Storages made outside the mode
-    (or by from_numpy) are not seen."""
+    (or by from_numpy) are not seen. `LiveTensorMemory.active` is the innermost tracker entered."""
+
+    active: LiveTensorMemory | None = None
 
     def __init__(self):
         super().__init__()
         self.current = 0
         self.peak = 0
         self._seen = WeakIdKeyDictionary()
+        self._outer: LiveTensorMemory | None = None
+
+    def __enter__(self):
+        self._outer, LiveTensorMemory.active = LiveTensorMemory.active, self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        LiveTensorMemory.active = self._outer
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -77,6 +88,21 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def _free(self, size: int) -> None:
         self.current -= size
+
+
+def read_and_reset_peak() -> int | None:
+    """The peak of allocated tensor bytes since the last call, then start a new period: CUDA's
+    max_memory_allocated on a GPU, the active LiveTensorMemory's peak on CPU, None without either."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak
+    tracker = LiveTensorMemory.active
+    if tracker is None:
+        return None
+    peak, tracker.peak = tracker.peak, tracker.current
+    return peak
 
 
 def device_name(device: torch.device) -> str:

@@ -12,7 +12,7 @@ context is not in max_memory_allocated) and the relative error; then the largest
 runs, found by doubling, against the model's answer for the GPU's memory.
 
 On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.
-benchmarking): the peak bytes of live tensor storage over the whole run, which is what
+benchmarking): the peak bytes of live tensor storage during each step, which is what
 max_memory_allocated counts on a GPU minus the caching allocator's rounding. There is no
 out-of-memory on CPU to search for, so the micro-batch search is skipped.
 
@@ -81,13 +81,14 @@ def measure_cpu(argv: list[str], micro_batch: int) -> int | None:
 
 
 def peak_of_run(argv: list[str]) -> int:
-    """Run forge-pretrain-gpt in this process under LiveTensorMemory; the peak live tensor bytes."""
+    """Run forge-pretrain-gpt in this process under LiveTensorMemory; the largest of its steps'
+    peaks of live tensor bytes (the launcher reads and resets the tracker every step, as it does
+    max_memory_allocated on a GPU)."""
     from forge_megatron.cli.pretrain_gpt import run
 
-    tracker = LiveTensorMemory()
-    with tracker, contextlib.redirect_stdout(io.StringIO()):
-        run(argv)
-    return tracker.peak
+    with LiveTensorMemory(), contextlib.redirect_stdout(io.StringIO()):
+        history = run(argv)["history"]
+    return max(record["max_memory_allocated"] for record in history)
 
 
 def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int) -> dict:

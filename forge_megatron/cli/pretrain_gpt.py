@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron.baseline_optimizer import BaselineOptimizer
+from forge_megatron.benchmarking import read_and_reset_peak
 from forge_megatron.data import BYTE_VOCAB, CORPORA, TokenWindows, batches, mock_tokens, stdlib_tokens
 from forge_megatron.training import CHECKPOINT_PREFIX, ForgeController, add_forge_args, validate_forge_args
 
@@ -157,6 +158,7 @@ class Trainer:
         args = self.args
         data = batches(self.train_data, args.micro_batch_size, self.iteration * args.global_batch_size)
         forward_backward = get_forward_backward_func()
+        read_and_reset_peak()  # each record's peak is its step's, not the set-up's
         start, history = time.perf_counter(), []
         while self.iteration < args.train_iters:
             default = self.optimizer.param_groups[0]  # Megatron's default group: no overrides
@@ -183,11 +185,10 @@ class Trainer:
             loss = _mean_loss(losses)
             record = {"iteration": self.iteration, "lm loss": loss, "lr": lr, "weight_decay": wd,
                       "grad norm": grad_norm, "elapsed_s": time.perf_counter() - start}
-            if torch.cuda.is_available():  # the step's peak: forward, backward (FORGE's updates) and step
-                torch.cuda.synchronize()
+            peak = read_and_reset_peak()  # the step's: forward, backward (FORGE's updates) and step
+            if peak is not None:
                 record["elapsed_s"] = time.perf_counter() - start
-                record["max_memory_allocated"] = torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
+                record["max_memory_allocated"] = peak
             if self.forge is not None:
                 record["forge nonfinite"] = self.forge.nonfinite
                 record["forge lr, wd"] = forge_hp
