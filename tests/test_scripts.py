@@ -101,6 +101,18 @@ def test_live_tensor_memory_counts_storages_once_until_freed():
     assert tracker.current == 0
 
 
+def test_read_and_reset_peak_starts_a_new_period_on_cpu():
+    from forge_megatron.benchmarking import LiveTensorMemory, read_and_reset_peak
+
+    assert read_and_reset_peak() is None  # no GPU and no tracker: nothing to read
+    with LiveTensorMemory():
+        kept = torch.zeros(100)  # 400 bytes
+        torch.zeros(1000)  # 4000, freed at once
+        assert read_and_reset_peak() == 4400
+        assert read_and_reset_peak() == 400  # the new period starts from what is alive
+    assert LiveTensorMemory.active is None and kept.numel() == 100
+
+
 def test_convergence_study_smoke(tmp_path):
     out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
     study = load("convergence_study")
