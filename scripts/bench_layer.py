@@ -5,11 +5,11 @@ Llama-3 8B shapes divided by TP=8 (one TP=8 rank emulated at TP=1, as bench_memo
 4096, 4 heads and 1 query group of 128 channels, SwiGLU ffn 1792, RMSNorm, no biases), bf16,
 micro-batch 1, sequence 4096, torch's fused attention in both layers.
 
-  standard  megatron-core's local-spec layer; backward leaves bf16 weight gradients, which are
-            accumulated into fp32 (as DDP's main_grad buffer), then torch.optim.AdamW (fused on a
-            GPU) steps the fp32 masters and they are copied into the bf16 weights;
+  standard  megatron-core's local-spec layer; backward leaves bf16 weight gradients, which
+            forge-pretrain-gpt's BaselineOptimizer turns into fp32, steps with AdamW (fused on a GPU)
+            on fp32 masters with Megatron's parameter groups, and copies into the bf16 weights;
   forge     the FORGE layer spec: the four linears update inside backward (bf16 weights with an
-            fp32 master, fp32 states); only the two norms go through the same AdamW path.
+            fp32 master, fp32 states); only the two norms go through the same optimizer.
 
 Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
 difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron import ForgeConfig
+from forge_megatron.baseline_optimizer import BaselineOptimizer
 from forge_megatron.benchmarking import bench, device_name, peak_bytes, write_report
 from forge_megatron.param import ForgeParam
 
@@ -82,28 +83,21 @@ def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.devi
     return build_module(spec, config=config, layer_number=1).to(device)
 
 
-class MasterAdamW:
-    """Megatron's standard step for bf16 parameters, spelled with torch: bf16 gradients accumulated
-    into fp32, AdamW on fp32 masters, masters copied back. Fused AdamW on a GPU."""
+def standard_optimizer(layer, dtype: torch.dtype) -> BaselineOptimizer:
+    """forge-pretrain-gpt's optimizer for what FORGE does not cover: Megatron's parameter groups,
+    fp32 masters of bf16 parameters, AdamW (fused on a GPU), masters copied back."""
+    from megatron.core.optimizer import OptimizerConfig
 
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        self.masters = [p.detach().float().requires_grad_(True) for p in params]
-        fused = {"fused": True} if params and params[0].is_cuda else {}
-        self.optimizer = torch.optim.AdamW(self.masters, **HP, **fused)
-
-    def step(self) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = p.grad.float()
-            p.grad = None
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.masters)
+    config = OptimizerConfig(optimizer="adam", lr=HP["lr"], weight_decay=HP["weight_decay"], adam_beta1=HP["betas"][0],
+                             adam_beta2=HP["betas"][1], adam_eps=HP["eps"], bf16=dtype == torch.bfloat16,
+                             params_dtype=dtype)
+    return BaselineOptimizer([layer], config, None)
 
 
-def masters(layer, optimizer: MasterAdamW) -> dict[str, torch.Tensor]:
+def masters(layer, optimizer: BaselineOptimizer) -> dict[str, torch.Tensor]:
     """Every weight's fp32 value: FORGE's master where FORGE covers it, else the optimizer's master."""
-    out = {name: m.detach().clone() for (name, _), m in zip(_trained(layer), optimizer.masters)}
+    names = {id(p): name for name, p in layer.named_parameters()}
+    out = {names[id(p)]: main.detach().float().clone() for p, main in zip(optimizer.model_params, optimizer.main_params)}
     for name, module in _covered(layer):
         master = module.forge.state.master
         out[f"{name}.weight"] = (module.weight if master is None else master).detach().float().clone()
@@ -112,10 +106,6 @@ def masters(layer, optimizer: MasterAdamW) -> dict[str, torch.Tensor]:
 
 def _covered(layer):
     return [(n, m) for n, m in layer.named_modules() if isinstance(getattr(m, "forge", None), ForgeParam)]
-
-
-def _trained(layer):
-    return [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
 
 
 def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dict:
@@ -127,7 +117,7 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
     moved = {}
     for name in ("standard", "forge"):
         layer = build_layer(shape, dtype, name == "forge", device)
-        optimizer = MasterAdamW([p for _, p in _trained(layer)])
+        optimizer = standard_optimizer(layer, dtype)
         before = masters(layer, optimizer)
 
         def forward(layer=layer):  # with autograd recording, as in the step; the graph is dropped
@@ -138,6 +128,7 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
             output.backward(dy)
             x.grad = None
             optimizer.step()
+            optimizer.zero_grad()
 
         step()  # the first step: compared across the two layers, and allocates the optimizer states
         after = masters(layer, optimizer)
