@@ -183,11 +183,12 @@ class Trainer:
             self.scheduler.step(increment=args.global_batch_size)
             self.iteration += 1
             loss = _mean_loss(losses)
+            # The step's peak (forward, backward with FORGE's updates, step); reading it synchronizes
+            # the GPU, so the elapsed time below includes the step's kernels.
+            peak = read_and_reset_peak()
             record = {"iteration": self.iteration, "lm loss": loss, "lr": lr, "weight_decay": wd,
                       "grad norm": grad_norm, "elapsed_s": time.perf_counter() - start}
-            peak = read_and_reset_peak()  # the step's: forward, backward (FORGE's updates) and step
             if peak is not None:
-                record["elapsed_s"] = time.perf_counter() - start
                 record["max_memory_allocated"] = peak
             if self.forge is not None:
                 record["forge nonfinite"] = self.forge.nonfinite
