@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from forge_megatron.benchmarking import pretrain_records, write_report
+from forge_megatron.benchmarking import device_name, pretrain_records, write_report
 
 MODEL = ("--num-layers 16 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --seq-length 2048 "
          "--max-position-embeddings 2048 --swiglu --normalization RMSNorm --position-embedding-type rope --no-rope-fusion "
@@ -55,7 +55,7 @@ def main(argv=None):
         raise SystemExit("bench_e2e.py needs a GPU (or --smoke)")
     model = [*(SMOKE if args.smoke else MODEL), "--forge-core-attention", args.core_attention]
     max_micro_batch = 1 if args.smoke else args.max_micro_batch
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     report = {"device": device, "torch": torch.__version__, "model": model, "runs": {}}
     for name, flags in RUNS.items():
         report["runs"][name] = {}

@@ -43,23 +43,21 @@ REGIMES = {
 }
 
 
-def emulated_rank(layers: int, seq: int) -> list[str]:
-    return ("--num-layers {} --hidden-size 4096 --ffn-hidden-size 1792 --num-attention-heads 4 --group-query-attention "
-            "--num-query-groups 1 --kv-channels 128 --seq-length {} --max-position-embeddings {} --swiglu "
-            "--normalization RMSNorm --position-embedding-type rope --no-rope-fusion --disable-bias-linear "
-            "--untie-embeddings-and-output-weights --vocab-size 16128 --make-vocab-size-divisible-by 128 --bf16 "
-            "--transformer-impl local --no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant "
-            "--train-iters 4 --clip-grad 0 --attention-dropout 0 --hidden-dropout 0 --log-interval 1 "
-            "--mock-data --tokenizer-type NullTokenizer").format(layers, seq, seq).split()
+def emulated_rank(layers: int, seq: int, hidden: int = 4096, ffn: int = 1792, kv_channels: int = 128,
+                  vocab: int = 16128) -> list[str]:
+    """forge-pretrain-gpt flags for one TP=8 rank of Llama-3 8B at TP=1 (4 heads, 1 query group);
+    the size arguments shrink it for --smoke."""
+    return (f"--num-layers {layers} --hidden-size {hidden} --ffn-hidden-size {ffn} --num-attention-heads 4 "
+            f"--group-query-attention --num-query-groups 1 --kv-channels {kv_channels} --seq-length {seq} "
+            f"--max-position-embeddings {seq} --swiglu --normalization RMSNorm --position-embedding-type rope "
+            "--no-rope-fusion --disable-bias-linear --untie-embeddings-and-output-weights "
+            f"--vocab-size {vocab} --make-vocab-size-divisible-by 128 --bf16 --transformer-impl local "
+            "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --train-iters 4 --clip-grad 0 "
+            "--attention-dropout 0 --hidden-dropout 0 --log-interval 1 --mock-data --tokenizer-type NullTokenizer"
+            ).split()
 
 
-SMOKE = ("--num-layers 1 --hidden-size 128 --ffn-hidden-size 192 --num-attention-heads 4 --group-query-attention "
-         "--num-query-groups 1 --kv-channels 32 --seq-length 64 --max-position-embeddings 64 --swiglu "
-         "--normalization RMSNorm --position-embedding-type rope --no-rope-fusion --disable-bias-linear "
-         "--untie-embeddings-and-output-weights --vocab-size 512 --make-vocab-size-divisible-by 128 --bf16 "
-         "--transformer-impl local --no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant "
-         "--train-iters 2 --clip-grad 0 --attention-dropout 0 --hidden-dropout 0 --log-interval 1 "
-         "--mock-data --tokenizer-type NullTokenizer").split()
+SMOKE = emulated_rank(1, 64, hidden=128, ffn=192, kv_channels=32, vocab=512)
 
 
 def _batch(argv: list[str], micro_batch: int) -> list[str]:
