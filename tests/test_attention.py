@@ -10,6 +10,8 @@ scores, then probabilities), so they agree to rounding, not bit for bit: fp32 at
 term; SDPA keeps them in fp32).
 """
 
+import functools
+
 import pytest
 import torch
 from distributed import result, run_scenarios
@@ -18,6 +20,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
+from test_models_tp import HP, _gpt, _gpt_batch, _train
 
 from forge_megatron import ForgeConfig, attention
 from forge_megatron.attention import SDPAttention, with_core_attention
@@ -108,49 +111,17 @@ def scenario_dropout_and_refusals():
     return outcome, errors
 
 
-VOCAB, SEQ, BATCH, STEPS = 128, 16, 2, 5
-HP = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-
-
-def _train_gpt(tp, sp, core_attention):
-    """Losses of a 2-layer FORGE GPT (GQA) trained 5 steps with `core_attention`."""
-    from megatron.core.models.gpt import GPTModel
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    model_parallel_cuda_manual_seed(1234)
-    torch.manual_seed(1234)
-    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                               ffn_hidden_size=128, normalization="RMSNorm", add_bias_linear=False,
-                               tensor_model_parallel_size=tp, sequence_parallel=sp, use_cpu_initialization=True,
-                               gradient_accumulation_fusion=False, attention_dropout=0.0, hidden_dropout=0.0)
-    forge = ForgeConfig("adamw", HP)
-    spec = get_gpt_layer_forge_spec(forge, core_attention=core_attention, normalization="RMSNorm")
-    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False, **HP)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    # SDPAttention runs its causal kernel without a mask; Megatron's local attention builds its
-    # default one on "cuda", so it is given one.
-    mask = None if core_attention == "sdpa" else torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
-    losses = []
-    for step in range(STEPS):
-        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(200 + step))
-        optimizer.zero_grad()
-        loss = model(tokens[:, :-1], positions, mask, labels=tokens[:, 1:]).mean()
-        loss.backward()
-        if sp:  # Megatron's finalize_model_grads: norms' gradients summed over the sequence shards
-            for p in model.parameters():
-                if p.requires_grad and getattr(p, "sequence_parallel", False):
-                    torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    parallel_state.destroy_model_parallel()
-    return losses
+def _gqa_gpt(core_attention):
+    """test_models_tp's tiny GPT with grouped-query attention (4 heads, 2 groups)."""
+    return functools.partial(_gpt, core_attention=core_attention, num_query_groups=2)
 
 
 def scenario_gpt():
-    local = _train_gpt(1, False, "local")
-    return {run: max(abs(a - b) / abs(b) for a, b in zip(_train_gpt(*run, "sdpa"), local))
+    """Per-step relative loss differences of the FORGE GPT trained 5 steps with SDPAttention (at
+    TP=1 and TP=2 + SP) against the same GPT with DotProductAttention at TP=1."""
+    local = _train(_gqa_gpt("local"), _gpt_batch, 1, False, forge=True)[0]
+    return {run: max(abs(a - b) / abs(b) for a, b in zip(_train(_gqa_gpt("sdpa"), _gpt_batch, *run, forge=True)[0],
+                                                           local))
             for run in ((1, False), (2, True))}
 
 

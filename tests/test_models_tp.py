@@ -112,23 +112,28 @@ def _pair_batch(step):
 VOCAB, SEQ, BATCH = 128, 16, 2
 
 
-def _gpt(tp, sp, forge):
+def _gpt(tp, sp, forge, core_attention="local", num_query_groups=None):
+    """The tiny GPT and its loss; also built by tests/test_attention.py with grouped-query
+    attention and either core attention."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from forge_megatron.attention import with_core_attention
     from forge_megatron.spec import cover_output_layer, get_gpt_layer_forge_spec
 
     # No linear biases (as Llama): the key bias's exact gradient is zero (softmax ignores a per-row
     # constant), so its computed gradient is pure rounding noise that AdamW blows up to +-lr.
-    config = _config(tp, sp, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                     normalization="RMSNorm", add_bias_linear=False)
+    config = _config(tp, sp, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=num_query_groups,
+                     ffn_hidden_size=128, normalization="RMSNorm", add_bias_linear=False)
     spec = get_gpt_layer_forge_spec(forge, normalization="RMSNorm") if forge else get_gpt_layer_local_spec(
         normalization="RMSNorm")
-    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+    model = GPTModel(config, with_core_attention(spec, core_attention), vocab_size=VOCAB, max_sequence_length=SEQ,
+                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
     if forge:
         assert cover_output_layer(model, forge)
-    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    # SDPAttention runs its causal kernel without a mask; Megatron's local attention builds its
+    # default one on "cuda", so it is given one.
+    mask = None if core_attention == "sdpa" else torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
 
     def loss_fn(model, tokens, labels):
