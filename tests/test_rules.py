@@ -202,20 +202,25 @@ def test_ten_steps_match_torch_optim(rule, optim_cls, hp, backend, gen, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ten_steps_match_the_lion_paper_in_float64(backend, gen, device):
     """Lion, Algorithm 2 of Chen et al. (2023), computed in float64 from the same exact gradient
-    (x is a permutation matrix, as in test_ten_steps_match_torch_optim)."""
+    (x is a permutation matrix, as in test_ten_steps_match_torch_optim). An element whose sign
+    argument comes within 1e-6 of zero may flip between fp32 and float64 (a 2 lr jump): such
+    elements (rare: fp32 rounds the argument by ~1e-8) are left out of the comparison."""
     lr, wd, (b1, b2) = 1e-3, 0.1, (0.9, 0.99)
     n_out, n_in = 40, 70
     weight = randn(gen, n_out, n_in, device=device)
     p, m = weight.double().clone(), torch.zeros_like(weight, dtype=torch.float64)
+    ambiguous = torch.zeros_like(weight, dtype=torch.bool)
     state = ForgeState(weight, "lion", lr=lr, weight_decay=wd, betas=(b1, b2))
     for _ in range(10):
         x = torch.eye(n_in, device=device)[torch.randperm(n_in, generator=gen)]
         dy = randn(gen, n_in, n_out, device=device)
         fused_update(x, dy, weight, state, backend=backend)
         g = dy.double().T @ x.double()
-        update = torch.sign(b1 * m + (1 - b1) * g)
+        argument = b1 * m + (1 - b1) * g
+        ambiguous |= argument.abs() < 1e-6
+        update = torch.sign(argument)
         p = p - lr * (update + wd * p)
         m = b2 * m + (1 - b2) * g
-    rel = (weight.double() - p).norm() / p.norm()
-    print(f"relative difference after 10 steps: {float(rel):.2e}")
+    rel = (weight.double() - p)[~ambiguous].norm() / p.norm()
+    print(f"relative difference after 10 steps: {float(rel):.2e} ({int(ambiguous.sum())} ambiguous signs)")
     assert float(rel) <= 1e-6
