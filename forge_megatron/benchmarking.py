@@ -34,10 +34,13 @@ def bench(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def peak_bytes(fn, device: torch.device) -> int | None:
-    """Peak allocation during one call above what was allocated before it (None off a GPU)."""
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak allocation during one call above what was allocated before it: the caching
+    allocator's statistics on a GPU, LiveTensorMemory (exact tensor bytes) elsewhere."""
     if device.type != "cuda":
-        return None
+        with LiveTensorMemory() as tracker:
+            fn()
+        return tracker.peak
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -50,8 +53,10 @@ class LiveTensorMemory(TorchDispatchMode):
     """CPU counterpart of torch.cuda.memory_allocated / max_memory_allocated: the bytes of tensor
     storage alive, and their peak, counting every storage an op under this mode creates (factory
     ops included) until it is freed. Exact tensor bytes: no allocator rounding, caching or
-    fragmentation, which a GPU's caching allocator adds on top. Storages made outside the mode
-    (or by from_numpy) are not seen. `LiveTensorMemory.active` is the innermost tracker entered."""
+    fragmentation, which a GPU's caching allocator adds on top. An op's output that aliases one of
+    its inputs (a view, an in-place or out= op) allocates nothing, so storages made outside the mode
+    (or by from_numpy) are never counted, even when written or viewed under it.
+    `LiveTensorMemory.active` is the innermost tracker entered."""
 
     active: LiveTensorMemory | None = None
 
@@ -72,9 +77,11 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._track(t.untyped_storage())
+        inputs = {t.untyped_storage().data_ptr() for t in _cpu_tensors((args, kwargs))}
+        for t in _cpu_tensors(out):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in inputs:
+                self._track(storage)
         return out
 
     def _track(self, storage) -> None:
@@ -88,6 +95,10 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def _free(self, size: int) -> None:
         self.current -= size
+
+
+def _cpu_tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
 
 
 def read_and_reset_peak() -> int | None:

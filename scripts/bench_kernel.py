@@ -14,7 +14,8 @@ run, medians of triton.testing.do_bench after warm-up:
 Also measured in the same run: a device-to-device copy (the bandwidth ceiling) and torch.matmul on
 the same GEMM (the TFLOP/s ceiling). Every FORGE time is reported against both: achieved bandwidth
 over the bytes the step must move (x and dy read once, weight/master/states read and written), and
-GEMM TFLOP/s. Peak memory above the inputs is read with torch.cuda.max_memory_allocated.
+GEMM TFLOP/s. Peak memory above the inputs is read with torch.cuda.max_memory_allocated
+(LiveTensorMemory's exact tensor bytes on CPU).
 
     python scripts/bench_kernel.py --out bench/results/kernel_h100.json        # on a GPU
     python scripts/bench_kernel.py --smoke                                      # tiny shapes, any device
@@ -117,8 +118,7 @@ def run_case(shape, tokens, device, ceiling) -> dict:
     weight = torch.randn(n_out, n_in, device=device).to(torch.bfloat16)
     for name, kwargs in (("baseline", {"fused": True}), ("foreach", {"foreach": True})):
         master = weight.float().requires_grad_(True)
-        optimizer = torch.optim.AdamW([master], lr=1e-4, **kwargs) if device.type == "cuda" else \
-            torch.optim.AdamW([master], lr=1e-4)
+        optimizer = torch.optim.AdamW([master], lr=1e-4, **kwargs)
         step = unfused(weight, master, optimizer, dy, x)
         step()
         out[f"{name}_ms"] = bench(step, device)

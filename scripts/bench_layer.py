@@ -14,8 +14,8 @@ micro-batch 1, sequence 4096, torch's fused attention in both layers.
 Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
 difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
 their difference. Peak memory is
-torch.cuda.max_memory_allocated during one full step above the resting state (weights, masters and
-states allocated). The run also checks that one step from the same weights and inputs moves both
+torch.cuda.max_memory_allocated (LiveTensorMemory's tensor bytes on CPU) during one full step above
+the resting state (weights, masters and states allocated). The run also checks that one step from the same weights and inputs moves both
 layers' fp32 masters alike: the norm-wise relative difference of the two updates, per weight.
 
     python scripts/bench_layer.py --out bench/results/layer_h100.json          # on a GPU
@@ -141,8 +141,7 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
         del layer, optimizer
     out["speedup_backward_and_step"] = out["standard_backward_and_step_ms"] / out["forge_backward_and_step_ms"]
     out["speedup_step"] = out["standard_step_ms"] / out["forge_step_ms"]
-    if out["standard_peak_bytes"] is not None:
-        out["peak_ratio"] = out["forge_peak_bytes"] / out["standard_peak_bytes"]
+    out["peak_ratio"] = out["forge_peak_bytes"] / out["standard_peak_bytes"]
     out["first_update_relative_difference"] = {
         k: float((moved["forge"][k] - moved["standard"][k]).norm() / moved["standard"][k].norm())
         for k in moved["standard"]}

@@ -101,6 +101,19 @@ def test_live_tensor_memory_counts_storages_once_until_freed():
     assert tracker.current == 0
 
 
+def test_live_tensor_memory_ignores_tensors_made_before_it():
+    """Views of, and in-place or out= writes to, storages made outside the mode allocate nothing."""
+    from forge_megatron.benchmarking import LiveTensorMemory
+
+    outside, other = torch.zeros(1000), torch.ones(1000)
+    with LiveTensorMemory() as tracker:
+        outside[:500].add_(1)
+        outside.view(10, 100).mul_(2)
+        torch.add(outside, other, out=outside)
+        new = outside * 2  # 4000 bytes
+    assert (tracker.peak, tracker.current) == (4000, 4000) and new.numel() == 1000
+
+
 def test_read_and_reset_peak_starts_a_new_period_on_cpu():
     from forge_megatron.benchmarking import LiveTensorMemory, read_and_reset_peak
 
