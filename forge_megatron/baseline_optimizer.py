@@ -45,10 +45,8 @@ class BaselineOptimizer:
                 mains.append(main)
             torch_groups.append({**group, "params": mains})
         cfg = optimizer_config
-        on_gpu = bool(self.main_params) and self.main_params[0].is_cuda
-        if cfg.optimizer == "adam":  # fused on GPUs (as Megatron's FusedAdam); per tensor on CPU
-            cls = optimizer_class or functools.partial(torch.optim.AdamW, **({"fused": True} if on_gpu else
-                                                                             {"foreach": False}))
+        if cfg.optimizer == "adam":  # fused, as Megatron's FusedAdam: in place, no temporaries (CPU too)
+            cls = optimizer_class or functools.partial(torch.optim.AdamW, fused=True)
             hp = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         elif cfg.optimizer == "sgd":
             cls = optimizer_class or functools.partial(torch.optim.SGD, foreach=False)

@@ -69,7 +69,7 @@ class MemoryBreakdown:
     master: int
     states: int
     activations: int  # held from forward until backward
-    logits: int  # loss stage: 16-bit logits and the fp32 copy cross entropy keeps for backward
+    logits: int  # loss stage: 16-bit logits, cross entropy's fp32 copy, the output layer's weight gradient
     attention_workspace: int  # one layer's attention backward: gradients of its score matrices
     reserve: int
 
@@ -193,8 +193,13 @@ def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
     logits_per_rank = args.seq_length * micro_batch * args.padded_vocab_size // args.tensor_model_parallel_size
     layers = (compute_activation_memory(args, num_microbatches=1) - FP32 * logits_per_rank) * element / 2
     # Loss stage: the 16-bit logits, and cross entropy's fp32 copy (softmax, then gradient, in place);
-    # in fp32 training they are one tensor.
+    # in fp32 training they are one tensor. Without gradient-accumulation fusion the output layer's
+    # backward also materializes its weight gradient (16-bit, [vocab/tp, hidden]) before DDP's hook
+    # adds it into the fp32 buffer; a FORGE-covered output layer has none.
     logits = logits_per_rank * (FP32 if element == FP32 else element + FP32)
+    covered = getattr(args, "use_forge", False) and args.forge_cover_output_layer
+    if not args.gradient_accumulation_fusion and not covered:
+        logits += element * args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
     scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
     held_per_score, workspace_per_score = _attention_score_bytes(args, element)
     activations = layers + held_per_score * scores_per_layer
