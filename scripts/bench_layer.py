@@ -13,10 +13,10 @@ micro-batch 1, sequence 4096, torch's fused attention in both layers.
 
 Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
 difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
-their difference. Peak memory is
-torch.cuda.max_memory_allocated (LiveTensorMemory's tensor bytes on CPU) during one full step above
-the resting state (weights, masters and states allocated). The run also checks that one step from the same weights and inputs moves both
-layers' fp32 masters alike: the norm-wise relative difference of the two updates, per weight.
+their difference. Peak memory is torch.cuda.max_memory_allocated (LiveTensorMemory's tensor bytes
+on CPU) during one full step above the resting state (weights, masters and states allocated). The
+run also checks that one step from the same weights and inputs moves both layers' fp32 masters
+alike: the norm-wise relative difference of the two updates, per weight.
 
     python scripts/bench_layer.py --out bench/results/layer_h100.json          # on a GPU
     python scripts/bench_layer.py --smoke --dtype fp32                          # tiny, any device
