@@ -246,8 +246,8 @@ def test_torch_backend_memory_is_a_tile_not_the_gradient(regime, gen):
     dtype, store, state_dtype = regime
     peaks = {}
     for n_out, n_in in ((300, 520), (640, 1040)):
-        weight = randn(gen, n_out, n_in).to(dtype)
-        x, dy = randn(gen, 40, n_in).to(dtype), randn(gen, 40, n_out).to(dtype)
+        weight = randn(gen, n_out, n_in, dtype=dtype)
+        x, dy = randn(gen, 40, n_in, dtype=dtype), randn(gen, 40, n_out, dtype=dtype)
         state = ForgeState(weight, "adamw", weight_store=store, state_dtype=state_dtype)
         with LiveTensorMemory() as tracker:
             fused_update(x, dy, weight, state, backend="torch")
