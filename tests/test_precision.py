@@ -102,6 +102,15 @@ def _bits(key: int, shape, device):
     return numerics.random_bits_torch(index, *numerics.rng_keys(key, 0, 1, 1))
 
 
+def _table_step(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Per element of x [M, N], the 8-bit code table's step around it: r - 1 relative inside the
+    table's range, and floor * absmax of its block below it (between 0 and the smallest code)."""
+    blocks = x.reshape(x.shape[0], -1, numerics.QBLOCK).abs()
+    absmax = blocks.amax(dim=2, keepdim=True)
+    return torch.maximum(numerics.relative_error_bound(signed) * blocks,
+                         numerics.range_floor(signed) * absmax).reshape(x.shape)
+
+
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 def test_quantization_matches_the_twin_and_its_bound(signed, gen, device):
     x = _blocks(gen, device)
@@ -122,9 +131,7 @@ def test_quantization_matches_the_twin_and_its_bound(signed, gen, device):
     # The documented bound, per block: relative error r - 1 (one table step, stochastic rounding
     # picks either neighbour) above floor * absmax, and at most floor * absmax below it; one fp32
     # rounding of the product on top.
-    blocks, error = x.reshape(8, 2, 32), (decoded - x).abs().reshape(8, 2, 32)
-    absmax = blocks.abs().amax(dim=2, keepdim=True)
-    bound = torch.maximum(numerics.relative_error_bound(signed) * blocks.abs(), numerics.range_floor(signed) * absmax)
+    error, bound = (decoded - x).abs(), _table_step(x, signed)
     assert bool((error <= bound * (1 + 2**-22) + 1e-45).all())
     assert bool((decoded.reshape(8, 2, 32)[1, 0] == 0).all())  # the zero block stays zero
     assert bool(((decoded == 0) | (torch.sign(decoded) == torch.sign(x))).all())  # signs survive
@@ -145,8 +152,7 @@ def test_stochastic_requantization_is_unbiased(signed, gen, device):
     for key in range(n):
         codes, scales = numerics.quantize_torch(x, table, _bits(key, x.shape, device))
         total += numerics.dequantize_torch(codes, scales, table).double()
-    absmax = x.reshape(16, 2, 32).abs().amax(dim=2, keepdim=True).expand(16, 2, 32).reshape(16, 64)
-    step = torch.maximum(numerics.relative_error_bound(signed) * x.abs(), numerics.range_floor(signed) * absmax).double()
+    step = _table_step(x, signed).double()
     assert bool(((total / n - x.double()).abs() <= 6 * step / (2 * math.sqrt(n)) + 1e-30).all())
 
 
