@@ -6,7 +6,7 @@ Llama-3 8B shapes divided by TP=8 (one TP=8 rank emulated at TP=1, as bench_memo
 micro-batch 1, sequence 4096, torch's fused attention in both layers.
 
   standard  megatron-core's local-spec layer; backward leaves bf16 weight gradients, which
-            forge-pretrain-gpt's BaselineOptimizer turns into fp32, steps with AdamW (fused on a GPU)
+            forge-pretrain-gpt's BaselineOptimizer turns into fp32, steps with fused AdamW
             on fp32 masters with Megatron's parameter groups, and copies into the bf16 weights;
   forge     the FORGE layer spec: the four linears update inside backward (bf16 weights with an
             fp32 master, fp32 states); only the two norms go through the same optimizer.
@@ -85,7 +85,7 @@ def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.devi
 
 def standard_optimizer(layer, dtype: torch.dtype) -> BaselineOptimizer:
     """forge-pretrain-gpt's optimizer for what FORGE does not cover: Megatron's parameter groups,
-    fp32 masters of bf16 parameters, AdamW (fused on a GPU), masters copied back."""
+    fp32 masters of bf16 parameters, fused AdamW, masters copied back."""
     from megatron.core.optimizer import OptimizerConfig
 
     config = OptimizerConfig(optimizer="adam", lr=HP["lr"], weight_decay=HP["weight_decay"], adam_beta1=HP["betas"][0],
