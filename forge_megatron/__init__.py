@@ -4,12 +4,12 @@ The weight gradient of each covered linear layer is computed one output tile at 
 consumed by the optimizer rule in the same program; it is never stored.
 """
 
-from forge_megatron import ops_torch as ops  # the rule vocabulary; see rules.py
-from forge_megatron.kernels import TileConfig
-from forge_megatron.param import ForgeConfig, ForgeParam
-from forge_megatron.rules import Rule, get_rule, register_rule, registered_rules
-from forge_megatron.state import ForgeState
-from forge_megatron.update import UpdateResult, fused_update
+from forge_megatron.core import ops_torch as ops  # the rule vocabulary; see rules.py
+from forge_megatron.core.plan import TileConfig
+from forge_megatron.core.rules import Rule, get_rule, register_rule, registered_rules
+from forge_megatron.core.state import ForgeState
+from forge_megatron.core.update import UpdateResult, fused_update
+from forge_megatron.core.param import ForgeConfig, ForgeParam
 
 __all__ = [
     "ForgeConfig",

@@ -13,7 +13,7 @@ import statistics
 
 import torch
 
-from forge_megatron.benchmarking import device_name, pretrain_records, write_report
+from forge_megatron.tools.benchmarking import device_name, pretrain_records, write_report
 
 MODEL = ("--num-layers 16 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --seq-length 2048 "
          "--max-position-embeddings 2048 --swiglu --normalization RMSNorm --position-embedding-type rope --no-rope-fusion "

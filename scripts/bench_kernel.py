@@ -28,7 +28,7 @@ import argparse
 import torch
 
 from forge_megatron import ForgeState, fused_update
-from forge_megatron.benchmarking import bench, device_name, peak_bytes, write_report
+from forge_megatron.tools.benchmarking import bench, device_name, peak_bytes, write_report
 
 SHAPES = {  # name -> (out, in) of the weight
     "llama8b": {"qkv": (6144, 4096), "proj": (4096, 4096), "fc1": (28672, 4096), "fc2": (4096, 14336)},

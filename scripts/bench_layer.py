@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from forge_megatron import ForgeConfig
 from forge_megatron.baseline_optimizer import BaselineOptimizer
-from forge_megatron.benchmarking import bench, device_name, peak_bytes, write_report
-from forge_megatron.param import ForgeParam
+from forge_megatron.core.param import ForgeParam
+from forge_megatron.tools.benchmarking import bench, device_name, peak_bytes, write_report
 
 SHAPES = {"llama8b-tp8": {"hidden_size": 4096, "num_attention_heads": 4, "num_query_groups": 1, "kv_channels": 128,
                           "ffn_hidden_size": 1792},
@@ -49,7 +49,7 @@ def init_single_rank(device: torch.device) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if device.type == "cpu":
-        from forge_megatron.cpu import enable_megatron_on_cpu
+        from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
         enable_megatron_on_cpu()
     if not dist.is_initialized():
@@ -68,8 +68,8 @@ def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.devi
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from forge_megatron.attention import with_core_attention
-    from forge_megatron.spec import get_gpt_layer_forge_spec
+    from forge_megatron.megatron.attention import with_core_attention
+    from forge_megatron.megatron.spec import get_gpt_layer_forge_spec
 
     config = TransformerConfig(num_layers=1, **shape, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
                                normalization="RMSNorm", add_bias_linear=False, bf16=dtype == torch.bfloat16,

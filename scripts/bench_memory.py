@@ -31,8 +31,8 @@ import sys
 
 import torch
 
-from forge_megatron import memory
-from forge_megatron.benchmarking import LiveTensorMemory, device_name, pretrain_records, write_report
+from forge_megatron.tools import memory
+from forge_megatron.tools.benchmarking import LiveTensorMemory, device_name, pretrain_records, write_report
 from forge_megatron.training import add_forge_args
 
 REGIMES = {

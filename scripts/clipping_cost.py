@@ -17,7 +17,7 @@ import subprocess
 
 import torch
 
-from forge_megatron.benchmarking import pretrain_records, write_report
+from forge_megatron.tools.benchmarking import pretrain_records, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"standard": [], "forge-stale": ["--use-forge"],

@@ -1,5 +1,5 @@
 """Memory headroom: per-rank memory and the largest micro-batch that fits, standard Megatron against
-each FORGE regime, across GPU memory sizes and sequence lengths, from forge_megatron.memory's
+each FORGE regime, across GPU memory sizes and sequence lengths, from forge_megatron.tools.memory's
 analytic model (model numbers, not measurements; docs/memory.md).
 
 Reads a config the way the launchers do (source the file, expand its array of pretrain_gpt.py
@@ -54,7 +54,7 @@ def config_argv(path: str, array: str) -> list[str]:
 
 def parse_config(argv: list[str]):
     """Megatron's parser with FORGE's flags, so that --use-forge and --forge-* in a config are understood."""
-    from forge_megatron.memory import parse_megatron_args
+    from forge_megatron.tools.memory import parse_megatron_args
     from forge_megatron.training import add_forge_args
 
     return parse_megatron_args(argv, extra_args_provider=add_forge_args)
@@ -62,7 +62,7 @@ def parse_config(argv: list[str]):
 
 def study(args, gpu_gib: list[float], seq_lengths: list[int], sweep_gib: list[float], reserve_gib: float) -> dict:
     """Every number the tables, the verdicts and the plot need, keyed by strings (for JSON)."""
-    from forge_megatron import memory
+    from forge_megatron.tools import memory
 
     result = {"breakdown_mbs1": {}, "bytes_per_covered_parameter": {}, "max_micro_batch": {}, "sweep": {}}
     for key, (_, changes) in RUNS.items():
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra pretrain_gpt.py flags after --, appended to the config's")
     options = parser.parse_args(argv)
 
-    from forge_megatron import memory
+    from forge_megatron.tools import memory
 
     reserve = memory.DEFAULT_RESERVE_GIB if options.reserve_gib is None else options.reserve_gib
     flags = config_argv(options.config, options.array) + options.megatron_flags
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     low, high = options.sweep_gib
     sweep_gib = [low + i for i in range(int(high - low) + 1)]
     info = {
-        "model": "forge_megatron.memory: analytic per-rank peak, not a measurement (docs/memory.md)",
+        "model": "forge_megatron.tools.memory: analytic per-rank peak, not a measurement (docs/memory.md)",
         "config": os.path.relpath(options.config, ROOT), "array": options.array, "flags": flags,
         "extra_flags": options.megatron_flags, "seq_length": args.seq_length, "reserve_gib": reserve,
         "parameters_per_rank": memory.parameters_per_rank(args),

@@ -56,7 +56,7 @@ def _worker(rank, world_size, port, scenarios, queue):
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
-    from forge_megatron.cpu import enable_megatron_on_cpu
+    from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
     enable_megatron_on_cpu()
     # A rank that fails inside a collective must not hang the others for gloo's 30-minute default.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from forge_megatron import ForgeState, numerics, registered_rules
+from forge_megatron import ForgeState, registered_rules
+from forge_megatron.core import numerics
 
 BACKENDS = ("torch", "triton")
 

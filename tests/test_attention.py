@@ -22,9 +22,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from test_models_tp import HP, _gpt, _gpt_batch, _train
 
-from forge_megatron import ForgeConfig, attention
-from forge_megatron.attention import SDPAttention, with_core_attention
-from forge_megatron.spec import get_gpt_layer_forge_spec
+from forge_megatron import ForgeConfig
+from forge_megatron.megatron import attention
+from forge_megatron.megatron.attention import SDPAttention, with_core_attention
+from forge_megatron.megatron.spec import get_gpt_layer_forge_spec
 
 WORLD = 2
 HEADS, GROUPS, D, S, B = 4, 2, 8, 24, 3

@@ -15,18 +15,18 @@ import pytest
 
 SCRIPT = r"""
 import json, torch
-from forge_megatron import kernels, rules
+from forge_megatron.core import kernels, plan, rules
 REGIMES = [  # (activation dtype, weight store, state format): every precision regime
-    (torch.float32, kernels.WEIGHT_FP32, "fp32"), (torch.bfloat16, kernels.WEIGHT_MASTER, "fp32"),
-    (torch.bfloat16, kernels.WEIGHT_SR, "fp32"), (torch.bfloat16, kernels.WEIGHT_SR, "bf16"),
-    (torch.bfloat16, kernels.WEIGHT_SR, "int8"), (torch.bfloat16, kernels.WEIGHT_MASTER, "int8"),
+    (torch.float32, plan.WEIGHT_FP32, "fp32"), (torch.bfloat16, plan.WEIGHT_MASTER, "fp32"),
+    (torch.bfloat16, plan.WEIGHT_SR, "fp32"), (torch.bfloat16, plan.WEIGHT_SR, "bf16"),
+    (torch.bfloat16, plan.WEIGHT_SR, "int8"), (torch.bfloat16, plan.WEIGHT_MASTER, "int8"),
 ]
-FORMATS = {"fp32": kernels.STATE_FP32, "bf16": kernels.STATE_BF16, "int8": kernels.STATE_INT8}
+FORMATS = {"fp32": plan.STATE_FP32, "bf16": plan.STATE_BF16, "int8": plan.STATE_INT8}
 out = []
 for name in rules.registered_rules():
     rule = rules.get_rule(name)
     for dtype, store, states in REGIMES:
-        config = kernels.default_config(torch.device("cuda"), dtype, states)
+        config = plan.default_config(torch.device("cuda"), dtype, states)
         compiled, report = kernels.compile_for_target(rule, dtype, config, arch=90, weight_store=store,
                                                       state_format=FORMATS[states])
         ptx = compiled.asm["ptx"]

@@ -5,7 +5,7 @@ import torch
 from helpers import assert_bits_equal, randn, snapshot
 
 from forge_megatron import ForgeState, fused_update
-from forge_megatron.update import resolve_backend
+from forge_megatron.core.update import resolve_backend
 
 
 @pytest.fixture

@@ -240,8 +240,8 @@ def test_torch_backend_memory_is_a_tile_not_the_gradient(regime, gen):
     bytes of by-products per tile. Two weights, 300 x 520 and 640 x 1040 (25 and 90 tiles of
     64 x 128): their peaks differ by the by-products alone, and the larger weight's fp32 gradient
     (2.7 MB) is over three times the peak (0.6-0.9 MB measured)."""
-    from forge_megatron.benchmarking import LiveTensorMemory
-    from forge_megatron.tiled import DEFAULT_CONFIG
+    from forge_megatron.core.tiled import DEFAULT_CONFIG
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
 
     dtype, store, state_dtype = regime
     peaks = {}

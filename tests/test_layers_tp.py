@@ -10,7 +10,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from forge_megatron import ForgeConfig
-from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 
 TP = 2
 HIDDEN, FFN, SEQ, BATCH = 40, 96, 12, 3

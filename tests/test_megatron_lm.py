@@ -1,4 +1,4 @@
-"""The Megatron-LM integration (forge_megatron.megatron_lm, applied by patches/pretrain_gpt.patch),
+"""The Megatron-LM integration (forge_megatron.megatron.hook, applied by patches/pretrain_gpt.patch),
 exercised on CPU around megatron-core's real model builder and scheduler; Megatron-LM's optimizer
 needs CUDA, so a stand-in with its interface checks the optimizer hooks."""
 
@@ -44,7 +44,7 @@ def _model_and_controller():
     from megatron.training.arguments import parse_args, validate_args
     from megatron.training.global_vars import set_args
 
-    from forge_megatron import megatron_lm
+    from forge_megatron.megatron import hook as megatron_lm
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import sys
@@ -73,8 +73,8 @@ def _model_and_controller():
 
 
 def scenario_layer_spec_and_pre_wrap_hook():
-    from forge_megatron.attention import SDPAttention
-    from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+    from forge_megatron.megatron.attention import SDPAttention
+    from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 
     args, (model,), controller = _model_and_controller()
     layer = model.decoder.layers[0]
@@ -90,7 +90,7 @@ def scenario_layer_spec_and_pre_wrap_hook():
 def scenario_optimizer_hooks():
     from megatron.core import parallel_state
 
-    from forge_megatron import megatron_lm
+    from forge_megatron.megatron import hook as megatron_lm
 
     args, (model,), controller = _model_and_controller()
     for p in controller.params:
@@ -124,7 +124,7 @@ def scenario_optimizer_hooks():
 def scenario_scheduler_and_forward_backward_hooks():
     from megatron.training import training
 
-    from forge_megatron import megatron_lm
+    from forge_megatron.megatron import hook as megatron_lm
 
     args, (model,), controller = _model_and_controller()
     groups = [{"params": [], "wd_mult": 1.0, "max_lr": args.lr, "min_lr": 0.0}]

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from forge_megatron import memory
+from forge_megatron.tools import memory
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 spec = importlib.util.spec_from_file_location("memory_headroom", os.path.join(ROOT, "scripts", "memory_headroom.py"))
@@ -76,7 +76,7 @@ def test_precision_aware_optimizer_bytes(llama, flags, expected):
 
 @pytest.mark.parametrize("regime, expected", FORGE_REGIMES.items(), ids=["-".join(map(str, r)) for r in FORGE_REGIMES])
 def test_forge_bytes_per_covered_parameter(llama, regime, expected):
-    from forge_megatron.state import ForgeState
+    from forge_megatron.core.state import ForgeState
 
     bf16, weight_store, state_dtype = regime
     per = memory.forge_bytes_per_parameter(forge(llama, bf16, weight_store, state_dtype))

@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from forge_megatron import ForgeConfig
-from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 
 WORLD = 2
 STEPS = 5
@@ -118,8 +118,8 @@ def _gpt(tp, sp, forge, core_attention="local", num_query_groups=None):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from forge_megatron.attention import with_core_attention
-    from forge_megatron.spec import cover_output_layer, get_gpt_layer_forge_spec
+    from forge_megatron.megatron.attention import with_core_attention
+    from forge_megatron.megatron.spec import cover_output_layer, get_gpt_layer_forge_spec
 
     # No linear biases (as Llama): the key bias's exact gradient is zero (softmax ignores a per-row
     # constant), so its computed gradient is pure rounding noise that AdamW blows up to +-lr.

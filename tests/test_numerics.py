@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 from helpers import assert_bits_equal
 
-from forge_megatron.numerics import round_to_bf16
+from forge_megatron.core.numerics import round_to_bf16
 
 
 @triton.jit

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from helpers import BACKENDS, assert_bits_equal, case_id, randn, reference_step, rule_cases, snapshot
 
-from forge_megatron import ForgeState, fused_update, numerics
+from forge_megatron import ForgeState, fused_update
+from forge_megatron.core import numerics
 
 # -- the kernel's numerics vs their torch twins (run through tiny Triton kernels) --------------
 

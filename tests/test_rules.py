@@ -12,12 +12,10 @@ from forge_megatron import (
     fused_update,
     get_rule,
     ops,
-    ops_torch,
-    ops_triton,
     register_rule,
     registered_rules,
-    rules,
 )
+from forge_megatron.core import ops_torch, ops_triton, rules
 
 
 def test_both_vocabularies_export_the_same_names():

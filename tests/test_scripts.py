@@ -58,7 +58,7 @@ def test_bench_memory_compares_measurements_with_the_model():
     budget = 24 * 2**30
 
     def fake_measure(flags, micro_batch):  # a device where the model is exact and 24 GiB fit
-        from forge_megatron import memory
+        from forge_megatron.tools import memory
         from forge_megatron.training import add_forge_args
 
         peak = memory.rank_memory(memory.parse_megatron_args(flags, extra_args_provider=add_forge_args),
@@ -87,7 +87,7 @@ def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
 
 
 def test_live_tensor_memory_counts_storages_once_until_freed():
-    from forge_megatron.benchmarking import LiveTensorMemory
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
 
     tracker = LiveTensorMemory()
     with tracker:
@@ -103,7 +103,7 @@ def test_live_tensor_memory_counts_storages_once_until_freed():
 
 def test_live_tensor_memory_ignores_tensors_made_before_it():
     """Views of, and in-place or out= writes to, storages made outside the mode allocate nothing."""
-    from forge_megatron.benchmarking import LiveTensorMemory
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
 
     outside, other = torch.zeros(1000), torch.ones(1000)
     with LiveTensorMemory() as tracker:
@@ -115,7 +115,7 @@ def test_live_tensor_memory_ignores_tensors_made_before_it():
 
 
 def test_read_and_reset_peak_starts_a_new_period_on_cpu():
-    from forge_megatron.benchmarking import LiveTensorMemory, read_and_reset_peak
+    from forge_megatron.tools.benchmarking import LiveTensorMemory, read_and_reset_peak
 
     assert read_and_reset_peak() is None  # no GPU and no tracker: nothing to read
     with LiveTensorMemory():

@@ -12,7 +12,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from forge_megatron import ForgeConfig
-from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
 
 WORLD = 4
 H, F, S, B = 40, 96, 12, 3  # F/4 = 24 and H are not tile multiples; S divisible by 4 for SP

@@ -17,9 +17,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from forge_megatron.attention import with_core_attention
-from forge_megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
-from forge_megatron.param import ForgeConfig
+from forge_megatron.megatron.attention import with_core_attention
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+from forge_megatron.core.param import ForgeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def get_gpt_layer_forge_spec(forge: ForgeConfig | None = None, core_attention: s
     """The local GPT layer spec with the four transformer linears covered by FORGE.
 
     `core_attention` is "local" (megatron-core's DotProductAttention) or "sdpa" (torch's fused
-    attention, forge_megatron.attention). `local_spec_kwargs` go to megatron-core's
+    attention, forge_megatron.megatron.attention). `local_spec_kwargs` go to megatron-core's
     get_gpt_layer_local_spec (normalization, qk_layernorm, ...). Mixture-of-experts and
     multi-latent attention are not covered.
     """
@@ -48,6 +48,21 @@ def get_gpt_layer_forge_spec(forge: ForgeConfig | None = None, core_attention: s
         attention.submodules, linear_qkv=column, linear_proj=row))
     layer = dataclasses.replace(layer, self_attention=attention, mlp=_cover_mlp(layer.mlp, column, row))
     return with_core_attention(dataclasses.replace(spec, submodules=layer), core_attention)
+
+
+def layer_spec_provider(forge: ForgeConfig | None, core_attention: str = "local"):
+    """A `transformer_layer_spec` for Megatron's GPT model config: called with the config when the
+    model is built, it gives FORGE's spec (or, with `forge` None, megatron-core's local spec) with
+    the config's normalization and qk-layernorm, and the given core attention."""
+
+    def spec(model_config, vp_stage=None):
+        kwargs = dict(normalization=model_config.transformer.normalization,
+                      qk_layernorm=model_config.transformer.qk_layernorm)
+        if forge is None:
+            return with_core_attention(get_gpt_layer_local_spec(**kwargs), core_attention)
+        return get_gpt_layer_forge_spec(forge, core_attention, **kwargs)
+
+    return spec
 
 
 def _cover_mlp(mlp, column, row):

@@ -40,7 +40,7 @@ FP32 = 4
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1,
                torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.uint8: 1}
 # FORGE's --forge-state-dtype: int8 is one code per element plus one fp32 scale per 32 elements
-# (forge_megatron.numerics.QBLOCK; this module imports only torch and megatron, the test checks both
+# (forge_megatron.core.numerics.QBLOCK; this module imports only torch and megatron, the test checks both
 # against ForgeState's allocations).
 FORGE_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1 + 4 / 32}
 FORGE_WEIGHT_STORES = ("master", "sr", "rne")

@@ -36,8 +36,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import triton
 import triton.language as tl
 
-from forge_megatron import ops_torch, ops_triton
-from forge_megatron import ops_torch as ops  # rebound per backend by register_rule
+from forge_megatron.core import ops_torch, ops_triton
+from forge_megatron.core import ops_torch as ops  # rebound per backend by register_rule
 
 MAX_STATES = 3
 MAX_COEFS = 12
@@ -99,7 +99,7 @@ class Rule:
 def register_rule(cls: type[Rule]) -> type[Rule]:
     """Validate a Rule subclass, compile its update for both backends and register it."""
     if not (isinstance(cls, type) and issubclass(cls, Rule)):
-        raise TypeError("register_rule expects a subclass of forge_megatron.rules.Rule")
+        raise TypeError("register_rule expects a subclass of forge_megatron.core.rules.Rule")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{cls.__qualname__} needs a non-empty `name`")

@@ -9,10 +9,23 @@ from numbers import Real
 
 import torch
 
-from forge_megatron import kernels, tiled
-from forge_megatron.kernels import TileConfig
-from forge_megatron.numerics import QBLOCK, code_tables, rng_keys
-from forge_megatron.state import WEIGHT_DTYPES, ForgeState
+from forge_megatron.core import tiled
+from forge_megatron.core.numerics import QBLOCK, code_tables, rng_keys
+from forge_megatron.core.plan import (
+    STATE_BF16,
+    STATE_FP32,
+    STATE_INT8,
+    WEIGHT_FP32,
+    WEIGHT_MASTER,
+    WEIGHT_RNE,
+    WEIGHT_SR,
+    StepPlan,
+    TileConfig,
+    default_config,
+    interpreting,
+    num_tiles,
+)
+from forge_megatron.core.state import WEIGHT_DTYPES, ForgeState
 
 BACKENDS = ("triton", "torch")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -32,7 +45,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     choice = backend or os.environ.get("FORGE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
     if choice not in BACKENDS:
         raise ValueError(f"unknown FORGE backend {choice!r}; choose one of {BACKENDS}")
-    if choice == "triton" and device.type != "cuda" and not kernels.interpreting():
+    if choice == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(
             f"the triton backend needs a CUDA device (tensors are on {device}); use backend='torch', "
             "or set TRITON_INTERPRET=1 before importing forge_megatron to run the kernel interpreted (slow)"
@@ -65,7 +78,7 @@ def fused_update(
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
     which = resolve_backend(weight.device, backend)
-    config = config or (kernels.default_config(weight.device, x2.dtype, state.state_dtype) if which == "triton"
+    config = config or (default_config(weight.device, x2.dtype, state.state_dtype) if which == "triton"
                         else tiled.DEFAULT_CONFIG)
     if state.state_dtype == "int8" and config.block_n % (2 * QBLOCK):
         raise ValueError(f"int8 states need tiles whose width is a multiple of {2 * QBLOCK} (each epilogue "
@@ -79,9 +92,14 @@ def fused_update(
         coefs[0] = float(grad_scale)
     # Outputs are poisoned, so anything a backend fails to write shows up.
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
-    n_tiles = kernels.num_tiles(weight.shape, config)
+    n_tiles = num_tiles(weight.shape, config)
     plan = _plan(state, weight, which, coefs, step, grad, n_tiles, apply)
-    (kernels.launch if which == "triton" else tiled.run)(x2, dy2, weight, plan, config)
+    if which == "triton":
+        from forge_megatron.core import kernels  # compiles on first use; the CPU path never loads it
+
+        kernels.launch(x2, dy2, weight, plan, config)
+    else:
+        tiled.run(x2, dy2, weight, plan, config)
     if apply:
         state.step = step
     return UpdateResult(sumsq=plan.sumsq.sum(), nonfinite=plan.nonfinite.sum(), grad=grad)
@@ -92,16 +110,16 @@ def _plan(state: ForgeState, weight, backend: str, coefs, step: int, grad, n_til
     device = weight.device
     states, scales, stored, signed = state.kernel_states(placeholder=weight)
     if weight.dtype == torch.float32:
-        weight_store = kernels.WEIGHT_FP32
+        weight_store = WEIGHT_FP32
     else:
-        weight_store = {"master": kernels.WEIGHT_MASTER, "sr": kernels.WEIGHT_SR, "rne": kernels.WEIGHT_RNE}[
+        weight_store = {"master": WEIGHT_MASTER, "sr": WEIGHT_SR, "rne": WEIGHT_RNE}[
             state.weight_store]
     keys = [k for stream in range(1 + len(states)) for k in rng_keys(state.seed, state.layer, step, stream)]
-    return kernels.StepPlan(
+    return StepPlan(
         update_fn=state.rule.triton_update if backend == "triton" else state.rule.torch_update,
         weight_store=weight_store, master=state.master, states=states, scales=scales, stored=tuple(stored),
         signed=tuple(signed),
-        state_format={"fp32": kernels.STATE_FP32, "bf16": kernels.STATE_BF16, "int8": kernels.STATE_INT8}[
+        state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
             state.state_dtype],
         coefs=coefs, keys=tuple(keys), tables=_tables(device), shard=state.shard, grad_out=grad,
         sumsq=torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=device),

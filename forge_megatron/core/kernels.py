@@ -26,85 +26,40 @@ no split over T (that would need a cross-program reduction before the rule could
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from forge_megatron.numerics import QBLOCK, dequantize, quantize, random_bits, round_to_bf16, stochastic_round_to_bf16
+from forge_megatron.core import plan
+from forge_megatron.core.numerics import (
+    QBLOCK,
+    dequantize,
+    quantize,
+    random_bits,
+    round_to_bf16,
+    stochastic_round_to_bf16,
+)
+from forge_megatron.core.plan import (
+    STATE_BF16,
+    STATE_FP32,
+    STATE_INT8,
+    WEIGHT_FP32,
+    WEIGHT_MASTER,
+    StepPlan,
+    TileConfig,
+    interpreting,
+    num_tiles,
+)
 
 QB = tl.constexpr(QBLOCK)  # the quantization block, as a constant the kernel may read
-
-# Weight stores and state formats, as kernel constants.
-WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
-STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
-
-
-@dataclass
-class StepPlan:
-    """Everything one fused step reads and writes besides x, dy and the weight (built by
-    update.py from a ForgeState, the same for both backends)."""
-
-    update_fn: object  # the rule's update, compiled for the backend that runs the step
-    weight_store: int  # WEIGHT_*
-    master: torch.Tensor | None
-    states: list[torch.Tensor]  # one per declared state (a placeholder where not stored)
-    scales: list[torch.Tensor]  # int8 block scales per state (placeholders otherwise)
-    stored: tuple[bool, ...]
-    signed: tuple[bool, ...]
-    state_format: int  # STATE_*
-    coefs: torch.Tensor  # fp32 [1 + n]: grad scale, then the rule's coefficients
-    keys: tuple[int, ...]  # 2 random keys per stream: the weight's, then each state's
-    tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
-    shard: tuple[int, int, int]  # row offset, column offset, columns of the unsharded weight
-    grad_out: torch.Tensor | None  # materialized gradient (debug), or None
-    sumsq: torch.Tensor  # fp32 [tiles]
-    nonfinite: torch.Tensor  # int32 [tiles]
-    apply: bool = True  # False: by-products only
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch options; `block_t` fixes the summation order over tokens."""
-
-    block_m: int
-    block_n: int
-    block_t: int
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "block_t"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {v}")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = "fp32") -> TileConfig:
-    """The tile config for a device, activation dtype and state dtype; never depends on the
-    weight's shape. All share block_t per activation dtype, hence the same summation order.
-
-    The GPU configs compile for sm_90a without register spills for every built-in rule and
-    regime (tests/test_compile.py checks it with ptxas on a CPU machine).
-    """
-    if interpreting():
-        # The interpreter costs ~4 ms per program per T-step: few, large tiles.
-        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=1)
-    if dtype == torch.float32:
-        # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
-        return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
-    if state_dtype == "int8":
-        # Dequantize/requantize (table lookups, binary search, random bits) need registers: half the rows.
-        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
-    # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
-    return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
-
+# plan.py's weight stores and state formats, as constants the kernel may read
+_FP32_WEIGHT = tl.constexpr(plan.WEIGHT_FP32)
+_MASTER = tl.constexpr(plan.WEIGHT_MASTER)
+_SR = tl.constexpr(plan.WEIGHT_SR)
+_FP32_STATE = tl.constexpr(plan.STATE_FP32)
+_BF16_STATE = tl.constexpr(plan.STATE_BF16)
+_INT8_STATE = tl.constexpr(plan.STATE_INT8)
 
 @triton.jit
 def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -200,14 +155,14 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
     # The element's index in the unsharded weight keys its random bits (TP-invariant).
     index = ((rows + ROW_OFFSET)[:, None] * GLOBAL_COLS + (cols + COL_OFFSET)[None, :]).to(tl.uint32)
 
-    if WEIGHT_STORE == 1:  # the rule runs on the fp32 master; the weight is its rounded copy
+    if WEIGHT_STORE == _MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
         p = tl.load(master_ptr + offs, mask=ok, other=0.0)
     else:
         p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     state = ()
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
-            if STATE_FORMAT == 2:
+            if STATE_FORMAT == _INT8_STATE:
                 codes = tl.load(state_ptrs[k] + offs, mask=ok, other=0)
                 scale = tl.load(scale_ptrs[k] + rows[:, None] * SCALE_COLS + (cols // QB)[None, :], mask=ok,
                                 other=0.0)
@@ -222,21 +177,21 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         coef = coef + (tl.load(coef_ptr + 1 + k),)
     p, state = UPDATE(p, g, state, coef)
 
-    if WEIGHT_STORE == 0:
+    if WEIGHT_STORE == _FP32_WEIGHT:
         tl.store(w_ptr + offs, p, mask=ok)
-    elif WEIGHT_STORE == 1:
+    elif WEIGHT_STORE == _MASTER:
         tl.store(master_ptr + offs, p, mask=ok)
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
-    elif WEIGHT_STORE == 2:
+    elif WEIGHT_STORE == _SR:
         bits = random_bits(index, tl.load(key_ptr), tl.load(key_ptr + 1))
         tl.store(w_ptr + offs, stochastic_round_to_bf16(p, bits), mask=ok)
     else:
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:
-            if STATE_FORMAT == 0:
+            if STATE_FORMAT == _FP32_STATE:
                 tl.store(state_ptrs[k] + offs, state[k], mask=ok)
-            elif STATE_FORMAT == 1:
+            elif STATE_FORMAT == _BF16_STATE:
                 bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
                 tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], bits), mask=ok)
             else:
@@ -267,10 +222,6 @@ def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
         DOT_PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_T=config.block_t, GROUP_M=config.group_m,
     )
-
-
-def num_tiles(shape, config: TileConfig) -> int:
-    return triton.cdiv(shape[0], config.block_m) * triton.cdiv(shape[1], config.block_n)
 
 
 def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:

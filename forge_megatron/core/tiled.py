@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from forge_megatron import numerics
-from forge_megatron.kernels import STATE_BF16, STATE_FP32, WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, StepPlan, TileConfig
+from forge_megatron.core import numerics
+from forge_megatron.core.plan import STATE_BF16, STATE_FP32, WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, StepPlan, TileConfig
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
 

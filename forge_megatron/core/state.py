@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from forge_megatron.numerics import code_tables, num_blocks
-from forge_megatron.rules import Rule, get_rule
+from forge_megatron.core.numerics import code_tables, num_blocks
+from forge_megatron.core.rules import Rule, get_rule
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 WEIGHT_STORES = ("master", "sr", "rne")

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from forge_megatron.kernels import TileConfig
-from forge_megatron.state import ForgeState
-from forge_megatron.update import fused_update
+from forge_megatron.core.plan import TileConfig
+from forge_megatron.core.state import ForgeState
+from forge_megatron.core.update import fused_update
 
 
 @dataclass(frozen=True)

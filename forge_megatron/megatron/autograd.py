@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from forge_megatron.param import ForgeParam
+from forge_megatron.core.param import ForgeParam
 
 
 class ForgeLinearFunction(torch.autograd.Function):

@@ -1,0 +1,88 @@
+"""What one fused step executes, independent of the backend that runs it: the StepPlan (regime
+constants, state tensors, coefficients, keys, by-product slots), the TileConfig, and the tile
+configs per device.
+
+Both backends read this module; neither imports the other, so the CPU twin (tiled.py) never
+loads the Triton kernel module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Weight stores and state formats (kernel constants: kernels.py turns them into constexprs).
+WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
+STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
+
+
+@dataclass
+class StepPlan:
+    """Everything one fused step reads and writes besides x, dy and the weight (built by
+    update.py from a ForgeState, the same for both backends)."""
+
+    update_fn: object  # the rule's update, compiled for the backend that runs the step
+    weight_store: int  # WEIGHT_*
+    master: torch.Tensor | None
+    states: list[torch.Tensor]  # one per declared state (a placeholder where not stored)
+    scales: list[torch.Tensor]  # int8 block scales per state (placeholders otherwise)
+    stored: tuple[bool, ...]
+    signed: tuple[bool, ...]
+    state_format: int  # STATE_*
+    coefs: torch.Tensor  # fp32 [1 + n]: grad scale, then the rule's coefficients
+    keys: tuple[int, ...]  # 2 random keys per stream: the weight's, then each state's
+    tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
+    shard: tuple[int, int, int]  # row offset, column offset, columns of the unsharded weight
+    grad_out: torch.Tensor | None  # materialized gradient (debug), or None
+    sumsq: torch.Tensor  # fp32 [tiles]
+    nonfinite: torch.Tensor  # int32 [tiles]
+    apply: bool = True  # False: by-products only
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options; `block_t` fixes the summation order over tokens."""
+
+    block_m: int
+    block_n: int
+    block_t: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_t"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {v}")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def num_tiles(shape, config: TileConfig) -> int:
+    return -(-shape[0] // config.block_m) * -(-shape[1] // config.block_n)
+
+
+def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = "fp32") -> TileConfig:
+    """The Triton kernel's tile config for a device, activation dtype and state dtype; never
+    depends on the weight's shape. All share block_t per activation dtype, hence the same
+    summation order.
+
+    The GPU configs compile for sm_90a without register spills for every built-in rule and
+    regime (tests/test_compile.py checks it with ptxas on a CPU machine).
+    """
+    if interpreting():
+        # The interpreter costs ~4 ms per program per T-step: few, large tiles.
+        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=1)
+    if dtype == torch.float32:
+        # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
+        return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
+    if state_dtype == "int8":
+        # Dequantize/requantize (table lookups, binary search, random bits) need registers: half the rows.
+        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
+    # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
+    return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)

@@ -1,0 +1,322 @@
+"""The per-step glue between FORGE's covered weights and Megatron's training loop: schedules,
+gradient scale (clipping), the global grad norm, the non-finite policy, and the guard that FORGE
+updates at most once per iteration.
+
+Per iteration, in Megatron's train_step:
+  forward_backward   `forward_backward(...)`: sets every covered weight's gradient scale (the
+                     clip coefficient) and runs Megatron's schedule; with two-pass clipping a
+                     norms-only pass (nothing written) comes first, with the data and RNG replayed.
+  optimizer step     `step_decision()` before Megatron's optimizer steps: whether the iteration's
+                     gradients were finite (else the step is skipped, see docs/megatron.md);
+                     `after_step(grad_norm)` records Megatron's global norm (stale clipping's
+                     next coefficient) and logs FORGE's scalars to Megatron's tensorboard writer.
+  scheduler step     every covered weight gets the lr and weight decay Megatron's
+                     OptimizerParamScheduler gives the parameter group Megatron would have put it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from forge_megatron.core.param import ForgeParam
+from forge_megatron.megatron.args import CLIP_MODES
+
+logger = logging.getLogger(__name__)
+
+
+class ForgeController:
+    def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
+                 clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
+                 model_parallel_group=None):
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
+        self.chunks = model_chunks
+        self.named = covered_params(model_chunks)
+        if not self.named:
+            raise ValueError("no FORGE-covered weights in the model: build it with get_gpt_layer_forge_spec")
+        self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
+        self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
+                                             config_overrides)
+        self.clip_grad = float(clip_grad)
+        self.clip_mode = clip_mode if self.clip_grad > 0 else "off"
+        self.max_nonfinite_iterations = max_nonfinite_iterations
+        self.group = model_parallel_group
+        self.grad_norm: float | None = None  # the last step's global norm (checkpointed: stale clipping)
+        self.nonfinite = 0  # the last backward's non-finite gradient values in covered weights (all ranks)
+        self.nonfinite_streak = 0  # consecutive iterations with non-finite values
+        self.skip = False  # this iteration's updates are skipped (two-pass: nothing was written)
+        self._iteration = None  # the iteration whose backward FORGE last ran
+        logger.info("FORGE covers %d weights (%s parameters on this rank), rule %s, clipping %s%s",
+                    len(self.params), f"{self.num_parameters():,}", self.params[0].config.rule, self.clip_mode,
+                    "" if self.clip_mode == "off" else f" at {self.clip_grad}")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for _, p in self.named)
+
+    # -- schedules --------------------------------------------------------------------------------
+
+    def attach_scheduler(self, scheduler) -> None:
+        """Follow Megatron's OptimizerParamScheduler: whenever it steps, each covered weight gets
+        the lr and weight decay the scheduler gives its parameter group."""
+        step = scheduler.step
+
+        def step_and_follow(increment: int) -> None:
+            step(increment)
+            self.apply_schedule(scheduler)
+
+        scheduler.step = step_and_follow
+        load_state_dict = scheduler.load_state_dict
+
+        def load_and_follow(state_dict) -> None:
+            load_state_dict(state_dict)
+            self.apply_schedule(scheduler)
+
+        scheduler.load_state_dict = load_and_follow
+        self.apply_schedule(scheduler)
+
+    def apply_schedule(self, scheduler) -> None:
+        for param, group in zip(self.params, self.groups):
+            lr = scheduler.get_lr(group)
+            wd = scheduler.get_wd(group) * group.get("wd_mult", 1.0)
+            overrides = {k: group[k] for k in ("eps",) if k in group and k in param.state.hyperparameters}
+            param.state.set_hyperparameters(lr=lr, weight_decay=wd, **overrides)
+
+    # -- forward and backward ---------------------------------------------------------------------
+
+    def forward_backward(self, forward_backward_func: Callable, zero_grads: Callable[[], None], iteration: int,
+                         **kwargs):
+        """Run Megatron's forward_backward_func for iteration `iteration` with FORGE's gradient scale.
+
+        'stale' and 'off': one pass; the clip coefficient comes from the previous step's norm
+        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing; the other
+        parameters' gradients are computed), the global norm and the exact coefficient, then
+        `zero_grads()`, the first pass's micro-batches and RNG state replayed, and the real pass;
+        a non-finite first pass skips the real one (nothing is written this iteration).
+        """
+        if iteration == self._iteration:
+            raise RuntimeError(
+                f"FORGE: iteration {iteration} ran its forward and backward a second time (Megatron's rerun state "
+                "machine re-runs an iteration whose result failed validation, see the log above); FORGE has already "
+                "applied this iteration's update and cannot undo it: rerun with --rerun-mode disabled")
+        self._iteration = iteration
+        self.skip = False
+        self._reset_stats()
+        if self.clip_mode != "two-pass":
+            coefficient = self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+            self._set(scale=coefficient, apply=True)
+            return forward_backward_func(**kwargs)
+        rng = _rng_states()
+        recorder = _Recorder(kwargs.get("data_iterator"))
+        self._set(scale=1.0, apply=False)
+        losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
+        norm, nonfinite = self._global_norm_and_nonfinite(sumsq(counted_grads(self.chunks)))
+        if nonfinite or not math.isfinite(norm):
+            self.skip = True  # nothing written; step_decision() skips Megatron's step too
+            return losses
+        zero_grads()
+        _restore_rng_states(rng)
+        self._reset_stats()
+        self._set(scale=self._coefficient(norm), apply=True)
+        return forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
+
+    # -- optimizer step ---------------------------------------------------------------------------
+
+    def step_decision(self, iteration: int) -> bool:
+        """Called before Megatron's optimizer steps: True to step, False to skip the step.
+
+        Non-finite gradient values in covered weights (summed over ranks) make the iteration a bad
+        one: with two-pass clipping nothing has been written (the whole iteration is skipped); in
+        the other modes the tiles holding them were left unchanged by the kernel while the other
+        tiles were updated, and the rest of the model's step is skipped. Either way Megatron counts
+        the iteration as skipped. After `max_nonfinite_iterations` bad iterations in a row training
+        stops with an error.
+        """
+        if not self.skip:
+            _, self.nonfinite = self._global_norm_and_nonfinite(0.0)
+            self.skip = self.nonfinite > 0
+        if not self.skip:
+            self.nonfinite_streak = 0
+            return True
+        self.nonfinite_streak += 1
+        what = ("no weight was updated (two-pass clipping found them before the update)" if self.clip_mode ==
+                "two-pass" else "the tiles holding them were left unchanged, the other covered tiles were "
+                "updated, and the other parameters' step was skipped")
+        logger.warning("FORGE: iteration %d: %d non-finite gradient values in covered weights; %s (%d in a row)",
+                       iteration, self.nonfinite, what, self.nonfinite_streak)
+        if self.nonfinite_streak >= self.max_nonfinite_iterations:
+            raise RuntimeError(
+                f"FORGE: {self.nonfinite_streak} consecutive iterations with non-finite gradients in covered weights "
+                f"(last: iteration {iteration}); training stopped. Lower --lr or raise --clip-grad, or restart from "
+                "the last checkpoint; --forge-max-nonfinite-iterations sets how many are tolerated")
+        return False
+
+    def after_step(self, grad_norm: float | None, iteration: int) -> None:
+        """Record Megatron's global norm of this step and log FORGE's scalars."""
+        if grad_norm is not None and not self.skip:
+            self.grad_norm = float(grad_norm)
+        from megatron.training.global_vars import get_tensorboard_writer
+
+        writer = get_tensorboard_writer()
+        if writer is not None:
+            writer.add_scalar("forge/grad-scale", float(self.params[0].grad_scale), iteration)
+            writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
+            writer.add_scalar("forge/learning-rate", self.params[0].state.hyperparameters["lr"], iteration)
+
+    # -- norms --------------------------------------------------------------------------------------
+
+    def local_sumsq(self) -> torch.Tensor:
+        """This rank's sum of squares of the covered weights' raw gradients in the last backward."""
+        total = torch.zeros((), dtype=torch.float32, device=self.named[0][1].device)
+        for p in self.params:
+            total = total + p.sumsq
+        return total
+
+    def _global_norm_and_nonfinite(self, other_sumsq) -> tuple[float, int]:
+        """The L2 norm of all of the step's gradients (FORGE's raw ones plus `other_sumsq`, the
+        other parameters' local sum of squares) and FORGE's non-finite count, over the
+        model-parallel group."""
+        local = torch.zeros(2, dtype=torch.float64, device=self.named[0][1].device)
+        local[0] = self.local_sumsq() + other_sumsq
+        for p in self.params:
+            local[1] += p.nonfinite
+        if self.group is not None and dist.is_initialized():
+            dist.all_reduce(local, group=self.group)
+        return math.sqrt(float(local[0])), int(local[1])
+
+    def _coefficient(self, norm: float | None) -> float:
+        if norm is None or not math.isfinite(norm):
+            return 1.0
+        return min(1.0, self.clip_grad / (norm + 1.0e-6))  # Megatron's clip_grad_by_total_norm_fp32
+
+    def _set(self, scale: float, apply: bool) -> None:
+        for p in self.params:
+            p.grad_scale = scale
+            p.apply = apply
+
+    def _reset_stats(self) -> None:
+        for p in self.params:
+            p.reset_stats()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def scalars(self) -> dict[str, Any]:
+        """What FORGE's step depends on besides the state tensors (saved with them)."""
+        return {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
+
+    def load_scalars(self, scalars: dict[str, Any]) -> None:
+        self.grad_norm = scalars.get("grad_norm")
+        self.nonfinite_streak = int(scalars.get("nonfinite_streak", 0))
+
+
+def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, weight) of every FORGE-covered weight, in module order."""
+    return [(name, p) for chunk in model_chunks for name, p in chunk.named_parameters()
+            if getattr(p, "_forge_param", None) is not None]
+
+
+class _Recorder:
+    """Wraps Megatron's data iterator(s) (one, a list per model chunk, or None) so that the micro-
+    batches drawn in the first pass can be drawn again, identically, in the second. Megatron's
+    RerunDataIterator has `__next__` only, so items are drawn with next()."""
+
+    def __init__(self, data_iterator):
+        self.source = data_iterator
+        self.seen: list[list] = []
+
+    def recording(self):
+        if self.source is None:
+            return None
+        sources = self.source if isinstance(self.source, list) else [self.source]
+        self.seen = [[] for _ in sources]
+        wrapped = [_Recording(it, seen) for it, seen in zip(sources, self.seen)]
+        return wrapped if isinstance(self.source, list) else wrapped[0]
+
+    def replay(self):
+        if self.source is None:
+            return None
+        replays = [iter(seen) for seen in self.seen]
+        return replays if isinstance(self.source, list) else replays[0]
+
+
+class _Recording:
+    def __init__(self, iterator, seen: list):
+        self.iterator, self.seen = iterator, seen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.seen.append(item)
+        return item
+
+
+def _megatron_param_groups(model_chunks, weights, optimizer_config, config_overrides) -> list[dict]:
+    """The parameter group Megatron's optimizer would put each covered weight in (wd_mult, max_lr,
+    min_lr, decoupled lr, ...), from Megatron's own `_get_param_groups` run with the covered
+    weights visible."""
+    from megatron.core.optimizer import _get_param_groups
+
+    uncovered = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
+    for p in uncovered:
+        p.requires_grad_(False)
+    for p in weights:
+        p.requires_grad_(True)
+    try:
+        groups = _get_param_groups(model_chunks, optimizer_config, config_overrides)
+    finally:
+        for p in weights:
+            p.requires_grad_(False)
+        for p in uncovered:
+            p.requires_grad_(True)
+    group_of = {id(p): {k: v for k, v in g.items() if k != "params"} for g in groups for p in g["params"]}
+    return [group_of[id(w)] for w in weights]
+
+
+def counted_grads(model_chunks) -> list[torch.Tensor]:
+    """Gradients of the non-covered parameters that count once in the global norm (Megatron's rule:
+    no tensor-parallel duplicates, no shared copies)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    out = []
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if not p.requires_grad or not param_is_not_shared(p) or not param_is_not_tensor_parallel_duplicate(p):
+                continue
+            grad = getattr(p, "main_grad", None)
+            grad = grad if grad is not None else p.grad
+            if grad is not None:
+                out.append(grad)
+    return out
+
+
+def sumsq(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of `tensors` in fp32 (0-dim)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for t in tensors:
+        total = total.to(t.device) + t.float().square().sum()
+    return total
+
+
+def _rng_states() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(states["cpu"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,71 @@
+"""The CPU job's training text as a Megatron indexed dataset: the Python standard library's own
+source (real text nobody on this team wrote), byte-level.
+
+Each .py file of the interpreter's standard library is one document of byte tokens (0-255)
+ending in the end-of-document token 256, so the vocabulary is 257 (`--tokenizer-type
+NullTokenizer --vocab-size 257`, whose end-of-document id is 256). Documents are ordered by a hash
+of their path, so Megatron's `--split` (contiguous document ranges) gives a random split that is
+the same on every machine with the same Python version. Written once with megatron-core's
+IndexedDatasetBuilder; Megatron's GPTDataset reads it through `--data-path PREFIX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+BYTE_VOCAB = 257  # 256 byte values + end of document
+EOD = 256
+
+
+def stdlib_documents(max_bytes: int = 8 << 20) -> list[np.ndarray]:
+    """Byte tokens of the standard library's .py files (tests excluded), in hash order, each ending
+    in EOD, up to about `max_bytes` tokens."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-2:]]
+    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    documents, total = [], 0
+    for path in files:
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
+        if data.size == 0:
+            continue
+        documents.append(np.append(data, np.uint16(EOD)))
+        total += documents[-1].size
+        if total >= max_bytes:
+            break
+    return documents
+
+
+def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20) -> str:
+    """Write `prefix`.bin/.idx (megatron-core's indexed dataset format) unless both exist;
+    returns the prefix for --data-path."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+
+    if os.path.exists(get_bin_path(prefix)) and os.path.exists(get_idx_path(prefix)):
+        return prefix
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    partial = f"{prefix}.partial"
+    builder = IndexedDatasetBuilder(get_bin_path(partial), dtype=np.uint16)
+    for document in stdlib_documents(max_bytes):
+        builder.add_document(document, [document.size])
+    builder.finalize(get_idx_path(partial))
+    os.replace(get_bin_path(partial), get_bin_path(prefix))  # .idx last: its presence means complete
+    os.replace(get_idx_path(partial), get_idx_path(prefix))
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="forge-stdlib-dataset", description=__doc__.split("\n\n")[0])
+    parser.add_argument("prefix", help="output prefix: writes PREFIX.bin and PREFIX.idx (kept if present)")
+    parser.add_argument("--max-bytes", type=int, default=8 << 20, help="about this many tokens (default 8 Mi)")
+    args = parser.parse_args(argv)
+    print(write_stdlib_dataset(args.prefix, args.max_bytes))
+
+
+if __name__ == "__main__":
+    main()

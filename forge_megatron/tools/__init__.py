@@ -1,0 +1,1 @@
+"""Tools that stand apart from training: the memory model and benchmarking helpers."""
