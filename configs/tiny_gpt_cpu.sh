@@ -9,6 +9,7 @@ TINY_GPT_ARGS=(
     --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear
     --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 128
     --transformer-impl local --no-gradient-accumulation-fusion --no-rope-fusion --no-persist-layer-norm
+    --no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion
     --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
     --micro-batch-size 8 --global-batch-size 8
     --train-iters 300 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 30

@@ -1,7 +1,8 @@
 """End to end on one GPU: a ~1B GPT (16 layers, hidden 2048, SwiGLU ffn 5632, 16 heads, sequence
-2048, vocabulary 32000) trained with forge-pretrain-gpt on mock data, with and without --use-forge,
-at micro-batch 1, 2, 4, ... until it no longer fits: median iteration time (iterations after the
-first two) and peak memory (torch.cuda.max_memory_allocated) of each.
+2048, vocabulary 32000) trained with forge-pretrain-gpt (Megatron's loop) on mock data, with and
+without --use-forge, at micro-batch 1, 2, 4, ... until it no longer fits: median iteration time
+(iterations after the first two, from Megatron's log) and peak memory (Megatron's memory log:
+torch.cuda.max_memory_allocated) of each.
 
     python scripts/bench_e2e.py --out bench/results/e2e_h100.json
 """
@@ -9,21 +10,22 @@ first two) and peak memory (torch.cuda.max_memory_allocated) of each.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from forge_megatron.tools.benchmarking import device_name, pretrain_records, write_report
+from forge_megatron.tools.benchmarking import device_name, median_iteration_ms, pretrain_records, write_report
 
 MODEL = ("--num-layers 16 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16 --seq-length 2048 "
          "--max-position-embeddings 2048 --swiglu --normalization RMSNorm --position-embedding-type rope --no-rope-fusion "
          "--disable-bias-linear --untie-embeddings-and-output-weights --vocab-size 32000 --bf16 --transformer-impl local "
+         "--no-persist-layer-norm "
          "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 --attention-dropout 0 "
-         "--hidden-dropout 0 --log-interval 1000 --mock-data --tokenizer-type NullTokenizer").split()
+         "--hidden-dropout 0 --eval-iters 1 --eval-interval 100000 --mock-data --tokenizer-type NullTokenizer").split()
 SMOKE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 32 "
          "--max-position-embeddings 32 --swiglu --normalization RMSNorm --position-embedding-type rope "
          "--disable-bias-linear --untie-embeddings-and-output-weights --vocab-size 256 --transformer-impl local "
-         "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 --log-interval 1000 "
+         "--no-rope-fusion --no-persist-layer-norm --eval-iters 1 --eval-interval 100000 "
+         "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 "
          "--mock-data --tokenizer-type NullTokenizer").split()
 RUNS = {"standard": [], "forge-master": ["--use-forge", "--forge-cover-output-layer"],
         "forge-sr-int8": ["--use-forge", "--forge-cover-output-layer", "--forge-weight-store", "sr",
@@ -35,9 +37,8 @@ def run(model: list[str], flags: list[str], micro_batch: int, iters: int) -> dic
                                 "--global-batch-size", str(micro_batch)])
     if records is None:
         return None
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records[1:], records[2:])]
-    peaks = [r["max_memory_allocated"] for r in records if "max_memory_allocated" in r]
-    return {"iteration_ms": 1000 * statistics.median(times), "peak_bytes": max(peaks) if peaks else None,
+    peaks = [r["mem-max-allocated-bytes"] for r in records if "mem-max-allocated-bytes" in r]
+    return {"iteration_ms": median_iteration_ms(records, skip=2), "peak_bytes": max(peaks) if peaks and max(peaks) else None,
             "final_loss": records[-1]["lm loss"]}
 
 

@@ -5,11 +5,11 @@ Llama-3 8B shapes divided by TP=8 (one TP=8 rank emulated at TP=1, as bench_memo
 4096, 4 heads and 1 query group of 128 channels, SwiGLU ffn 1792, RMSNorm, no biases), bf16,
 micro-batch 1, sequence 4096, torch's fused attention in both layers.
 
-  standard  megatron-core's local-spec layer; backward leaves bf16 weight gradients, which
-            forge-pretrain-gpt's BaselineOptimizer turns into fp32, steps with fused AdamW
-            on fp32 masters with Megatron's parameter groups, and copies into the bf16 weights;
+  standard  megatron-core's local-spec layer in Megatron's DDP (gradients into its fp32 grad
+            buffer) and Megatron's own optimizer (get_megatron_optimizer: fp32 masters of the bf16
+            weights, Adam with Megatron's parameter groups, masters copied back);
   forge     the FORGE layer spec: the four linears update inside backward (bf16 weights with an
-            fp32 master, fp32 states); only the two norms go through the same optimizer.
+            fp32 master, fp32 states); only the two norms go through DDP and the same optimizer.
 
 Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
 difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron import ForgeConfig
-from forge_megatron.baseline_optimizer import BaselineOptimizer
 from forge_megatron.core.param import ForgeParam
 from forge_megatron.tools.benchmarking import bench, device_name, peak_bytes, write_report
 
@@ -83,21 +82,28 @@ def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.devi
     return build_module(spec, config=config, layer_number=1).to(device)
 
 
-def standard_optimizer(layer, dtype: torch.dtype) -> BaselineOptimizer:
-    """forge-pretrain-gpt's optimizer for what FORGE does not cover: Megatron's parameter groups,
-    fp32 masters of bf16 parameters, fused AdamW, masters copied back."""
-    from megatron.core.optimizer import OptimizerConfig
+def wrap_and_optimizer(layer, dtype: torch.dtype):
+    """The layer in Megatron's DDP and Megatron's own optimizer for what FORGE does not cover
+    (everything in the standard layer): Megatron's parameter groups, fp32 masters of bf16
+    parameters, masters copied back."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(optimizer="adam", lr=HP["lr"], weight_decay=HP["weight_decay"], adam_beta1=HP["betas"][0],
                              adam_beta2=HP["betas"][1], adam_eps=HP["eps"], bf16=dtype == torch.bfloat16,
-                             params_dtype=dtype)
-    return BaselineOptimizer([layer], config, None)
+                             params_dtype=dtype, clip_grad=0.0)
+    ddp = DistributedDataParallel(layer.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), layer)
+    return ddp, get_megatron_optimizer(config, [ddp])
 
 
-def masters(layer, optimizer: BaselineOptimizer) -> dict[str, torch.Tensor]:
-    """Every weight's fp32 value: FORGE's master where FORGE covers it, else the optimizer's master."""
-    names = {id(p): name for name, p in layer.named_parameters()}
-    out = {names[id(p)]: main.detach().float().clone() for p, main in zip(optimizer.model_params, optimizer.main_params)}
+def masters(layer, optimizer) -> dict[str, torch.Tensor]:
+    """Every weight's fp32 value: FORGE's master where FORGE covers it, else Megatron's (the
+    optimizer's fp32 main parameter for bf16 weights, the weight itself in fp32)."""
+    out = {}
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            main = getattr(p, "main_param", None)
+            out[name] = (p if main is None else main).detach().float().clone()
     for name, module in _covered(layer):
         master = module.forge.state.master
         out[f"{name}.weight"] = (module.weight if master is None else master).detach().float().clone()
@@ -117,18 +123,20 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
     moved = {}
     for name in ("standard", "forge"):
         layer = build_layer(shape, dtype, name == "forge", device)
-        optimizer = standard_optimizer(layer, dtype)
+        ddp, optimizer = wrap_and_optimizer(layer, dtype)
         before = masters(layer, optimizer)
 
-        def forward(layer=layer):  # with autograd recording, as in the step; the graph is dropped
-            layer(x, attention_mask=None)
+        def forward(ddp=ddp):  # with autograd recording, as in the step; the graph is dropped
+            ddp(x, attention_mask=None)
 
-        def step(layer=layer, optimizer=optimizer):
-            output, _ = layer(x, attention_mask=None)
+        def step(ddp=ddp, optimizer=optimizer):
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            output, _ = ddp(x, attention_mask=None)
             output.backward(dy)
             x.grad = None
+            ddp.finish_grad_sync()
             optimizer.step()
-            optimizer.zero_grad()
 
         step()  # the first step: compared across the two layers, and allocates the optimizer states
         after = masters(layer, optimizer)
@@ -138,7 +146,7 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
         out[f"{name}_backward_and_step_ms"] = out[f"{name}_step_ms"] - out[f"{name}_forward_ms"]
         out[f"{name}_peak_bytes"] = peak_bytes(step, device)
         out[f"{name}_covered_weights"] = len(_covered(layer))
-        del layer, optimizer
+        del layer, ddp, optimizer
     out["speedup_backward_and_step"] = out["standard_backward_and_step_ms"] / out["forge_backward_and_step_ms"]
     out["speedup_step"] = out["standard_step_ms"] / out["forge_step_ms"]
     out["peak_ratio"] = out["forge_peak_bytes"] / out["standard_peak_bytes"]

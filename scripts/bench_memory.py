@@ -7,14 +7,15 @@ sequence parallelism the norm and residual activations are whole-sequence here; 
 evaluated on the same emulated configuration, so measurement and model compare like with like.
 
 For standard Megatron and each FORGE regime: the peak of torch.cuda.max_memory_allocated over a few
-steps of forge-pretrain-gpt (mock data) at micro-batch 1 and 2, its model value (reserve 0: the CUDA
-context is not in max_memory_allocated) and the relative error; then the largest micro-batch that
-runs, found by doubling, against the model's answer for the GPU's memory.
+steps of forge-pretrain-gpt (Megatron's loop and optimizer, mock data; Megatron's own memory log)
+at micro-batch 1 and 2, its model value (reserve 0: the CUDA context is not in
+max_memory_allocated) and the relative error; then the largest micro-batch that runs, found by
+doubling, against the model's answer for the GPU's memory.
 
-On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.
-benchmarking): the peak bytes of live tensor storage during each step, which is what
-max_memory_allocated counts on a GPU minus the caching allocator's rounding. There is no
-out-of-memory on CPU to search for, so the micro-batch search is skipped.
+On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.tools.
+measured_pretrain): the peak bytes of live tensor storage, which is what max_memory_allocated counts
+on a GPU minus the caching allocator's rounding. There is no out-of-memory on CPU to search for, so
+the micro-batch search is skipped.
 
     python scripts/bench_memory.py --out bench/results/memory_h100.json [--layers 8] [--seq-length 4096]
     python scripts/bench_memory.py --layers 2 --seq-length 512 --out bench/results/memory_cpu.json   # CPU
@@ -23,17 +24,12 @@ out-of-memory on CPU to search for, so the micro-batch search is skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
-import subprocess
-import sys
 
 import torch
 
+from forge_megatron.megatron.args import add_forge_args
 from forge_megatron.tools import memory
-from forge_megatron.tools.benchmarking import LiveTensorMemory, device_name, pretrain_records, write_report
-from forge_megatron.training import add_forge_args
+from forge_megatron.tools.benchmarking import device_name, pretrain_records, write_report
 
 REGIMES = {
     "standard": [],
@@ -50,10 +46,11 @@ def emulated_rank(layers: int, seq: int, hidden: int = 4096, ffn: int = 1792, kv
     return (f"--num-layers {layers} --hidden-size {hidden} --ffn-hidden-size {ffn} --num-attention-heads 4 "
             f"--group-query-attention --num-query-groups 1 --kv-channels {kv_channels} --seq-length {seq} "
             f"--max-position-embeddings {seq} --swiglu --normalization RMSNorm --position-embedding-type rope "
-            "--no-rope-fusion --disable-bias-linear --untie-embeddings-and-output-weights "
+            "--no-rope-fusion --no-persist-layer-norm --disable-bias-linear --untie-embeddings-and-output-weights "
             f"--vocab-size {vocab} --make-vocab-size-divisible-by 128 --bf16 --transformer-impl local "
             "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --train-iters 4 --clip-grad 0 "
-            "--attention-dropout 0 --hidden-dropout 0 --log-interval 1 --mock-data --tokenizer-type NullTokenizer"
+            "--attention-dropout 0 --hidden-dropout 0 --eval-iters 1 --eval-interval 100000 --mock-data "
+            "--tokenizer-type NullTokenizer"
             ).split()
 
 
@@ -65,28 +62,11 @@ def _batch(argv: list[str], micro_batch: int) -> list[str]:
 
 
 def measure(argv: list[str], micro_batch: int) -> int | None:
-    """GPU: the peak of max_memory_allocated over the run's steps, or None if it did not fit."""
-    records = pretrain_records(_batch(argv, micro_batch))
-    return None if records is None else max(r["max_memory_allocated"] for r in records)
-
-
-def measure_cpu(argv: list[str], micro_batch: int) -> int | None:
-    """CPU: the peak live tensor bytes of the run, measured in a fresh process (this script with
-    --peak-of-run), or None if it failed."""
-    proc = subprocess.run([sys.executable, __file__, "--peak-of-run", *_batch(argv, micro_batch)],
-                          capture_output=True, text=True)
-    return json.loads(proc.stdout.splitlines()[-1])["peak_bytes"] if proc.returncode == 0 else None
-
-
-def peak_of_run(argv: list[str]) -> int:
-    """Run forge-pretrain-gpt in this process under LiveTensorMemory; the largest of its steps'
-    peaks of live tensor bytes (the launcher reads and resets the tracker every step, as it does
-    max_memory_allocated on a GPU)."""
-    from forge_megatron.cli.pretrain_gpt import run
-
-    with LiveTensorMemory(), contextlib.redirect_stdout(io.StringIO()):
-        history = run(argv)["history"]
-    return max(record["max_memory_allocated"] for record in history)
+    """The run's peak allocated bytes from Megatron's memory log (max_memory_allocated on a GPU,
+    live tensor bytes under LiveTensorMemory on CPU), or None if it did not fit."""
+    records = pretrain_records(_batch(argv, micro_batch), measure_cpu_memory=not torch.cuda.is_available())
+    peaks = [] if records is None else [r["mem-max-allocated-bytes"] for r in records if "mem-max-allocated-bytes" in r]
+    return int(max(peaks)) if peaks else None
 
 
 def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int) -> dict:
@@ -111,17 +91,13 @@ def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--peak-of-run":  # the CPU measurement's child process
-        print(json.dumps({"peak_bytes": peak_of_run(argv[1:])}))
-        return None
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--max-micro-batch", type=int, default=64, help="GPU only: the doubling search's limit")
     parser.add_argument("--core-attention", default="sdpa", choices=("sdpa", "local"),
                         help="--forge-core-attention for every regime, standard included (the model follows it)")
-    parser.add_argument("--iters", type=int, default=4, help="training steps per run (the peak comes from step 2 on)")
+    parser.add_argument("--iters", type=int, default=4, help="training steps per run")
     parser.add_argument("--smoke", action="store_true", help="a tiny model instead of the emulated 8B rank")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -129,7 +105,7 @@ def main(argv=None):
     gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB if gpu else None
     base = [*(SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)), "--forge-core-attention",
             args.core_attention, "--train-iters", str(args.iters)]
-    regimes = compare(base, measure if gpu else measure_cpu, gib, args.max_micro_batch if gpu else 0)
+    regimes = compare(base, measure, gib, args.max_micro_batch if gpu else 0)
     report = {"device": device_name(torch.device("cuda" if gpu else "cpu")), "gpu_gib": gib,
               "measure": "torch.cuda.max_memory_allocated" if gpu else "LiveTensorMemory (live tensor bytes, CPU)",
               "flags": base, "torch": torch.__version__,

@@ -1,5 +1,5 @@
 """What FORGE's clipping modes cost: median iteration time of the tiny CPU GPT (configs/
-tiny_gpt_cpu.sh, --clip-grad 1.0) for the standard run and FORGE with stale and two-pass clipping,
+tiny_gpt_cpu.sh, --clip-grad 1.0, in Megatron's loop) for the standard run and FORGE with stale and two-pass clipping,
 each in its own process. The three run in turn, round after round, so that a shared machine's
 drifting speed hits them alike; each ratio to stale is taken within a round, then the median over
 rounds is reported. Writes bench/results/clipping_cost_cpu.json.
@@ -13,10 +13,10 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 
 import torch
 
+from forge_megatron.tools import benchmarking
 from forge_megatron.tools.benchmarking import pretrain_records, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +30,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "clipping_cost_cpu.json"))
     args = parser.parse_args(argv)
-    config = subprocess.run(["bash", "-c", 'source configs/tiny_gpt_cpu.sh; printf "%s\\n" "${TINY_GPT_ARGS[@]}"'],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    config = benchmarking.tiny_gpt_args(ROOT)
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
               "config": "configs/tiny_gpt_cpu.sh", "iters": args.iters, "rounds": args.rounds, "runs": {}}
     rounds = [{name: median_iteration_ms(config, args.iters, flags) for name, flags in RUNS.items()}
@@ -48,13 +47,13 @@ def main(argv=None):
 
 
 def median_iteration_ms(config: list[str], iters: int, flags: list[str]) -> float:
-    """One run in its own process; the median of its iteration times after the first four."""
+    """One run in its own process (Megatron's loop); the median of its iteration times after the
+    first four."""
     records = pretrain_records([*config, "--train-iters", str(iters), "--lr-warmup-iters", "5", "--clip-grad", "1.0",
-                                *flags])
+                                "--eval-interval", str(iters + 1), *flags])
     if records is None:
         raise RuntimeError(f"the run with {flags} failed")
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records[4:], records[5:])]
-    return 1000 * statistics.median(times)
+    return benchmarking.median_iteration_ms(records, skip=4)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Convergence study on CPU: the tiny GPT (configs/tiny_gpt_cpu.sh, byte-level on the Python
-standard library's source) trained 300 steps in each precision regime, FORGE's and its peers'.
+standard library's source) trained 300 steps in Megatron's own loop in each precision regime:
+standard Megatron (its optimizer, fp32 or bf16 with an fp32 master) and FORGE's regimes.
 
 Every run is repeated for three seeds (initialization and data order). Writes
 bench/results/convergence_cpu.json (the first seed's per-step losses; every seed's validation loss,
@@ -14,86 +15,66 @@ mean and standard error over seeds.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
 
+from forge_megatron.tools.benchmarking import pretrain_records, tiny_gpt_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torchao(name: str, **kwargs):
-    import torchao.optim
-
-    return {"optimizer_class": getattr(torchao.optim, name), "optimizer_kwargs": kwargs, "master_weights": False}
-
-
-# name -> (label, extra flags, BaselineOptimizer options, bytes per covered parameter: weight +
-# gradient (bf16 under --bf16, as the run allocates it) + master + optimizer states). Every run
-# uses the same seed (same initialization and data order) and --clip-grad 0, so that runs differ
-# by precision alone (the clipping modes are tested in tests/test_pretrain_gpt.py). Training is
-# chaotic: two runs that differ in the last bit of anything drift apart; the two control runs
-# (the reference with its initialization scaled by 1 +- 1e-7) measure how far, the noise floor
-# against which the gaps are read.
+# name -> (label, extra flags, bytes per covered parameter: weight + gradient (bf16 under --bf16,
+# as the run allocates it) + master + optimizer states). Every run uses the same seed (same
+# initialization and data order) and --clip-grad 0, so that runs differ by precision alone (the
+# clipping modes are tested in tests/test_pretrain_gpt.py). Training is chaotic: two runs that
+# differ in the last bit of anything drift apart; the two control runs (the reference with its
+# initialization scaled by 1 +- 1e-7) measure how far, the noise floor against which the gaps are
+# read. Round-to-nearest bf16 weights without a master (forge-bf16-rne) is the usual low-memory
+# bf16 practice, the failure mode stochastic rounding fixes.
 FORGE = ["--use-forge"]
 RUNS = {
-    "standard-fp32": ("standard AdamW, fp32", [], None, 4 + 4 + 8),
-    "forge-fp32": ("FORGE, fp32", FORGE, None, 4 + 8),
-    "standard-bf16": ("standard AdamW, bf16 + fp32 master", ["--bf16"], None, 2 + 2 + 4 + 8),
-    "forge-bf16-master": ("FORGE, bf16 + fp32 master", ["--bf16", *FORGE], None, 2 + 4 + 8),
-    "forge-bf16-sr": ("FORGE, bf16 SR, no master", ["--bf16", *FORGE, "--forge-weight-store", "sr"], None, 2 + 8),
+    "standard-fp32": ("Megatron AdamW, fp32", [], 4 + 4 + 8),
+    "forge-fp32": ("FORGE, fp32", FORGE, 4 + 8),
+    "standard-bf16": ("Megatron AdamW, bf16 + fp32 master", ["--bf16"], 2 + 4 + 4 + 8),
+    "forge-bf16-master": ("FORGE, bf16 + fp32 master", ["--bf16", *FORGE], 2 + 4 + 8),
+    "forge-bf16-sr": ("FORGE, bf16 SR, no master", ["--bf16", *FORGE, "--forge-weight-store", "sr"], 2 + 8),
     "forge-bf16-rne": ("FORGE, bf16 round-to-nearest, no master", ["--bf16", *FORGE, "--forge-weight-store", "rne"],
-                       None, 2 + 8),
-    "forge-int8": ("FORGE, bf16 + master, 8-bit states", ["--bf16", *FORGE, "--forge-state-dtype", "int8"], None,
+                       2 + 8),
+    "forge-int8": ("FORGE, bf16 + master, 8-bit states", ["--bf16", *FORGE, "--forge-state-dtype", "int8"],
                    2 + 4 + 2.25),
     "forge-sr-int8": ("FORGE, bf16 SR + 8-bit states",
-                      ["--bf16", *FORGE, "--forge-weight-store", "sr", "--forge-state-dtype", "int8"], None, 2 + 2.25),
-    "bf16-no-master": ("AdamW on bf16, no master (round-to-nearest)", ["--bf16"], {"master_weights": False},
-                       2 + 2 + 4),
-    "torchao-adamw-sr": ("torchao AdamW, bf16 SR", ["--bf16"], lambda: _torchao("_AdamW", bf16_stochastic_round=True),
-                         2 + 2 + 8),
-    "torchao-adamw8bit": ("torchao AdamW8bit, bf16 SR", ["--bf16"],
-                          lambda: _torchao("AdamW8bit", bf16_stochastic_round=True), 2 + 2 + 2 * (1 + 4 / 256)),
+                      ["--bf16", *FORGE, "--forge-weight-store", "sr", "--forge-state-dtype", "int8"], 2 + 2.25),
 }
 REFERENCE = "standard-bf16"
-CONTROLS = {"control-init+1e-7": ("control: reference, init std x (1 + 1e-7)", ["--bf16", "--init-method-std", "0.020000002"],
-                                  None, 2 + 2 + 4 + 8),
-            "control-init-1e-7": ("control: reference, init std x (1 - 1e-7)", ["--bf16", "--init-method-std", "0.019999998"],
-                                  None, 2 + 2 + 4 + 8)}
+CONTROLS = {"control-init+1e-7": ("control: reference, init std x (1 + 1e-7)", ["--bf16", "--init-method-std",
+                                  "0.020000002"], 2 + 4 + 4 + 8),
+            "control-init-1e-7": ("control: reference, init std x (1 - 1e-7)", ["--bf16", "--init-method-std",
+                                  "0.019999998"], 2 + 4 + 4 + 8)}
 RUNS.update(CONTROLS)
 
 
-def config_args() -> list[str]:
-    out = subprocess.run(["bash", "-c", 'source configs/tiny_gpt_cpu.sh; printf "%s\\n" "${TINY_GPT_ARGS[@]}"'],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.split()
-
-
 def train(name: str, iters: int, seed: int = 1234) -> dict:
-    from forge_megatron.cli.pretrain_gpt import run
-
-    label, flags, baseline, bytes_per_param = RUNS[name]
-    baseline = baseline() if callable(baseline) else baseline
-    argv = config_args() + ["--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 10)),
-                            "--eval-interval", str(iters), "--eval-iters", "16", "--log-interval", str(iters),
-                            "--clip-grad", "0", "--seed", str(seed), *flags]
+    """One run of forge-pretrain-gpt (Megatron's loop) in its own process; its losses from Megatron's
+    tensorboard log."""
+    label, flags, bytes_per_param = RUNS[name]
+    argv = tiny_gpt_args(ROOT) + ["--train-iters", str(iters), "--lr-warmup-iters", str(max(1, iters // 10)),
+                            "--eval-interval", str(iters), "--eval-iters", "16", "--clip-grad", "0",
+                            "--seed", str(seed), *flags]
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()) as log:
-        result = run(argv, baseline)
-    history = result["history"]
+    records = pretrain_records(argv)
+    if records is None:
+        raise RuntimeError(f"run {name} (seed {seed}) failed")
+    loss = [r["lm loss"] for r in records if "lm loss" in r]
+    validation = [r["lm loss validation"] for r in records if "lm loss validation" in r]
     return {
-        "label": label, "flags": flags, "baseline": {k: str(v) for k, v in (baseline or {}).items()},
-        "bytes_per_covered_parameter": bytes_per_param, "wall_s": time.perf_counter() - start,
-        "loss": [r["lm loss"] for r in history],
-        "validation": history[-1].get("validation lm loss"), "seed": seed,
-        "final_train_loss": sum(r["lm loss"] for r in history[-50:]) / len(history[-50:]),
-        "log_tail": log.getvalue().splitlines()[-3:],
+        "label": label, "flags": flags, "bytes_per_covered_parameter": bytes_per_param,
+        "wall_s": time.perf_counter() - start, "loss": loss, "validation": validation[-1], "seed": seed,
+        "final_train_loss": sum(loss[-50:]) / len(loss[-50:]),
     }
 
 
@@ -107,7 +88,7 @@ def plot(results: dict, path: str) -> None:
     for name, r in results.items():
         loss = torch.tensor(r["loss"])
         smooth = torch.nn.functional.avg_pool1d(loss[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
-        style = "--" if name.startswith(("standard", "bf16", "torchao")) else "-"
+        style = "--" if name.startswith(("standard", "control")) else "-"
         for axis in (ax, ax_zoom):
             axis.plot(range(1, len(loss) + 1), smooth, style, label=r["label"], linewidth=1.2)
     ax.set(xlabel="iteration", ylabel="training loss (9-step mean)", title="tiny GPT on the Python stdlib (CPU)")

@@ -54,8 +54,8 @@ def config_argv(path: str, array: str) -> list[str]:
 
 def parse_config(argv: list[str]):
     """Megatron's parser with FORGE's flags, so that --use-forge and --forge-* in a config are understood."""
+    from forge_megatron.megatron.args import add_forge_args
     from forge_megatron.tools.memory import parse_megatron_args
-    from forge_megatron.training import add_forge_args
 
     return parse_megatron_args(argv, extra_args_provider=add_forge_args)
 

@@ -1,11 +1,14 @@
-"""The shipped configs parse and validate with Megatron's own argument code and FORGE's checks."""
+"""The shipped configs parse and validate with Megatron's own argument code and FORGE's checks,
+and every refusal is one message naming the flag to change."""
 
 import os
 import subprocess
+import sys
 
 import pytest
 
-from forge_megatron.training import add_forge_args, validate_forge_args
+from forge_megatron.megatron.args import add_forge_args, check_forge_args_before_megatron, validate_forge_args
+from forge_megatron.megatron.errors import ConfigurationError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -17,25 +20,26 @@ def config_args(script: str, array: str) -> list[str]:
 
 
 def parse(argv, world_size, monkeypatch):
-    import sys
-
+    """Megatron's parser and validation (no FORGE checks yet)."""
     from megatron.training.arguments import parse_args, validate_args
-
-    from forge_megatron.cli.pretrain_gpt import add_launcher_args
 
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    monkeypatch.setattr("megatron.training.arguments.get_device_arch_version", lambda: 9)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
-    args = parse_args(extra_args_provider=add_launcher_args)
+    args = parse_args(extra_args_provider=add_forge_args)
     validate_args(args)
     return args
+
+
+def tiny(*flags):
+    return config_args("configs/tiny_gpt_cpu.sh", "TINY_GPT_ARGS") + ["--use-forge", *flags]
 
 
 def test_llama3_8b_tp8_config(monkeypatch):
     from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    monkeypatch.setattr("megatron.training.arguments.get_device_arch_version", lambda: 9)
     args = parse(config_args("configs/llama3_8b_tp8.sh", "LLAMA3_8B_TP8_ARGS") + ["--mock-data"], 8, monkeypatch)
     assert (args.tensor_model_parallel_size, args.data_parallel_size, args.sequence_parallel) == (8, 1, True)
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_query_groups) == (32, 4096, 14336, 8)
@@ -45,35 +49,71 @@ def test_llama3_8b_tp8_config(monkeypatch):
 
 
 def test_tiny_cpu_config(monkeypatch):
-    args = parse(config_args("configs/tiny_gpt_cpu.sh", "TINY_GPT_ARGS") + ["--use-forge"], 1, monkeypatch)
-    assert args.forge_corpus == "stdlib" and args.num_layers == 4
+    args = parse(tiny(), 1, monkeypatch)
+    assert args.data_path == ["data/stdlib_text_document"] and args.num_layers == 4 and args.vocab_size == 257
+    assert validate_forge_args(args).rule == "adamw"
+
+
+REFUSALS = [
+    (["--global-batch-size", "16"], 1, "2 micro-batches per step.*--global-batch-size"),
+    (["--global-batch-size", "16"], 2, "data-parallel size 2.*--tensor-model-parallel-size"),
+    (["--fp16"], 1, "--fp16 needs a loss scaler.*use --bf16"),
+    (["--context-parallel-size", "2"], 2, "--context-parallel-size 1"),
+    (["--transformer-impl", "transformer_engine"], 1, "add --transformer-impl local"),
+    (["--calculate-per-token-loss"], 1, "drop --calculate-per-token-loss"),
+    (["--rerun-mode", "report_stats"], 1, "--rerun-mode report_stats re-runs every iteration"),
+    (["--check-for-spiky-loss"], 1, "--check-for-spiky-loss re-runs.*add --rerun-mode disabled"),
+    (["--check-for-large-grads"], 1, "--check-for-large-grads re-runs.*add --rerun-mode disabled"),
+    (["--mtp-num-layers", "1"], 1, "drop --mtp-num-layers"),
+    (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("flags, world_size, message", REFUSALS, ids=[" ".join(r[0]) for r in REFUSALS])
+def test_each_refusal_names_the_flag(flags, world_size, message, monkeypatch):
+    args = parse(tiny(*flags), world_size, monkeypatch)
+    with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+        validate_forge_args(args)
+
+
+def test_refusals_on_flags_megatron_sets_together(monkeypatch):
+    """Flags whose Megatron validation needs company: pipeline parallelism, experts, MLA, tied
+    output covered, --rerun-mode disabled lifting the spiky-loss refusal."""
+    args = parse(tiny("--pipeline-model-parallel-size", "2"), 2, monkeypatch)
+    with pytest.raises(ConfigurationError, match="--pipeline-model-parallel-size 1"):
+        validate_forge_args(args)
+    args = parse([a for a in tiny("--forge-cover-output-layer") if a != "--untie-embeddings-and-output-weights"], 1,
+                 monkeypatch)
+    with pytest.raises(ConfigurationError, match="add --untie-embeddings-and-output-weights"):
+        validate_forge_args(args)
+    args = parse(tiny("--num-experts", "2", "--moe-router-topk", "1"), 1, monkeypatch)
+    with pytest.raises(ConfigurationError, match="drop --num-experts"):
+        validate_forge_args(args)
+    args = parse([a for a in tiny() if a != "--no-gradient-accumulation-fusion"], 1, monkeypatch)
+    with pytest.raises(ConfigurationError, match="add --no-gradient-accumulation-fusion"):
+        validate_forge_args(args)
+    args = parse(tiny(), 1, monkeypatch)
+    args.ckpt_format = "torch_dcp"  # Megatron allows it with FSDP only, which FORGE refuses first
+    with pytest.raises(ConfigurationError, match="--ckpt-format torch_dcp does not carry.*use --ckpt-format torch_dist"):
+        validate_forge_args(args)
+    args = parse(tiny("--check-for-spiky-loss", "--rerun-mode", "disabled"), 1, monkeypatch)
     validate_forge_args(args)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--global-batch-size", "16"], "2 micro-batches per step.*--global-batch-size"),
-    (["--fp16"], "--bf16"),
-    (["--forge-cover-output-layer", "--untie-embeddings-and-output-weights"], None),
-])
-def test_validation_names_the_flag(flags, message, monkeypatch):
-    argv = config_args("configs/tiny_gpt_cpu.sh", "TINY_GPT_ARGS") + ["--use-forge", *flags]
-    args = parse(argv, 1, monkeypatch)
-    if message is None:
-        validate_forge_args(args)
-        return
-    with pytest.raises(ValueError, match=message):
-        validate_forge_args(args)
+def test_nothing_is_checked_without_use_forge(monkeypatch):
+    argv = [a for a in tiny("--fp16") if a != "--use-forge"]
+    assert validate_forge_args(parse(argv, 1, monkeypatch)) is None
 
 
-def test_data_parallel_and_tied_output_are_refused(monkeypatch):
-    argv = config_args("configs/tiny_gpt_cpu.sh", "TINY_GPT_ARGS") + ["--use-forge", "--global-batch-size", "16"]
-    args = parse(argv, 2, monkeypatch)  # 2 ranks, TP=1: data-parallel size 2
-    with pytest.raises(ValueError, match="data-parallel size 2.*--tensor-model-parallel-size"):
-        validate_forge_args(args)
-    argv = [a for a in config_args("configs/tiny_gpt_cpu.sh", "TINY_GPT_ARGS")
-            if a != "--untie-embeddings-and-output-weights"] + ["--use-forge", "--forge-cover-output-layer"]
-    with pytest.raises(ValueError, match="--untie-embeddings-and-output-weights"):
-        validate_forge_args(parse(argv, 1, monkeypatch))
+def test_forge_checks_run_before_megatrons_argument_dump(monkeypatch, capsys):
+    from megatron.training.arguments import parse_and_validate_args
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *tiny("--fp16")])
+    with pytest.raises(ConfigurationError), check_forge_args_before_megatron():
+        parse_and_validate_args(extra_args_provider=add_forge_args)
+    assert "arguments" not in capsys.readouterr().out
 
 
 def test_add_forge_args_defaults():

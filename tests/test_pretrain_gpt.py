@@ -1,52 +1,77 @@
-"""forge-pretrain-gpt end to end on CPU: --use-forge against the standard run, the lr/wd schedule,
-the three clipping modes, checkpoints across TP sizes, and resuming without FORGE state.
+"""forge-pretrain-gpt end to end on CPU, in Megatron's own training loop (megatron.training.pretrain):
+--use-forge against standard Megatron (its own optimizer) in each clipping mode at TP=1 and
+TP=2 + SP, the lr/wd schedule, checkpoints (resume bit for bit with the default clipping, both
+checkpoint formats, TP resharding, fresh FORGE state, --no-load-optim, --finetune), Megatron's
+--exit-interval / --save-interval / --tensorboard-dir, full recompute, the rerun guard and the
+command line's behaviour (--help, one-line refusals).
 
-Each run is a real CLI process (torchrun with 2 gloo ranks for TP=2) writing --forge-log-json;
-weights are compared through the torch_dist checkpoints the runs save.
+Each run is a real CLI process (torchrun with 2 gloo ranks for TP=2); per-iteration values come
+from Megatron's tensorboard log (float32), weights from the torch_dist checkpoints the runs save.
+Independent runs go two at a time.
 """
 
-import json
 import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from forge_megatron.tools.benchmarking import run_pretrain, tensorboard_records
+
 BASE = (
     "--num-layers 2 --hidden-size 64 --ffn-hidden-size 192 --num-attention-heads 4 --seq-length 32 "
     "--max-position-embeddings 32 --swiglu --normalization RMSNorm --position-embedding-type rope "
     "--disable-bias-linear --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 256 "
+    "--transformer-impl local --no-gradient-accumulation-fusion --no-rope-fusion --no-persist-layer-norm "
+    "--no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion "
     "--attention-dropout 0 --hidden-dropout 0 --micro-batch-size 4 --global-batch-size 4 --train-iters 20 "
     "--lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.1 --adam-beta2 0.95 "
-    "--forge-corpus stdlib --tokenizer-type NullTokenizer --vocab-size 256 --log-interval 5 --save-interval 1000 "
-    "--seed 1234"
+    "--split 90,10,0 --tokenizer-type NullTokenizer --vocab-size 257 --log-interval 5 --eval-interval 1000 "
+    "--eval-iters 1 --tensorboard-log-interval 1 --save-interval 20 --seed 1234"
 ).split()
 TOL = 1e-5  # fp32: the runs differ only by the wgrad GEMM's summation order and AdamW's roundings
+SDPA = ["--forge-core-attention", "sdpa"]  # applied to standard runs too: both attentions are covered
 
 
-def launch(workdir, name, *flags, tp=1):
-    """Run forge-pretrain-gpt; returns (per-iteration records, stdout)."""
-    log = os.path.join(workdir, f"{name}.jsonl")
-    argv = [*BASE, *flags, "--forge-log-json", log]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    if tp == 1:
-        cmd = [sys.executable, "-m", "forge_megatron.cli.pretrain_gpt", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp), "-m",
-               "forge_megatron.cli.pretrain_gpt", *argv, "--tensor-model-parallel-size", str(tp),
-               "--sequence-parallel"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    with open(log) as f:
-        return [json.loads(line) for line in f], proc.stdout
+class Run:
+    """One forge-pretrain-gpt run in its own folder: tensorboard log, checkpoints, output."""
+
+    def __init__(self, work, name, *flags, tp=1, expect_ok=True):
+        self.dir = os.path.join(work, name)
+        self.save = os.path.join(self.dir, "checkpoints")
+        self.name, self.flags, self.tp, self.expect_ok = name, list(flags), tp, expect_ok
+
+    def __call__(self, data):
+        tb = os.path.join(self.dir, "tensorboard")
+        argv = [*BASE, "--data-path", data, "--data-cache-path", os.path.join(self.dir, "cache"),
+                "--tensorboard-dir", tb, "--save", self.save, *self.flags]
+        if self.tp > 1:
+            argv += ["--tensor-model-parallel-size", str(self.tp), "--sequence-parallel"]
+        proc = run_pretrain(argv, nproc=self.tp, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        if self.expect_ok:
+            assert proc.returncode == 0, f"run {self.name}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
+            self.records = tensorboard_records(tb) if os.path.isdir(tb) else []
+        return self
+
+    def losses(self):
+        return {r["iteration"]: r["lm loss"] for r in self.records if "lm loss" in r}
+
+    def record(self, key):
+        return {r["iteration"]: r[key] for r in self.records if key in r}
 
 
-def checkpoint(save_dir):
-    """(plain full tensors, common state) of the latest checkpoint in `save_dir`."""
+def run_all(data, runs):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {name: future.result() for name, future in [(name, pool.submit(run, data)) for name, run in runs.items()]}
+
+
+def checkpoint(save_dir, iteration=None):
+    """(plain full tensors, common state) of a torch_dist checkpoint in `save_dir`."""
     from megatron.core import dist_checkpointing
 
     if not dist.is_initialized():  # dist_checkpointing reads through torch.distributed.checkpoint
@@ -54,8 +79,10 @@ def checkpoint(save_dir):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
-        path = os.path.join(save_dir, f"iter_{int(f.read()):07d}")
+    if iteration is None:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
+            iteration = int(f.read())
+    path = os.path.join(save_dir, f"iter_{iteration:07d}")
     tensors = dist_checkpointing.load_plain_tensors(path)  # also holds the common (non-tensor) state
     tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     return tensors, dist_checkpointing.load_common_state_dict(path)
@@ -65,144 +92,271 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("runs"))
-    out = {}
-    # The clipping runs use torch's fused attention (--forge-core-attention sdpa, applied to the
-    # standard run too), so that FORGE matching the standard run is shown with either attention.
-    sdpa = ["--forge-core-attention", "sdpa"]
-    for name, flags in [
-        ("standard", ["--clip-grad", "0"]),
-        ("forge", ["--use-forge", "--clip-grad", "0"]),
-        ("standard-clip", ["--clip-grad", "0.05", *sdpa]),
-        ("forge-two-pass", ["--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode", "two-pass", *sdpa]),
-        ("forge-stale", ["--use-forge", "--clip-grad", "0.05", *sdpa]),
-    ]:
-        save = os.path.join(work, name)
-        out[name] = (*launch(work, name, *flags, "--save", save), save)
-    out["work"] = work
-    return out
+def model_keys(tensors):
+    return [k for k in tensors if not k.startswith("optimizer.") and not k.startswith("rng_state")]
 
 
-def test_forge_fp32_matches_the_standard_run(runs):
-    (std, _, std_dir), (forge, stdout, forge_dir) = runs["standard"], runs["forge"]
-    assert "weight-gradient memory not allocated" in stdout
-    for a, b in zip(forge, std):
-        assert abs(a["lm loss"] - b["lm loss"]) <= TOL * abs(b["lm loss"]), (a["iteration"], a, b)
-    weights, _ = checkpoint(forge_dir)
-    reference, _ = checkpoint(std_dir)
-    model_keys = [k for k in reference if not k.startswith("optimizer.")]
-    assert any("linear_fc1" in k for k in model_keys)
-    for key in model_keys:
-        assert rel(weights[key], reference[key]) <= TOL, key
-
-
-def test_forge_uses_the_lr_and_weight_decay_megatrons_scheduler_gives(runs):
-    std, forge = runs["standard"][0], runs["forge"][0]
-    lrs = [r["lr"] for r in std]
-    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3) and lrs[-1] < lrs[10]  # warmup, then cosine decay
-    for a, b in zip(forge, std):
-        assert all(lr == b["lr"] and wd == b["weight_decay"] for lr, wd in a["forge lr, wd"]), a["iteration"]
-
-
-def test_two_pass_clipping_matches_the_standard_clipped_run(runs):
-    std, forge = runs["standard-clip"][0], runs["forge-two-pass"][0]
-    assert all(r["grad norm"] > 0.05 for r in std)  # clipping was active at every step
-    for a, b in zip(forge, std):
-        assert abs(a["lm loss"] - b["lm loss"]) <= TOL * abs(b["lm loss"])
-        assert abs(a["grad norm"] - b["grad norm"]) <= TOL * b["grad norm"]
-        assert a["forge grad scale"] == pytest.approx(0.05 / (b["grad norm"] + 1e-6), rel=TOL)
-    weights, _ = checkpoint(runs["forge-two-pass"][2])
-    reference, _ = checkpoint(runs["standard-clip"][2])
-    for key in (k for k in reference if not k.startswith("optimizer.")):
-        assert rel(weights[key], reference[key]) <= TOL, key
-
-
-def test_stale_clipping_uses_the_previous_steps_global_norm(runs):
-    forge = runs["forge-stale"][0]
-    assert forge[0]["forge grad scale"] == 1.0  # no previous norm at the first step
-    for previous, current in zip(forge, forge[1:]):
-        expected = min(1.0, 0.05 / (previous["grad norm"] + 1e-6))
-        assert current["forge grad scale"] == pytest.approx(expected, rel=1e-12)
-
-
-def _forge_state(tensors):
+def forge_state(tensors):
     return {k: v for k, v in tensors.items() if k.startswith("optimizer.forge.")}
 
 
+def forge_steps(common):
+    return {entry["step"] for name, entry in common["optimizer"]["forge"].items() if name != "__controller__"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from forge_megatron.megatron.data import write_stdlib_dataset
+
+    return write_stdlib_dataset(str(tmp_path_factory.mktemp("data") / "stdlib"), max_bytes=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    work = str(tmp_path_factory.mktemp("runs"))
+    first = run_all(data, {
+        "standard": Run(work, "standard", "--clip-grad", "0", "--save-interval", "20"),
+        "forge": Run(work, "forge", "--use-forge", "--clip-grad", "0", "--save-interval", "20"),
+        "forge-stale-inactive": Run(work, "forge-stale-inactive", "--use-forge", "--clip-grad", "1e9"),
+        "standard-clip": Run(work, "standard-clip", "--clip-grad", "0.05", "--save-interval", "20", *SDPA),
+        "forge-two-pass": Run(work, "forge-two-pass", "--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode",
+                              "two-pass", "--save-interval", "20", *SDPA),
+        "forge-stale": Run(work, "forge-stale", "--use-forge", "--clip-grad", "0.05", "--save-interval", "10"),
+        "standard-tp2": Run(work, "standard-tp2", "--clip-grad", "0", "--save-interval", "20", tp=2),
+        "forge-tp2": Run(work, "forge-tp2", "--use-forge", "--clip-grad", "0", "--save-interval", "20", tp=2),
+        "standard-clip-tp2": Run(work, "standard-clip-tp2", "--clip-grad", "0.05", *SDPA, tp=2),
+        "forge-two-pass-tp2": Run(work, "forge-two-pass-tp2", "--use-forge", "--clip-grad", "0.05",
+                                  "--forge-clip-grad-mode", "two-pass", *SDPA, tp=2),
+        "forge-recompute": Run(work, "forge-recompute", "--use-forge", "--clip-grad", "0", "--save-interval", "20",
+                               "--recompute-granularity", "full", "--recompute-method", "uniform",
+                               "--recompute-num-layers", "1"),
+        "int8-tp2": Run(work, "int8-tp2", "--use-forge", "--forge-state-dtype", "int8", "--clip-grad", "0",
+                        "--train-iters", "3", "--lr-warmup-iters", "1", "--save-interval", "3", tp=2),
+        "torch-format-10": Run(work, "torch-format-10", "--use-forge", "--clip-grad", "0.05", "--ckpt-format",
+                               "torch", "--exit-interval", "10"),
+    })
+    stale = first["forge-stale"].save
+    second = run_all(data, {
+        # resume the default-clipping run from iteration 10; --exit-interval stops (and saves) at 15
+        "resume-15": Run(work, "resume-15", "--use-forge", "--clip-grad", "0.05", "--load", stale, "--ckpt-step",
+                         "10", "--exit-interval", "15"),
+        "torch-format-20": Run(work, "torch-format-20", "--use-forge", "--clip-grad", "0.05", "--ckpt-format", "torch",
+                               "--load", first["torch-format-10"].save),
+        "reshard-tp2-to-tp1": Run(work, "reshard-tp2-to-tp1", "--use-forge", "--load", first["forge-tp2"].save,
+                                  "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save",
+                                  os.path.join(work, "reshard-tp2-to-tp1", "converted")),
+        "reshard-tp1-to-tp2": Run(work, "reshard-tp1-to-tp2", "--use-forge", "--load", first["forge"].save,
+                                  "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save",
+                                  os.path.join(work, "reshard-tp1-to-tp2", "converted"), tp=2),
+        "int8-tp1": Run(work, "int8-tp1", "--use-forge", "--forge-state-dtype", "int8", "--train-iters", "3",
+                        "--lr-warmup-iters", "1", "--load", first["int8-tp2"].save, "--ckpt-convert-format", "torch_dist",
+                        "--ckpt-convert-save", os.path.join(work, "int8-tp1", "converted")),
+        "forge-from-standard": Run(work, "forge-from-standard", "--use-forge", "--clip-grad", "0", "--train-iters",
+                                   "21", "--override-opt-param-scheduler", "--load", first["standard"].save),
+        "no-load-optim": Run(work, "no-load-optim", "--use-forge", "--clip-grad", "0", "--train-iters", "21",
+                             "--override-opt-param-scheduler", "--load", first["forge"].save, "--no-load-optim"),
+        "finetune": Run(work, "finetune", "--use-forge", "--clip-grad", "0", "--train-iters", "6", "--load",
+                        first["forge"].save, "--finetune"),
+    })
+    third = run_all(data, {"resume-20": Run(work, "resume-20", "--use-forge", "--clip-grad", "0.05", "--load",
+                                            second["resume-15"].save)})
+    return {**first, **second, **third}
+
+
+def assert_same_training(forge, standard):
+    """Loss at every iteration and every model weight at the end within TOL (relative)."""
+    a, b = forge.losses(), standard.losses()
+    assert sorted(a) == list(range(1, 21)) and a.keys() == b.keys()
+    for i in a:
+        assert abs(a[i] - b[i]) <= TOL * abs(b[i]), (i, a[i], b[i])
+    weights, _ = checkpoint(forge.save)
+    reference, _ = checkpoint(standard.save)
+    keys = model_keys(reference)
+    assert any("linear_fc1" in k for k in keys)
+    for key in keys:
+        assert rel(weights[key], reference[key]) <= TOL, key
+
+
+def test_forge_without_clipping_matches_standard_megatron(runs):
+    assert "weight-gradient memory not allocated" in runs["forge"].stdout + runs["forge"].stderr
+    assert_same_training(runs["forge"], runs["standard"])
+
+
+def test_forge_matches_standard_megatron_at_tp2_with_sequence_parallelism(runs):
+    assert_same_training(runs["forge-tp2"], runs["standard-tp2"])
+
+
+def test_two_pass_clipping_matches_the_standard_clipped_run(runs):
+    for forge, standard in (("forge-two-pass", "standard-clip"), ("forge-two-pass-tp2", "standard-clip-tp2")):
+        std, fg = runs[standard], runs[forge]
+        norms = std.record("grad-norm")
+        assert len(norms) == 20 and all(n > 0.05 for n in norms.values())  # clipping was active at every step
+        for i, norm in fg.record("grad-norm").items():
+            assert abs(norm - norms[i]) <= TOL * norms[i]
+            assert fg.record("forge/grad-scale")[i] == pytest.approx(0.05 / (norms[i] + 1e-6), rel=TOL)
+        assert_same_training(fg, std)
+
+
+def test_stale_clipping_uses_the_previous_steps_global_norm(runs):
+    forge = runs["forge-stale"]
+    scale, norm = forge.record("forge/grad-scale"), forge.record("grad-norm")
+    assert scale[1] == 1.0  # no previous norm at the first step
+    assert any(s < 1.0 for s in scale.values())
+    for i in range(2, 21):
+        assert scale[i] == pytest.approx(min(1.0, 0.05 / (norm[i - 1] + 1e-6)), rel=1e-6), i
+
+
+def test_stale_clipping_that_never_triggers_matches_standard_megatron(runs):
+    a, b = runs["forge-stale-inactive"].losses(), runs["standard"].losses()
+    assert set(runs["forge-stale-inactive"].record("forge/grad-scale").values()) == {1.0}
+    assert all(abs(a[i] - b[i]) <= TOL * abs(b[i]) for i in b) and len(a) == 20
+
+
+def test_forge_follows_megatrons_lr_and_weight_decay_schedule(runs):
+    forge, std = runs["forge"], runs["standard"]
+    lrs = std.record("learning-rate")
+    assert lrs[1] < lrs[5] and max(lrs.values()) == pytest.approx(3e-3) and lrs[20] < lrs[10]  # warmup, cosine
+    assert forge.record("learning-rate") == lrs
+    # FORGE logs the lr its step used; Megatron logs the lr its scheduler set after the step
+    forge_lrs = forge.record("forge/learning-rate")
+    assert forge_lrs[1] == 0.0 and all(forge_lrs[i] == lrs[i - 1] for i in range(2, 21))
+    assert all(wd == pytest.approx(0.1) for wd in forge.record("forge/weight-decay").values())
+
+
+def test_resume_with_the_default_clipping_is_bit_exact(runs):
+    """Saved at 10, resumed, stopped by --exit-interval at 15 (saving), resumed again to 20: every
+    later iteration's loss and every final tensor (model and FORGE state) as in the uninterrupted
+    run. The stale norm travels in the checkpoint, so the first resumed step clips as the
+    uninterrupted one did."""
+    reference = runs["forge-stale"].losses()
+    resumed = {**runs["resume-15"].losses(), **runs["resume-20"].losses()}
+    assert sorted(runs["resume-15"].losses()) == list(range(11, 16))  # --exit-interval 15
+    assert sorted(resumed) == list(range(11, 21))
+    assert all(resumed[i] == reference[i] for i in resumed), (resumed, reference)
+    assert runs["resume-15"].record("forge/grad-scale")[11] == runs["forge-stale"].record("forge/grad-scale")[11] < 1
+    assert sorted(os.listdir(runs["forge-stale"].save)) == ["iter_0000010", "iter_0000020",
+                                                            "latest_checkpointed_iteration.txt"]  # --save-interval
+    final, common = checkpoint(runs["resume-20"].save)
+    uninterrupted, common_ref = checkpoint(runs["forge-stale"].save)
+    assert final.keys() == uninterrupted.keys() and forge_state(final)
+    for key in final:
+        assert torch.equal(final[key], uninterrupted[key]), key
+    assert common["optimizer"]["forge"] == common_ref["optimizer"]["forge"]
+
+
+def test_resume_in_the_torch_checkpoint_format_is_bit_exact(runs):
+    reference = runs["forge-stale"].losses()
+    first, second = runs["torch-format-10"].losses(), runs["torch-format-20"].losses()
+    assert sorted(first) == list(range(1, 11)) and sorted(second) == list(range(11, 21))
+    assert all(v == reference[i] for i, v in {**first, **second}.items())
+    saved = torch.load(os.path.join(runs["torch-format-10"].save, "iter_0000010", "mp_rank_00", "model_optim_rng.pt"),
+                       weights_only=False)
+    forge = saved["optimizer"]["forge"]
+    assert forge["__controller__"]["grad_norm"] > 0
+    assert {entry["step"] for name, entry in forge.items() if name != "__controller__"} == {10}
+
+
 def test_checkpoints_reshard_forge_state_between_tp_sizes(runs):
-    work = runs["work"]
-    tp1_dir = runs["forge"][2]
-    # TP=1 -> TP=2: load, train no further, save; the FORGE state must come back unchanged.
-    launch(work, "tp2-from-tp1", "--use-forge", "--clip-grad", "0", "--load", tp1_dir,
-           "--save", os.path.join(work, "tp2-from-tp1"), tp=2)
-    # TP=2 -> TP=1, from a run trained at TP=2.
-    launch(work, "tp2", "--use-forge", "--clip-grad", "0", "--train-iters", "6",
-           "--save", os.path.join(work, "tp2"), tp=2)
-    launch(work, "tp1-from-tp2", "--use-forge", "--clip-grad", "0", "--train-iters", "6",
-           "--load", os.path.join(work, "tp2"), "--save", os.path.join(work, "tp1-from-tp2"))
-    for saved, resaved in [(tp1_dir, "tp2-from-tp1"), (os.path.join(work, "tp2"), "tp1-from-tp2")]:
-        (a, common_a), (b, common_b) = checkpoint(saved), checkpoint(os.path.join(work, resaved))
-        state_a, state_b = _forge_state(a), _forge_state(b)
+    for saved, converted in ((runs["forge-tp2"].save, "reshard-tp2-to-tp1"), (runs["forge"].save, "reshard-tp1-to-tp2")):
+        (a, common_a) = checkpoint(saved)
+        (b, common_b) = checkpoint(os.path.join(runs[converted].dir, "converted", "torch_dist"))
+        state_a, state_b = forge_state(a), forge_state(b)
         assert len(state_a) == 2 * 4  # exp_avg, exp_avg_sq of qkv, proj, fc1, fc2 (layers stacked in one key)
         assert state_a.keys() == state_b.keys()
-        for key in state_a:
-            assert torch.equal(state_a[key], state_b[key]), key
-        assert common_a["forge"] == common_b["forge"]  # the step counts
+        for key in [*state_a, *model_keys(a)]:
+            assert torch.equal(a[key], b[key]), key
+        assert common_a["optimizer"]["forge"] == common_b["optimizer"]["forge"]  # steps and the stale norm
 
 
 def test_int8_state_checkpoints_reshard_between_tp_sizes(runs):
     """8-bit codes and their block scales (one per 32 columns) round-trip TP=2 -> TP=1."""
-    work = runs["work"]
-    flags = ["--use-forge", "--forge-state-dtype", "int8", "--clip-grad", "0", "--train-iters", "3", "--lr-warmup-iters", "1"]
-    launch(work, "int8-tp2", *flags, "--save", os.path.join(work, "int8-tp2"), tp=2)
-    launch(work, "int8-tp1", *flags, "--load", os.path.join(work, "int8-tp2"), "--save", os.path.join(work, "int8-tp1"))
-    (a, _), (b, _) = checkpoint(os.path.join(work, "int8-tp2")), checkpoint(os.path.join(work, "int8-tp1"))
-    state_a, state_b = _forge_state(a), _forge_state(b)
+    a, _ = checkpoint(runs["int8-tp2"].save)
+    b, _ = checkpoint(os.path.join(runs["int8-tp1"].dir, "converted", "torch_dist"))
+    state_a, state_b = forge_state(a), forge_state(b)
     assert any(k.startswith("optimizer.forge.exp_avg.scale") for k in state_a) and state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
 
 
 def test_resuming_without_forge_state_starts_it_fresh(runs):
-    work = runs["work"]
-    records, stdout = launch(work, "forge-from-standard", "--use-forge", "--clip-grad", "0", "--train-iters", "21",
-                             "--override-opt-param-scheduler",
-                             "--load", runs["standard"][2], "--save", os.path.join(work, "forge-from-standard"))
-    assert "checkpoint holds no FORGE state" in stdout and "FORGE state starts fresh" in stdout
-    assert [r["iteration"] for r in records] == [21]
-    _, common = checkpoint(os.path.join(work, "forge-from-standard"))
-    assert {entry["step"] for entry in common["forge"].values()} == {1}
+    run = runs["forge-from-standard"]
+    assert "checkpoint holds no FORGE state" in run.stdout + run.stderr
+    assert sorted(run.losses()) == [21]
+    _, common = checkpoint(run.save)
+    assert forge_steps(common) == {1}
 
 
 def test_no_load_optim_and_finetune(runs):
-    work = runs["work"]
-    forge_dir = runs["forge"][2]
-    records, _ = launch(work, "no-load-optim", "--use-forge", "--clip-grad", "0", "--train-iters", "21",
-                        "--override-opt-param-scheduler", "--load",
-                        forge_dir, "--no-load-optim", "--save", os.path.join(work, "no-load-optim"))
-    assert [r["iteration"] for r in records] == [21]  # the iteration count resumes
-    _, common = checkpoint(os.path.join(work, "no-load-optim"))
-    assert {entry["step"] for entry in common["forge"].values()} == {1}  # FORGE state is optimizer state
-    records, _ = launch(work, "finetune", "--use-forge", "--clip-grad", "0", "--train-iters", "6", "--load",
-                        forge_dir, "--finetune", "--save", os.path.join(work, "finetune"))
-    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]  # the iteration count restarts
-    _, common = checkpoint(os.path.join(work, "finetune"))
-    assert {entry["step"] for entry in common["forge"].values()} == {6}
+    assert sorted(runs["no-load-optim"].losses()) == [21]  # the iteration count resumes
+    _, common = checkpoint(runs["no-load-optim"].save)
+    assert forge_steps(common) == {1}  # FORGE state is optimizer state
+    assert sorted(runs["finetune"].losses()) == [1, 2, 3, 4, 5, 6]  # the iteration count restarts
+    _, common = checkpoint(runs["finetune"].save)
+    assert forge_steps(common) == {6}
 
 
 def test_activation_recompute_updates_once_per_backward(runs):
     """Full recompute re-runs each layer's forward inside backward; FORGE's update lives in the
     backward of its autograd function, so it still fires once per weight and step: the same bits
     as the run without recompute."""
-    work = runs["work"]
-    records, _ = launch(work, "forge-recompute", "--use-forge", "--clip-grad", "0", "--recompute-granularity", "full",
-                        "--recompute-method", "uniform", "--recompute-num-layers", "1",
-                        "--save", os.path.join(work, "forge-recompute"))
-    assert [r["lm loss"] for r in records] == [r["lm loss"] for r in runs["forge"][0]]
-    weights, common = checkpoint(os.path.join(work, "forge-recompute"))
-    reference, _ = checkpoint(runs["forge"][2])
-    assert {entry["step"] for entry in common["forge"].values()} == {20}
-    for key in reference:
+    assert runs["forge-recompute"].losses() == runs["forge"].losses()
+    weights, common = checkpoint(runs["forge-recompute"].save)
+    reference, _ = checkpoint(runs["forge"].save)
+    assert forge_steps(common) == {20}
+    for key in model_keys(reference) + list(forge_state(reference)):
         assert torch.equal(weights[key], reference[key]), key
+
+
+def test_checkpoint_has_forge_state_honours_ckpt_step(runs, tmp_path):
+    """A checkpoint folder whose iteration 10 is a standard run's and whose latest (20) is a FORGE
+    run's: the check follows --ckpt-step. (In a fresh process: Megatron's checkpoint code needs
+    the CPU shims.)"""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    os.symlink(os.path.join(runs["standard"].save, "iter_0000020"), mixed / "iter_0000010")
+    os.symlink(os.path.join(runs["forge"].save, "iter_0000020"), mixed / "iter_0000020")
+    (mixed / "latest_checkpointed_iteration.txt").write_text("20")
+    script = (
+        "import argparse, sys, torch.distributed as dist\n"
+        "from forge_megatron.megatron.cpu import enable_megatron_on_cpu\n"
+        "from forge_megatron.megatron.checkpoint import checkpoint_has_forge_state\n"
+        "enable_megatron_on_cpu()\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:' + sys.argv[2], rank=0, world_size=1)\n"
+        "print([checkpoint_has_forge_state(argparse.Namespace(load=sys.argv[1], ckpt_step=step))"
+        " for step in (None, 10, 20)])\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-c", script, str(mixed), port], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[True, False, True]"
+
+
+def test_a_rerun_of_an_updated_iteration_is_refused(data, tmp_path):
+    """Megatron's rerun state machine re-runs an iteration whose result fails validation (here an
+    injected failure); FORGE has already updated the weights and says so instead of updating twice."""
+    run = Run(str(tmp_path), "rerun", "--use-forge", "--train-iters", "4", "--lr-warmup-iters", "1",
+              "--error-injection-rate", "1",
+              "--error-injection-type", "transient_error", expect_ok=False)(data)
+    assert run.returncode != 0
+    assert "ran its forward and backward a second time" in run.stderr and "--rerun-mode disabled" in run.stderr
+
+
+def test_help_lists_forge_flags():
+    proc = run_pretrain(["--help"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--use-forge" in proc.stdout and "--forge-clip-grad-mode" in proc.stdout and "--lr " in proc.stdout
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_refusal_is_one_line_on_rank_0(data, tmp_path, nproc):
+    argv = [*BASE, "--data-path", data, "--use-forge", "--fp16", "--tensor-model-parallel-size", str(nproc)]
+    proc = run_pretrain(argv, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["forge-pretrain-gpt: error: --use-forge: --fp16 needs a loss scaler that unscales gradients "
+                      "or skips steps after the backward pass, which is too late for an update inside it; use --bf16"]
+    assert "-- arguments --" not in proc.stdout  # FORGE's checks run before Megatron's argument dump
+    # no rank prints a traceback (under torchrun, torchrun itself then reports the failed child)
+    assert proc.stderr.count("Traceback (most recent call last)") == (0 if nproc == 1 else 1)
+    assert nproc == 1 or "ChildFailedError" in proc.stderr

@@ -58,8 +58,8 @@ def test_bench_memory_compares_measurements_with_the_model():
     budget = 24 * 2**30
 
     def fake_measure(flags, micro_batch):  # a device where the model is exact and 24 GiB fit
+        from forge_megatron.megatron.args import add_forge_args
         from forge_megatron.tools import memory
-        from forge_megatron.training import add_forge_args
 
         peak = memory.rank_memory(memory.parse_megatron_args(flags, extra_args_provider=add_forge_args),
                                   micro_batch, reserve_gib=0).total

@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     # Megatron's tensor-parallel overlap (and FORGE's: the dgrad collective is issued before the
     # fused update) needs kernels launched in program order; Megatron refuses TP > 1 without it.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    with exit_on_configuration_error():
+    with exit_on_configuration_error(validating=True):
         if not torch.cuda.is_available():
             from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
             enable_megatron_on_cpu()
         args = parse_arguments(argv)
         model_cfg = model_config(args)
+    with exit_on_configuration_error():  # refusals met while building the model or checkpointing
         train(args, model_cfg)
 
 

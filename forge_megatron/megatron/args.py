@@ -140,6 +140,9 @@ def _refusals(args):
     yield getattr(args, "calculate_per_token_loss", False) and (
         "--calculate-per-token-loss divides the gradients by the step's token count after backward, when "
         "FORGE has already applied them; drop --calculate-per-token-loss")
+    yield (getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False)) and (
+        "FSDP shards each weight across data-parallel ranks and gathers its gradient there, while FORGE updates "
+        "whole local weights inside backward; drop --use-torch-fsdp2 / --use-megatron-fsdp")
     yield (args.ckpt_format not in CHECKPOINT_FORMATS) and (
         f"--ckpt-format {args.ckpt_format} does not carry FORGE's optimizer state; use --ckpt-format torch_dist")
     rerun_mode = getattr(args, "rerun_mode", "disabled")
@@ -163,10 +166,10 @@ def check_forge_args_before_megatron():
 
     validate_args, print_args = arguments.validate_args, arguments._print_args
 
-    def validate_then_check(args, defaults={}):
+    def validate_then_check(args, defaults=None):
         arguments._print_args = lambda *unused: None
         try:
-            validate_args(args, defaults)
+            validate_args(args, defaults or {})
         finally:
             arguments._print_args = print_args
         validate_forge_args(args)

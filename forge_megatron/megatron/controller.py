@@ -51,9 +51,6 @@ class ForgeController:
         self.nonfinite_streak = 0  # consecutive iterations with non-finite values
         self.skip = False  # this iteration's updates are skipped (two-pass: nothing was written)
         self._iteration = None  # the iteration whose backward FORGE last ran
-        logger.info("FORGE covers %d weights (%s parameters on this rank), rule %s, clipping %s%s",
-                    len(self.params), f"{self.num_parameters():,}", self.params[0].config.rule, self.clip_mode,
-                    "" if self.clip_mode == "off" else f" at {self.clip_grad}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for _, p in self.named)
@@ -165,7 +162,10 @@ class ForgeController:
         if writer is not None:
             writer.add_scalar("forge/grad-scale", float(self.params[0].grad_scale), iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
-            writer.add_scalar("forge/learning-rate", self.params[0].state.hyperparameters["lr"], iteration)
+            hyperparameters = self.params[0].state.hyperparameters
+            writer.add_scalar("forge/learning-rate", hyperparameters["lr"], iteration)
+            if "weight_decay" in hyperparameters:
+                writer.add_scalar("forge/weight-decay", hyperparameters["weight_decay"], iteration)
 
     # -- norms --------------------------------------------------------------------------------------
 

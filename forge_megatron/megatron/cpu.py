@@ -15,9 +15,12 @@ One shim per CUDA assumption met on the way, each applied only when no CUDA devi
   7. DDP is built under a fresh `torch.cuda.Stream()` and syncs on streams -> streams that do
      nothing (CPU collectives are synchronous);
   8. `torch.cuda.synchronize`, `empty_cache` and the memory counters Megatron's timers and logs
-     read -> no-ops and zeros;
+     read -> no-ops, and the counters of the memory tracker set with `set_memory_counter` (live
+     tensor bytes; zeros without one);
   9. argument validation asks the GPU's architecture (TP > 1) -> 0;
- 10. gradient clipping asserts that gradients are 'torch.cuda.FloatTensor' -> it checks the dtype;
+ 10. Megatron's mixed-precision and distributed optimizers and its gradient clipping check tensors
+     by their CUDA type names ('torch.cuda.FloatTensor', ...) -> within them a CPU tensor's
+     `.type()` answers with the CUDA name of its dtype;
  13. the JIT warm-up runs Megatron's fused bias-activation and bias-dropout-add functions on
      "cuda" tensors, which torch.compile builds for the CPU in ~30 s -> skipped (a fusion the model
      uses still compiles on first use);
@@ -93,8 +96,8 @@ def enable_megatron_on_cpu() -> None:
     torch.nn.Module.cuda = lambda self, device=None: self
     # 9. argument validation
     arguments.get_device_arch_version = lambda: 0
-    # 10. clip_grads' type assertion
-    _accept_cpu_grads_in_clipping()
+    # 10. type-name checks in optimizers and clipping
+    _accept_cpu_tensors_in_type_checks()
     # 11. sequence-parallel norms
     _tag_sequence_parallel_norms()
     _ENABLED = True
@@ -127,13 +130,39 @@ class _CudaWithoutGpu(types.SimpleNamespace):
         return getattr(torch.cuda, name)
 
 
+_MEMORY = types.SimpleNamespace(counter=None)  # an object with .current and .peak bytes, or None
+
+
+def set_memory_counter(counter) -> None:
+    """8. Let the memory counters Megatron reads report `counter` (e.g. a LiveTensorMemory)."""
+    _MEMORY.counter = counter
+
+
+def _allocated(device=None) -> int:
+    return 0 if _MEMORY.counter is None else _MEMORY.counter.current
+
+
+def _max_allocated(device=None) -> int:
+    return 0 if _MEMORY.counter is None else _MEMORY.counter.peak
+
+
+def _reset_peak(device=None) -> None:
+    if _MEMORY.counter is not None:
+        _MEMORY.counter.peak = _MEMORY.counter.current
+
+
+def _memory_stats(device=None) -> dict:
+    return {"reserved_bytes.all.current": _allocated(), "allocated_bytes.all.current": _allocated(),
+            "allocated_bytes.all.peak": _max_allocated(), "allocation.all.current": 0}
+
+
 _CUDA = _CudaWithoutGpu(
     device_count=lambda: 1, set_device=lambda device: None, current_device=lambda: "cpu",
     Stream=lambda *args, **kwargs: _NULL_STREAM, current_stream=lambda device=None: _NULL_STREAM,
     stream=lambda stream=None: contextlib.nullcontext(), synchronize=lambda device=None: None,
-    empty_cache=lambda: None, memory_allocated=lambda device=None: 0, max_memory_allocated=lambda device=None: 0,
-    memory_reserved=lambda device=None: 0, max_memory_reserved=lambda device=None: 0,
-    memory_stats=lambda device=None: {}, reset_peak_memory_stats=lambda device=None: None,
+    empty_cache=lambda: None, memory_allocated=_allocated, max_memory_allocated=_max_allocated,
+    memory_reserved=_allocated, max_memory_reserved=_max_allocated, memory_stats=_memory_stats,
+    reset_peak_memory_stats=_reset_peak,
 )
 
 
@@ -157,33 +186,37 @@ def _on_cpu(factory, *args, **kwargs):
     return factory(*args, **kwargs)
 
 
-def _accept_cpu_grads_in_clipping() -> None:
-    from megatron.core.optimizer import clip_grads
-
-    clip_by_total_norm = clip_grads.clip_grad_by_total_norm_fp32
-
-    @functools.wraps(clip_by_total_norm)
-    def clip_grad_by_total_norm_fp32(parameters, *args, **kwargs):
-        grads = [p.grad for p in (parameters if isinstance(parameters, list) else [parameters]) if p.grad is not None]
-        if any(g.dtype != torch.float32 for g in grads):
-            raise TypeError("gradient clipping expects fp32 gradients")
-        with _cuda_type_names():
-            return clip_by_total_norm(parameters, *args, **kwargs)
-
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+def _accept_cpu_tensors_in_type_checks() -> None:
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
     from megatron.core.optimizer import optimizer as optimizer_module
 
-    optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer_module.clip_grad_by_total_norm_fp32 = clip
+    for cls in (optimizer_module.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
+                    torch.float16: "torch.cuda.HalfTensor"}
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @contextlib.contextmanager
 def _cuda_type_names():
-    """Within, a CPU float tensor's `.type()` answers 'torch.cuda.FloatTensor'."""
+    """Within, a CPU floating tensor's `.type()` answers with the CUDA type name of its dtype."""
     original = torch.Tensor.type
 
     def type_(self, dtype=None, *args, **kwargs):
-        if dtype is None and self.device.type == "cpu" and self.dtype == torch.float32:
-            return "torch.cuda.FloatTensor"
+        if dtype is None and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
         return original(self, dtype, *args, **kwargs)
 
     torch.Tensor.type = type_

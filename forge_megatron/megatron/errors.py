@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 
 
@@ -12,13 +13,22 @@ class ConfigurationError(ValueError):
 
 
 @contextmanager
-def exit_on_configuration_error(prog: str = "forge-pretrain-gpt"):
-    """Turn a ConfigurationError, or one of the assertions Megatron's argument validation makes,
-    into one line on rank 0 (every rank exits with status 2, none prints a traceback)."""
+def exit_on_configuration_error(validating: bool = False, prog: str = "forge-pretrain-gpt"):
+    """Turn a ConfigurationError into one line on rank 0 (every rank exits with status 2, none
+    prints a traceback); while `validating` the arguments, so is a failed assertion of Megatron's
+    argument validation."""
+    caught = (ConfigurationError, AssertionError) if validating else ConfigurationError
     try:
         yield
-    except (ConfigurationError, AssertionError) as error:
+    except caught as error:
         if int(os.environ.get("RANK", "0")) == 0:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+            message = str(error).strip().splitlines()[0] if str(error).strip() else _where(error)
+            sys.stderr.write(f"{prog}: error: {message}\n")  # one write: ranks share the stream
+            sys.stderr.flush()
         raise SystemExit(2) from None
+
+
+def _where(error: BaseException) -> str:
+    """A message-less assertion, named by where it failed."""
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__} at {frame.filename}:{frame.lineno}: {frame.line}"

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from megatron.core.utils import log_single_rank
+
 from forge_megatron.megatron import checkpoint
 from forge_megatron.megatron.args import add_forge_args, validate_forge_args
 from forge_megatron.megatron.controller import ForgeController
@@ -70,10 +72,17 @@ def _pre_wrap_hook(model_chunks):
         for chunk in model_chunks:
             cover_output_layer(chunk, forge)
     optimizer_config, overrides = get_megatron_optimizer_config(args)
-    _STATE["controller"] = ForgeController(
+    controller = ForgeController(
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,
         max_nonfinite_iterations=args.forge_max_nonfinite_iterations,
         model_parallel_group=parallel_state.get_model_parallel_group())
+    _STATE["controller"] = controller
+    grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
+    total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
+    log_single_rank(logger, logging.INFO,
+                    f"FORGE: {len(controller.params)} weights, {controller.num_parameters():,} of {total:,} parameters "
+                    f"on this rank, rule {controller.params[0].config.rule}, clipping {controller.clip_mode}; "
+                    f"weight-gradient memory not allocated: {controller.num_parameters() * grad_bytes / 2**20:.2f} MiB")
     return model_chunks
 
 

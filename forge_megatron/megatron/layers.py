@@ -17,8 +17,8 @@ from __future__ import annotations
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
-from forge_megatron.megatron.autograd import forge_linear
 from forge_megatron.core.param import ForgeConfig, ForgeParam
+from forge_megatron.megatron.autograd import forge_linear
 
 
 class _ForgeLinear:

@@ -17,9 +17,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from forge_megatron.core.param import ForgeConfig
 from forge_megatron.megatron.attention import with_core_attention
 from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
-from forge_megatron.core.param import ForgeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -120,17 +120,79 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def pretrain_records(argv: list[str]) -> list[dict] | None:
-    """Run forge-pretrain-gpt in a fresh process (so an out-of-memory run cannot poison the
-    caller); its per-iteration --forge-log-json records, or None if it failed."""
+def pretrain_records(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False,
+                     env: dict | None = None) -> list[dict] | None:
+    """Run forge-pretrain-gpt (Megatron's loop) in fresh processes, `nproc` of them under
+    torchrun, so that an out-of-memory run cannot poison the caller; its per-iteration records
+    from Megatron's own tensorboard log (see `tensorboard_records`), or None if it failed.
+    Megatron logs every iteration: "iteration-time" (seconds, from the second iteration) and its
+    memory counters ("mem-max-allocated-bytes": the peak so far). `measure_cpu_memory` runs it
+    under LiveTensorMemory on a machine without CUDA, so that those counters are live tensor bytes."""
     with tempfile.TemporaryDirectory() as tmp:
-        log = os.path.join(tmp, "log.jsonl")
-        cmd = [sys.executable, "-m", "forge_megatron.cli.pretrain_gpt", *argv, "--forge-log-json", log]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(log):
+        logging = ["--tensorboard-dir", tmp, "--tensorboard-log-interval", "1", "--log-interval", "1",
+                   "--log-timers-to-tensorboard", "--log-memory-to-tensorboard"]
+        proc = run_pretrain([*argv, *logging], nproc=nproc, measure_cpu_memory=measure_cpu_memory, env=env)
+        if proc.returncode != 0:
             return None
-        with open(log) as f:
-            return [json.loads(line) for line in f]
+        return tensorboard_records(tmp)
+
+
+def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False, env: dict | None = None,
+                 timeout: float | None = None) -> subprocess.CompletedProcess:
+    """forge-pretrain-gpt `argv` in a subprocess (under torchrun for nproc > 1), output captured."""
+    module = "forge_megatron.tools.measured_pretrain" if measure_cpu_memory else "forge_megatron.cli.pretrain_gpt"
+    if nproc == 1:
+        cmd = [sys.executable, "-m", module, *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(_free_port()), "-m", module, *argv]
+    environment = dict(os.environ, **(env or {}))
+    environment.pop("TRITON_INTERPRET", None)
+    return subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+def tensorboard_records(logdir: str) -> list[dict]:
+    """Per-iteration scalars of Megatron's tensorboard log in `logdir`: one dict per iteration,
+    {"iteration": n, "lm loss": ..., "grad-norm": ..., "learning-rate": ..., "forge/...": ...},
+    in iteration order. (Tensorboard stores float32.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    events.Reload()
+    by_step: dict[int, dict] = {}
+    for tag in events.Tags()["scalars"]:
+        if tag.endswith(" vs samples"):
+            continue
+        for event in events.Scalars(tag):
+            by_step.setdefault(event.step, {"iteration": event.step})[tag] = event.value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def tiny_gpt_args(root: str) -> list[str]:
+    """The flags of configs/tiny_gpt_cpu.sh in the checkout at `root`, its data written (once) and
+    named by absolute path, so that a run works from any folder."""
+    from forge_megatron.megatron.data import write_stdlib_dataset
+
+    data = write_stdlib_dataset(os.path.join(root, "data", "stdlib_text_document"))
+    out = subprocess.run(["bash", "-c", 'source configs/tiny_gpt_cpu.sh; printf "%s\\n" "${TINY_GPT_ARGS[@]}"'],
+                         cwd=root, env=dict(os.environ, TINY_DATA=data), capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def median_iteration_ms(records: list[dict], skip: int = 2) -> float:
+    """Median of Megatron's per-iteration times after the first `skip` iterations (warm-up)."""
+    times = [r["iteration-time"] for r in records[skip:] if "iteration-time" in r]
+    if not times:
+        raise ValueError("no iteration times in the records: run with more iterations")
+    return 1000 * statistics.median(times)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_report(path: str | None, report: dict) -> None:
