@@ -35,6 +35,18 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
 
+def shard_invariance_inputs(gen, *shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Inputs for tests that a weight element's bits do not depend on where it sits in a tile or
+    a shard. On a GPU: general random values (the MMA's summation order is fixed per element).
+    On CPU the GEMMs are a BLAS's (numpy's under the Triton interpreter, torch's for the twin),
+    whose summation order may depend on an element's position inside the kernel's blocks on some
+    machines, so the values are small dyadic integers (multiples of 1/8 in [-1/2, 1/2]): every
+    product and partial sum is exact in fp32 and bf16, whatever the order."""
+    if torch.device(device).type == "cuda":
+        return randn(gen, *shape, dtype=dtype, device=device)
+    return (torch.randint(-4, 5, shape, generator=gen).float() / 8).to(dtype=dtype, device=device)
+
+
 def snapshot(weight: torch.Tensor, state: ForgeState):
     return weight.clone(), {k: v.clone() for k, v in state.named_tensors().items()}
 
@@ -45,10 +57,9 @@ def reference_step(weight, tensors, state: ForgeState, grad, step):
     regime's rounding (numerics.py's torch functions). Returns (weight, {name: tensor}) as stored."""
     rule, device = state.rule, weight.device
     n_out, n_in = weight.shape
-    row_off, col_off, global_cols = state.shard
-    index = ((torch.arange(n_out, device=device) + row_off)[:, None] * global_cols
-             + (torch.arange(n_in, device=device) + col_off)[None, :])
-    keys = [numerics.rng_keys(state.seed, state.layer, step, stream) for stream in range(1 + len(rule.states))]
+    rows = torch.arange(n_out, device=device)
+    index = numerics.global_index_torch(rows, torch.arange(n_in, device=device), state.placement)
+    keys = [numerics.stream_keys_int(state.seed, state.weight_id, step, stream) for stream in range(1 + len(rule.states))]
     tables = numerics.code_tables().to(device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     pad = -n_in % numerics.QBLOCK
@@ -85,8 +96,7 @@ def reference_step(weight, tensors, state: ForgeState, grad, step):
         elif state.state_dtype == "bf16":
             out[name] = numerics.stochastic_round_to_bf16_torch(new[k], numerics.random_bits_torch(index, *keys[1 + k]))
         else:
-            padded_index = ((torch.arange(n_out, device=device) + row_off)[:, None] * global_cols
-                            + (torch.arange(n_in + pad, device=device) + col_off)[None, :])
+            padded_index = numerics.global_index_torch(rows, torch.arange(n_in + pad, device=device), state.placement)
             bits = numerics.random_bits_torch(padded_index, *keys[1 + k])
             codes, scales = numerics.quantize_torch(padded(new[k]), tables[1 if name in rule.nonnegative_states else 0],
                                                     bits)

@@ -8,9 +8,19 @@ only acceptable difference is none.
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_bits_equal, case_id, randn, reference_step, rule_cases, snapshot
+from helpers import (
+    BACKENDS,
+    assert_bits_equal,
+    case_id,
+    randn,
+    reference_step,
+    rule_cases,
+    shard_invariance_inputs,
+    snapshot,
+)
 
 from forge_megatron import ForgeState, fused_update
+from forge_megatron.core.update import default_tile_config, resolve_backend
 
 # (tokens, out, in): unit, odd, a single token, many tokens, more than one tile per dimension
 # for every backend's default tiles (interpreter 64x64, torch 64x128), none a multiple of a tile.
@@ -131,9 +141,10 @@ def test_norms_only_pass_writes_nothing_but_the_by_products(backend, gen, device
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), "overflow"])
 def test_non_finite_gradient_skips_only_its_tiles(backend, poison, gen, device):
-    tokens, n_out, n_in = 20, 130, 70
+    block_m = default_tile_config(resolve_backend(device, backend), device, torch.float32, "fp32").block_m
+    tokens, n_out, n_in = 20, 2 * block_m + 2, 70  # three row-blocks of the config in use, the last ragged
     x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
-    bad_row = 100  # in the second row-block for both backends' default tiles
+    bad_row = block_m + 36  # in the second row-block
     if poison == "overflow":  # finite inputs, non-finite gradient: (1e20 * 1e20) overflows fp32
         dy[3, bad_row] = 1e20
         x[3] = torch.where(x[3] >= 0, 1e20, -1e20)
@@ -146,9 +157,8 @@ def test_non_finite_gradient_skips_only_its_tiles(backend, poison, gen, device):
     g = result.grad
     bad = ~torch.isfinite(g)
     assert int(result.nonfinite) == int(bad.sum()) == n_in
-    # Rows [64, 128) are the row-block of the bad tiles on every default config (64-row tiles).
-    bad_rows = torch.arange(64, 128)
-    good_rows = torch.cat([torch.arange(0, 64), torch.arange(128, n_out)])
+    bad_rows = torch.arange(block_m, 2 * block_m)  # the row-block of the bad tiles
+    good_rows = torch.cat([torch.arange(0, block_m), torch.arange(2 * block_m, n_out)])
     assert_bits_equal(weight[bad_rows], w0[bad_rows], "weights of non-finite tiles")
     for name, tensor in state.tensors.items():
         assert_bits_equal(tensor[bad_rows], s0[name][bad_rows], f"state {name} of non-finite tiles")
@@ -162,9 +172,11 @@ def test_non_finite_gradient_skips_only_its_tiles(backend, poison, gen, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_does_not_depend_on_sharding(backend, gen, device):
     """Row shards (column-parallel) and column shards (row-parallel) of one weight, at offsets that
-    are not tile multiples, get exactly the bits of the unsharded update."""
+    are not tile multiples, get exactly the bits of the unsharded update (inputs exact on CPU,
+    see shard_invariance_inputs)."""
     tokens, n_out, n_in = 90, 130, 150
-    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    x = shard_invariance_inputs(gen, tokens, n_in, device=device)
+    dy = shard_invariance_inputs(gen, tokens, n_out, device=device)
     weight = randn(gen, n_out, n_in, device=device)
     full, full_state = weight.clone(), ForgeState(weight, "adamw")
     fused_update(x, dy, full, full_state, backend=backend)

@@ -9,10 +9,20 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import BACKENDS, assert_bits_equal, case_id, randn, reference_step, rule_cases, snapshot
+from helpers import (
+    BACKENDS,
+    assert_bits_equal,
+    case_id,
+    randn,
+    reference_step,
+    rule_cases,
+    shard_invariance_inputs,
+    snapshot,
+)
 
 from forge_megatron import ForgeState, fused_update
 from forge_megatron.core import numerics
+from forge_megatron.core.plan import ShardPlacement
 
 # -- the kernel's numerics vs their torch twins (run through tiny Triton kernels) --------------
 
@@ -21,7 +31,7 @@ from forge_megatron.core import numerics
 def _bits_and_sr_kernel(x_ptr, bits_ptr, sr_ptr, n, k1, k2, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    bits = numerics.random_bits(offs.to(tl.uint32), k1, k2)
+    bits = numerics.random_bits(offs.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32))  # keys may pass 2^31
     tl.store(bits_ptr + offs, bits.to(tl.int64), mask=mask)
     tl.store(sr_ptr + offs, numerics.stochastic_round_to_bf16(tl.load(x_ptr + offs, mask=mask), bits), mask=mask)
 
@@ -33,9 +43,33 @@ def _kernel_bits_and_sr(x, k1, k2):
     return bits, sr
 
 
+@triton.jit
+def _stream_keys_kernel(out_ptr, seed, weight_id, step, STREAM: tl.constexpr):
+    k1, k2 = numerics.stream_keys(seed, weight_id, step, STREAM)
+    tl.store(out_ptr, k1.to(tl.int64))
+    tl.store(out_ptr + 1, k2.to(tl.int64))
+
+
+@pytest.mark.parametrize("stream", [0, 3])
+def test_the_kernels_stream_keys_are_the_hosts(stream, gen, device):
+    """The kernel derives its keys from (seed, weight id, step, stream) as the host's twin does,
+    including values past 2^31 and steps near the limit of the fp32 step slot."""
+    for seed, weight_id, step in [(0, 0, 1), (1234, 7, 11), (2**31 - 1, 2**20 + 5, 2**24 - 1),
+                                  *[tuple(int(v) for v in torch.randint(0, 2**31, (3,), generator=gen)) for _ in range(3)]]:
+        step = step % (2**24)
+        out = torch.full((2,), -1, dtype=torch.int64, device=device)
+        _stream_keys_kernel[(1,)](out, seed, weight_id, step, STREAM=stream)
+        assert tuple(out.tolist()) == numerics.stream_keys_int(seed, weight_id, step, stream), (seed, weight_id, step)
+
+
+def test_stream_keys_differ_by_weight_step_and_stream():
+    keys = {numerics.stream_keys_int(5, w, step, stream) for w in range(4) for step in range(1, 50) for stream in range(4)}
+    assert len(keys) == 4 * 49 * 4
+
+
 def test_random_bits_and_stochastic_rounding_match_the_torch_twins(gen, device):
     x = randn(gen, 5000, device=device) * torch.logspace(-20, 20, 5000, device=device)
-    k1, k2 = numerics.rng_keys(seed=7, layer=3, step=11, stream=0)
+    k1, k2 = numerics.stream_keys_int(seed=7, weight_id=3, step=11, stream=0)
     bits, sr = _kernel_bits_and_sr(x, k1, k2)
     expected_bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), k1, k2)
     assert_bits_equal(bits, expected_bits, "random bits")
@@ -45,8 +79,8 @@ def test_random_bits_and_stochastic_rounding_match_the_torch_twins(gen, device):
 
 def test_random_bits_are_uniform_and_independent_of_keys(device):
     index = torch.arange(1 << 16, device=device)
-    a = numerics.random_bits_torch(index, *numerics.rng_keys(0, 0, 1, 0))
-    b = numerics.random_bits_torch(index, *numerics.rng_keys(0, 0, 2, 0))
+    a = numerics.random_bits_torch(index, *numerics.stream_keys_int(0, 0, 1, 0))
+    b = numerics.random_bits_torch(index, *numerics.stream_keys_int(0, 0, 2, 0))
     for bits in (a, b):
         low16 = (bits & 0xFFFF).double()
         # mean of 65536 uniform 16-bit values: 32767.5 +- 18918/sqrt(65536) = 74; 6 sigma
@@ -66,14 +100,14 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(gen, device):
     n = 800
     total = torch.zeros_like(x, dtype=torch.float64)
     for seed in range(n):
-        bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.rng_keys(seed, 0, 1, 0))
+        bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.stream_keys_int(seed, 0, 1, 0))
         draw = numerics.stochastic_round_to_bf16_torch(x, bits).float()
         assert bool(((draw == lower) | (draw == upper)).all())
         total += draw.double()
     mean = total / n
     assert bool(((mean - x.double()).abs() <= 6 * spacing / (2 * math.sqrt(n))).all())
     # the same key gives the same bits
-    bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.rng_keys(3, 0, 1, 0))
+    bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.stream_keys_int(3, 0, 1, 0))
     assert torch.equal(numerics.stochastic_round_to_bf16_torch(x, bits), numerics.stochastic_round_to_bf16_torch(x, bits))
 
 
@@ -100,7 +134,7 @@ def _blocks(gen, device):
 
 def _bits(key: int, shape, device):
     index = torch.arange(shape[0] * shape[1], device=device).reshape(shape)
-    return numerics.random_bits_torch(index, *numerics.rng_keys(key, 0, 1, 1))
+    return numerics.random_bits_torch(index, *numerics.stream_keys_int(key, 0, 1, 1))
 
 
 def _table_step(x: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -179,7 +213,7 @@ def test_fused_step_equals_the_unfused_step_in_every_regime(backend, case, regim
     tokens, n_out, n_in = shape
     weight = randn(gen, n_out, n_in, device=device).to(weight_dtype)
     try:
-        state = ForgeState(weight, rule, weight_store=store, state_dtype=state_dtype, seed=5, layer=2, **hp)
+        state = ForgeState(weight, rule, weight_store=store, state_dtype=state_dtype, seed=5, weight_id=2, **hp)
     except ValueError as err:  # e.g. Adagrad's nonzero initial accumulator cannot start as int8 codes
         assert "int8 states start at zero" in str(err)
         return
@@ -198,28 +232,36 @@ def test_fused_step_equals_the_unfused_step_in_every_regime(backend, case, regim
 
 
 def test_stochastic_rounding_does_not_depend_on_tensor_parallel_sharding(gen, device):
-    """Column and row shards draw the random bits their elements draw in the unsharded weight."""
+    """Column shards, row shards and SwiGLU fc1 shards ([gate_k; up_k] of the unsharded [gate; up])
+    draw the random bits their elements draw in the unsharded weight (inputs exact on CPU, see
+    shard_invariance_inputs)."""
+    tp = 2
     for backend in BACKENDS:
         tokens, n_out, n_in = 20, 96, 80
-        x = randn(gen, tokens, n_in, dtype=torch.bfloat16, device=device)
-        dy = randn(gen, tokens, n_out, dtype=torch.bfloat16, device=device)
+        x = shard_invariance_inputs(gen, tokens, n_in, dtype=torch.bfloat16, device=device)
+        dy = shard_invariance_inputs(gen, tokens, n_out, dtype=torch.bfloat16, device=device)
         full = randn(gen, n_out, n_in, device=device).to(torch.bfloat16)
         weight = full.clone()
-        fused_update(x, dy, weight, ForgeState(weight, "adamw", weight_store="sr", state_dtype="bf16", seed=1),
-                     backend=backend)
-        for rank in range(2):
-            rows = slice(rank * n_out // 2, (rank + 1) * n_out // 2)
-            shard = full[rows].clone()
-            state = ForgeState(shard, "adamw", weight_store="sr", state_dtype="bf16", seed=1)
-            state.shard = (rows.start, 0, n_in)
-            fused_update(x, dy[:, rows], shard, state, backend=backend)
-            assert_bits_equal(shard.view(torch.int16), weight[rows].view(torch.int16), f"{backend} column shard")
-            cols = slice(rank * n_in // 2, (rank + 1) * n_in // 2)
-            shard = full[:, cols].clone()
-            state = ForgeState(shard, "adamw", weight_store="sr", state_dtype="bf16", seed=1)
-            state.shard = (0, cols.start, n_in)
-            fused_update(x[:, cols], dy, shard, state, backend=backend)
-            assert_bits_equal(shard.view(torch.int16), weight[:, cols].view(torch.int16), f"{backend} row shard")
+        fused_update(x, dy, weight, ForgeState(weight, "adamw", weight_store="sr", state_dtype="bf16", seed=1,
+                                               weight_id=4), backend=backend)
+        half, ffn = n_out // (2 * tp), n_out // 2  # gated: rows [gate (ffn); up (ffn)], a shard is 2 * half rows
+        for rank in range(tp):
+            cases = {
+                "column": (slice(rank * n_out // tp, (rank + 1) * n_out // tp), slice(None),
+                           ShardPlacement(row_offset=rank * n_out // tp, global_cols=n_in)),
+                "row": (slice(None), slice(rank * n_in // tp, (rank + 1) * n_in // tp),
+                        ShardPlacement(col_offset=rank * n_in // tp, global_cols=n_in)),
+                "gated fc1": (torch.cat([torch.arange(rank * half, (rank + 1) * half),
+                                         torch.arange(ffn + rank * half, ffn + (rank + 1) * half)]), slice(None),
+                              ShardPlacement(row_offset=rank * half, row_split=half, row_jump=(tp - 1) * half,
+                                             global_cols=n_in)),
+            }
+            for what, (rows, cols, placement) in cases.items():
+                shard = full[rows][:, cols].clone()
+                state = ForgeState(shard, "adamw", weight_store="sr", state_dtype="bf16", seed=1, weight_id=4)
+                state.placement = placement
+                fused_update(x[:, cols], dy[:, rows], shard, state, backend=backend)
+                assert_bits_equal(shard.view(torch.int16), weight[rows][:, cols].view(torch.int16), f"{backend} {what}")
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -289,3 +331,18 @@ def test_bf16_sr_tracks_the_fp32_trajectory_better_than_the_usual_bf16_practice(
     assert d_usual > 0.95  # round-to-nearest lost (nearly) every update
     assert d_forge < 0.75 * d_usual and d_forge < 1.5 * math.sqrt(2.0**-7 / (steps * lr))
     assert d_master < d_forge
+
+
+def test_states_built_without_an_id_draw_different_bits(gen, device):
+    """Two same-shape weights covered outside a controller still get distinct random streams."""
+    x = randn(gen, 8, 64, dtype=torch.bfloat16, device=device)
+    dy = randn(gen, 8, 64, dtype=torch.bfloat16, device=device)
+    start = randn(gen, 64, 64, device=device).to(torch.bfloat16)
+    results, ids = [], set()
+    for _ in range(2):
+        weight = start.clone()
+        state = ForgeState(weight, "adamw", weight_store="sr", seed=1)
+        ids.add(state.weight_id)
+        fused_update(x, dy, weight, state)
+        results.append(weight)
+    assert len(ids) == 2 and not torch.equal(results[0], results[1])

@@ -1,12 +1,15 @@
 """One FORGE layer fed identical X and dY gets bit-identical weights and states at TP=1, 2 and 4
 (sequence parallel off and on), on both backends: the tile reduction over tokens does not
 depend on the shard; with bf16 weights and states stochastically rounded, neither do the random
-bits. 4 gloo ranks on CPU."""
+bits. 4 gloo ranks on CPU, with exact inputs (helpers.shard_invariance_inputs: on CPU the GEMMs'
+summation order is the BLAS's, which may depend on an element's position on some machines; on a
+GPU the inputs are general random values)."""
 
 import pytest
 import torch
 import torch.distributed as dist
 from distributed import result, run_scenarios
+from helpers import shard_invariance_inputs
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -46,15 +49,26 @@ def _run(tp, sp, backend, regime=None):
                                        forge=forge)
     row = ForgeRowParallelLinear(F, H, config=config, init_method=init, bias=False, input_is_parallel=True,
                                  skip_bias_add=False, forge=forge)
+    # A SwiGLU fc1 (built with stride 2, as Megatron's MLP builds it): the local weight is
+    # [gate_k; up_k] of the unsharded [gate; up].
+    fc1 = ForgeColumnParallelLinear(H, 2 * F, config=config, init_method=init, bias=False, gather_output=False,
+                                    forge=forge, stride=2)
+    for index, layer in enumerate((column, row, fc1)):  # the ids a controller gives, the same at every TP size
+        layer.forge.state.weight_id = index
     for step in range(3):
         g = torch.Generator().manual_seed(step)
-        x1, dy1 = torch.randn(S, B, H, generator=g).to(dtype), torch.randn(S, B, F, generator=g).to(dtype)
-        x2, dy2 = torch.randn(S, B, F, generator=g).to(dtype), torch.randn(S, B, H, generator=g).to(dtype)
+        x1, dy1 = (shard_invariance_inputs(g, S, B, n, dtype=dtype) for n in (H, F))
+        x2, dy2 = (shard_invariance_inputs(g, S, B, n, dtype=dtype) for n in (F, H))
         out, _ = column(_sliced(x1, 0, tp) if sp else x1)
         out.backward(_sliced(dy1, 2, tp))
         out, _ = row(_sliced(x2, 2, tp))
         out.backward(_sliced(dy2, 0, tp) if sp else dy2)
-    state = {"column": _gathered(column.weight.detach(), 0), "row": _gathered(row.weight.detach(), 1),
+        dy3 = shard_invariance_inputs(g, S, B, 2 * F, dtype=dtype)
+        out, _ = fc1(_sliced(x1, 0, tp) if sp else x1)
+        out.backward(torch.cat([_sliced(dy3[..., :F], 2, tp), _sliced(dy3[..., F:], 2, tp)], dim=2))
+    parts = _gathered(fc1.weight.detach(), 0).chunk(2 * tp)  # gate_0, up_0, gate_1, up_1, ...
+    state = {"fc1 [gate; up]": torch.cat(parts[0::2] + parts[1::2]),
+             "column": _gathered(column.weight.detach(), 0), "row": _gathered(row.weight.detach(), 1),
              "column.exp_avg_sq": _gathered(column.forge.state.tensors["exp_avg_sq"], 0),
              "row.exp_avg": _gathered(row.forge.state.tensors["exp_avg"], 1)}
     parallel_state.destroy_model_parallel()

@@ -7,9 +7,15 @@ weight tile and its state tiles, applies the rule's epilogue and stores them bac
 tile is never written to memory (unless MATERIALIZE, a debug mode for exactness proofs).
 
 By-products, one slot per tile (indexed by tile position, not by launch order, so they are
-deterministic): the sum of squares of the raw gradient dy^T x, before the scale (for the global
-grad norm, which clipping needs unclipped) and the number of non-finite scaled-gradient values.
-A tile with any non-finite value stores nothing.
+deterministic; every tile writes its slot, so the buffer needs no initialization): the sum of
+squares of the raw gradient dy^T x, before the scale (for the global grad norm, which clipping
+needs unclipped) and the number of non-finite scaled-gradient values. A tile with any non-finite
+value stores nothing.
+
+Everything that changes from step to step is read from device memory, not passed as an argument:
+the gradient scale, the step and the rule's coefficients from one fp32 row (plan.COEF_HEAD), from
+which the kernel also derives its random keys (numerics.stream_keys, with the run's seed and the
+weight's id): a step is one launch, with nothing to copy or fill around it.
 
 The epilogue reads and writes every precision regime (state.py): fp32 weights, bf16 weights with
 an fp32 master, with stochastic rounding or round-to-nearest; fp32, bf16 (stochastically
@@ -35,10 +41,12 @@ from forge_megatron.core import plan
 from forge_megatron.core.numerics import (
     QBLOCK,
     dequantize,
+    global_index,
     quantize,
     random_bits,
     round_to_bf16,
     stochastic_round_to_bf16,
+    stream_keys,
 )
 from forge_megatron.core.plan import (
     STATE_BF16,
@@ -60,6 +68,7 @@ _SR = tl.constexpr(plan.WEIGHT_SR)
 _FP32_STATE = tl.constexpr(plan.STATE_FP32)
 _BF16_STATE = tl.constexpr(plan.STATE_BF16)
 _INT8_STATE = tl.constexpr(plan.STATE_INT8)
+_COEF_HEAD = tl.constexpr(plan.COEF_HEAD)
 
 @triton.jit
 def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -75,11 +84,10 @@ def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     return pid_m, pid_n, num_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SEED", "WEIGHT_ID"])  # per-weight constants: one compile for all weights
 def fused_wgrad_update_kernel(
-    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr,
-    grad_ptr, sumsq_ptr, nonfinite_ptr,
-    T, N_OUT, N_IN, ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+    T, N_OUT, N_IN, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
     stride_xt, stride_xi, stride_dt, stride_do,
     UPDATE: tl.constexpr,
     WEIGHT_STORE: tl.constexpr,
@@ -118,8 +126,8 @@ def fused_wgrad_update_kernel(
     in_bounds = row_ok[:, None] & col_ok[None, :]
     bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
     tile = pid_m * num_n + pid_n
-    tl.store(sumsq_ptr + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    tl.store(nonfinite_ptr + tile, bad)
+    tl.store(stats_ptr + 2 * tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    tl.store(stats_ptr + 2 * tile + 1, bad.to(tl.float32))
     if not APPLY:  # norms-only pass (two-pass clipping): by-products only
         return
 
@@ -128,20 +136,21 @@ def fused_wgrad_update_kernel(
     g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
     g_lo, g_hi = tl.split(g3)
     col0 = pid_n * BLOCK_N
+    step = tl.load(coef_ptr + 1).to(tl.uint32)
     _epilogue(g_lo, rows, col0, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
-              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+              ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
               UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
     _epilogue(g_hi, rows, col0 + BLOCK_N // 2, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
-              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+              ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
               UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
 
 
 @triton.jit
 def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, key_ptr, table_ptr, grad_ptr,
-              ROW_OFFSET, COL_OFFSET, GLOBAL_COLS, SCALE_COLS,
+              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+              ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
               UPDATE: tl.constexpr, WEIGHT_STORE: tl.constexpr, STATE_STORED: tl.constexpr,
               STATE_SIGNED: tl.constexpr, STATE_FORMAT: tl.constexpr, NUM_COEFS: tl.constexpr,
               MATERIALIZE: tl.constexpr, WIDTH: tl.constexpr):
@@ -153,7 +162,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         tl.store(grad_ptr + offs, g, mask=in_bounds)
     ok = in_bounds & ok_tile
     # The element's index in the unsharded weight keys its random bits (TP-invariant).
-    index = ((rows + ROW_OFFSET)[:, None] * GLOBAL_COLS + (cols + COL_OFFSET)[None, :]).to(tl.uint32)
+    index = global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS)
 
     if WEIGHT_STORE == _MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
         p = tl.load(master_ptr + offs, mask=ok, other=0.0)
@@ -174,7 +183,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
             state = state + (0.0,)
     coef = ()
     for k in tl.static_range(NUM_COEFS):
-        coef = coef + (tl.load(coef_ptr + 1 + k),)
+        coef = coef + (tl.load(coef_ptr + _COEF_HEAD + k),)
     p, state = UPDATE(p, g, state, coef)
 
     if WEIGHT_STORE == _FP32_WEIGHT:
@@ -183,8 +192,8 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         tl.store(master_ptr + offs, p, mask=ok)
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     elif WEIGHT_STORE == _SR:
-        bits = random_bits(index, tl.load(key_ptr), tl.load(key_ptr + 1))
-        tl.store(w_ptr + offs, stochastic_round_to_bf16(p, bits), mask=ok)
+        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0)
+        tl.store(w_ptr + offs, stochastic_round_to_bf16(p, random_bits(index, k1, k2)), mask=ok)
     else:
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     for k in tl.static_range(len(STATE_STORED)):
@@ -192,12 +201,14 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
             if STATE_FORMAT == _FP32_STATE:
                 tl.store(state_ptrs[k] + offs, state[k], mask=ok)
             elif STATE_FORMAT == _BF16_STATE:
-                bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
-                tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], bits), mask=ok)
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
+                tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], random_bits(index, k1, k2)),
+                         mask=ok)
             else:
-                bits = random_bits(index, tl.load(key_ptr + 2 + 2 * k), tl.load(key_ptr + 3 + 2 * k))
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
                 value = tl.where(in_bounds, state[k], 0.0)
-                codes, scale = quantize(value, bits, table_ptr + (0 if STATE_SIGNED[k] else 256), QB)
+                codes, scale = quantize(value, random_bits(index, k1, k2),
+                                        table_ptr + (0 if STATE_SIGNED[k] else 256), QB)
                 tl.store(state_ptrs[k] + offs, codes, mask=ok)
                 blocks = col0 // QB + tl.arange(0, WIDTH // QB)
                 scale_ok = ((rows < N_OUT)[:, None] & (blocks < SCALE_COLS)[None, :]) & ok_tile
@@ -215,7 +226,7 @@ def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
         STATE_STORED=tuple(plan.stored),
         STATE_SIGNED=tuple(plan.signed),
         STATE_FORMAT=plan.state_format,
-        NUM_COEFS=plan.coefs.numel() - 1,
+        NUM_COEFS=plan.num_coefs,
         MATERIALIZE=plan.grad_out is not None,
         APPLY=plan.apply,
         UPCAST_DOT=interpreting() and dtype != torch.float32,
@@ -225,14 +236,15 @@ def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
 
 
 def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
-    """Launch the kernel, one program per tile of `weight` (see StepPlan for the rest)."""
+    """Launch the kernel, one program per tile of `weight` (see StepPlan for the rest): the only
+    work on the device is this one launch."""
     n_out, n_in = weight.shape
-    keys = torch.tensor(plan.keys, dtype=torch.int32).to(weight.device, non_blocking=True)
+    place = plan.placement
     fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
         x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states), tuple(plan.scales),
-        plan.coefs, keys, plan.tables,
-        plan.grad_out if plan.grad_out is not None else weight, plan.sumsq, plan.nonfinite,
-        x.shape[0], n_out, n_in, *plan.shard, triton.cdiv(n_in, QBLOCK),
+        plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight, plan.stats,
+        x.shape[0], n_out, n_in, place.row_offset, place.row_split, place.row_jump, place.col_offset,
+        place.global_cols, triton.cdiv(n_in, QBLOCK), plan.seed, plan.weight_id,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         **_constexprs(plan, x.dtype, config),
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -260,17 +272,17 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
         update_fn=rule.triton_update, weight_store=weight_store, master=None, states=[], scales=[],
         stored=tuple(n in rule.stored_states(hp) for n in names),
         signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
-        coefs=torch.empty(1 + len(rule.coefficients(hp, 1))), keys=(), tables=None,
-        shard=(0, 0, 0), grad_out=None, sumsq=None, nonfinite=None)
+        coefs=None, num_coefs=rule.num_coefficients, seed=0, weight_id=0, tables=None,
+        placement=None, grad_out=None, stats=None)
     act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
     state = {STATE_FP32: "*fp32", STATE_BF16: "*bf16", STATE_INT8: "*u8"}[state_format]
     signature = {
         "x_ptr": act, "dy_ptr": act, "w_ptr": act, "master_ptr": "*fp32",
         "state_ptrs": tuple(state for _ in names), "scale_ptrs": tuple("*fp32" for _ in names),
-        "coef_ptr": "*fp32", "key_ptr": "*i32", "table_ptr": "*fp32",
-        "grad_ptr": "*fp32", "sumsq_ptr": "*fp32", "nonfinite_ptr": "*i32",
-        "T": "i32", "N_OUT": "i32", "N_IN": "i32", "ROW_OFFSET": "i32", "COL_OFFSET": "i32", "GLOBAL_COLS": "i32",
-        "SCALE_COLS": "i32", "stride_xt": "i32", "stride_xi": "i32", "stride_dt": "i32", "stride_do": "i32",
+        "coef_ptr": "*fp32", "table_ptr": "*fp32", "grad_ptr": "*fp32", "stats_ptr": "*fp32",
+        **{name: "i32" for name in ("T", "N_OUT", "N_IN", "ROW_OFFSET", "ROW_SPLIT", "ROW_JUMP", "COL_OFFSET",
+                                    "GLOBAL_COLS", "SCALE_COLS", "SEED", "WEIGHT_ID", "stride_xt", "stride_xi",
+                                    "stride_dt", "stride_do")},
     }
     constexprs = _constexprs(plan, dtype, config)
     signature.update({k: "constexpr" for k in constexprs})

@@ -12,10 +12,13 @@ negative values too: E[SR(x)] = x.
 
 Random bits. A counter-based generator: 32 bits = hash(hash(index ^ k1) + k2), with the
 lowbias32 integer hash (Wellons' hash-prospector), `index` the element's index in the
-*unsharded* weight and (k1, k2) = `rng_keys(seed, layer, step, stream)` from the host. The bits
-depend on (seed, layer, step, stream, global element index) only: not on tiles, launch order or
-tensor-parallel sharding. Torch has no uint32 multiply, so the torch twin multiplies in int64
-with the constant split in 16-bit halves (every partial product < 2^48, no overflow).
+*unsharded* weight (`global_index`: a shard's rows and columns placed where they sit unsharded)
+and (k1, k2) = `stream_keys(seed, weight_id, step, stream)`, hashed from the run's seed, the
+weight's id, the step and the stream (0: the weight, 1 + k: state k); the kernel derives them
+itself from scalars, the twin and the tests with the Python-int twin. The bits depend on those
+and the global element index only: not on tiles, launch order or tensor-parallel sharding.
+Torch has no uint32 multiply, so the torch twin multiplies in int64 with the constant split in
+16-bit halves (every partial product < 2^48, no overflow).
 
 8-bit block quantization. A state is stored as one uint8 code per element and one fp32 scale
 (the block's absolute maximum) per block of QBLOCK = 32 consecutive elements of a row (blocks
@@ -34,7 +37,6 @@ nearest). docs/numerics.md derives the error bounds.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -61,12 +63,6 @@ def round_to_bf16(x):
 # -- random bits -------------------------------------------------------------------------------
 
 
-def rng_keys(seed: int, layer: int, step: int, stream: int) -> tuple[int, int]:
-    """Two 31-bit keys for (seed, layer, step, stream), from SHA-256 (host side, any Python)."""
-    digest = hashlib.sha256(f"forge:{seed}:{layer}:{step}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF, int.from_bytes(digest[4:8], "little") & 0x7FFFFFFF
-
-
 @triton.jit
 def _lowbias32(x):
     x = x ^ (x >> 16)
@@ -80,6 +76,45 @@ def _lowbias32(x):
 def random_bits(index, k1, k2):
     """32 random bits (uint32) for element `index` (uint32) under keys k1, k2."""
     return _lowbias32(_lowbias32(index ^ k1) + k2)
+
+
+@triton.jit
+def stream_keys(seed, weight_id, step, stream: tl.constexpr):
+    """The keys (uint32 scalars) of one random stream of one weight at one step; `stream_keys_int`
+    is the host's twin. 4 * step + stream is unique for step < 2^30 and up to 4 streams."""
+    base = _lowbias32(_lowbias32(seed.to(tl.uint32) ^ 0x2545F491) + weight_id.to(tl.uint32))
+    k1 = _lowbias32(base + step.to(tl.uint32) * 4 + stream)
+    return k1, _lowbias32(k1 ^ 0x68E31DA4)
+
+
+def _lowbias32_int(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * LOWBIAS_A) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * LOWBIAS_B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def stream_keys_int(seed: int, weight_id: int, step: int, stream: int) -> tuple[int, int]:
+    """Host twin of `stream_keys`, in Python ints."""
+    base = _lowbias32_int(_lowbias32_int((seed & 0xFFFFFFFF) ^ 0x2545F491) + weight_id)
+    k1 = _lowbias32_int(base + 4 * step + stream)
+    return k1, _lowbias32_int(k1 ^ 0x68E31DA4)
+
+
+@triton.jit
+def global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS):
+    """uint32 index in the unsharded weight of local elements (rows[:, None], cols[None, :]);
+    see ShardPlacement (plan.py). `global_index_torch` is the torch twin."""
+    global_rows = rows + ROW_OFFSET + tl.where(rows >= ROW_SPLIT, ROW_JUMP, 0)
+    return (global_rows.to(tl.uint32)[:, None] * GLOBAL_COLS + (cols + COL_OFFSET).to(tl.uint32)[None, :])
+
+
+def global_index_torch(rows: torch.Tensor, cols: torch.Tensor, placement) -> torch.Tensor:
+    """int64 index in the unsharded weight of local elements (rows[:, None], cols[None, :])."""
+    global_rows = rows + placement.row_offset + torch.where(rows >= placement.row_split, placement.row_jump, 0)
+    return global_rows[:, None] * placement.global_cols + (cols + placement.col_offset)[None, :]
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:

@@ -18,6 +18,33 @@ WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
 STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
 
 
+ROW_SPLIT_NONE = 2**31 - 1  # a row split past every row: no jump
+COEF_HEAD = 2  # a coefficient row starts with the gradient scale and the step
+MAX_STEP = 2**24  # steps are stored in the fp32 coefficient row, exactly below this
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """Where a weight shard's elements sit in the unsharded weight, so that they draw the random
+    bits they draw unsharded: local row r is global row r + row_offset, plus row_jump when
+    r >= row_split (a SwiGLU fc1 shard is [gate_k; up_k]: two row ranges of the unsharded
+    [gate; up]); local column c is global column c + col_offset, of global_cols."""
+
+    row_offset: int = 0
+    col_offset: int = 0
+    global_cols: int = 0
+    row_split: int = ROW_SPLIT_NONE
+    row_jump: int = 0
+
+    @classmethod
+    def whole(cls, shape) -> "ShardPlacement":
+        return cls(global_cols=shape[1])
+
+    def global_rows(self, local_rows: int) -> int:
+        """Rows of the unsharded weight spanned (for the 2^32-element check)."""
+        return self.row_offset + local_rows + (self.row_jump if self.row_split < local_rows else 0)
+
+
 @dataclass
 class StepPlan:
     """Everything one fused step reads and writes besides x, dy and the weight (built by
@@ -31,13 +58,14 @@ class StepPlan:
     stored: tuple[bool, ...]
     signed: tuple[bool, ...]
     state_format: int  # STATE_*
-    coefs: torch.Tensor  # fp32 [1 + n]: grad scale, then the rule's coefficients
-    keys: tuple[int, ...]  # 2 random keys per stream: the weight's, then each state's
+    coefs: torch.Tensor  # fp32 [COEF_HEAD + n or more]: grad scale, step (exact below 2^24), the rule's coefficients
+    num_coefs: int  # n
+    seed: int  # with weight_id and the step, keys the random streams (numerics.stream_keys)
+    weight_id: int
     tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
-    shard: tuple[int, int, int]  # row offset, column offset, columns of the unsharded weight
+    placement: ShardPlacement
     grad_out: torch.Tensor | None  # materialized gradient (debug), or None
-    sumsq: torch.Tensor  # fp32 [tiles]
-    nonfinite: torch.Tensor  # int32 [tiles]
+    stats: torch.Tensor  # fp32 [tiles, 2]: per tile, sum of squares of the raw gradient and non-finite count
     apply: bool = True  # False: by-products only
 
 

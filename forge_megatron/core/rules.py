@@ -55,6 +55,7 @@ class Rule:
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     # Filled in by register_rule.
+    num_coefficients: ClassVar[int]  # len(coefficients(...)), the same at every step
     torch_update: ClassVar[Callable]
     triton_update: ClassVar[Any]
 
@@ -121,6 +122,7 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
     unknown_states = set(cls.stored_states(hp)) - set(cls.states)
     if unknown_states:
         raise ValueError(f"rule '{name}': stored_states names {sorted(unknown_states)}, not in `states`")
+    cls.num_coefficients = n
     cls.torch_update = staticmethod(_rebind(fn, ops_torch))
     cls.triton_update = triton.jit(_rebind(fn, ops_triton))
     _RULES[name] = cls

@@ -14,11 +14,13 @@ Memory per parameter is `bytes_per_parameter()`; docs/numerics.md has the table.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
 from forge_megatron.core.numerics import code_tables, num_blocks
+from forge_megatron.core.plan import ShardPlacement
 from forge_megatron.core.rules import Rule, get_rule
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -31,13 +33,18 @@ class ForgeState:
 
     State tensors are shaped like the weight (int8 states add a `<name>.scale` tensor of one
     scale per QBLOCK columns), on its device; states the hyperparameters do not need (e.g. SGD's
-    buffer without momentum) are not allocated. `seed`, `layer` and `shard` key the random bits of
-    stochastic rounding: `shard` = (row offset, column offset, columns) of this weight in the
-    unsharded weight, so a tensor-parallel shard draws the bits its elements draw unsharded.
+    buffer without momentum) are not allocated. `seed`, `weight_id` and `placement` key the random
+    bits of stochastic rounding. `weight_id` is unique by construction (a process-wide counter)
+    unless given: training sets it to the weight's position in the model, the same on every rank
+    and at every parallel layout. `placement` (plan.ShardPlacement) says where this shard's
+    elements sit in the unsharded weight, so a tensor-parallel shard draws the bits its elements
+    draw unsharded.
     """
 
+    _ids = itertools.count(2**20)  # ids the model's own (0, 1, ...) never reach
+
     def __init__(self, weight: torch.Tensor, rule: str | type[Rule] = "adamw", *, weight_store: str = "master",
-                 state_dtype: str = "fp32", seed: int = 0, layer: int = 0, **hyperparameters: Any):
+                 state_dtype: str = "fp32", seed: int = 0, weight_id: int | None = None, **hyperparameters: Any):
         if weight_store not in WEIGHT_STORES:
             raise ValueError(f"unknown weight_store {weight_store!r}; choose one of {WEIGHT_STORES}")
         if state_dtype not in STATE_DTYPES:
@@ -46,10 +53,11 @@ class ForgeState:
         self.hyperparameters = self.rule.hyperparameters(**hyperparameters)
         self.weight_store = weight_store
         self.state_dtype = state_dtype
-        self.seed, self.layer = int(seed), int(layer)
+        self.seed = int(seed)
+        self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
         self.step = 0
         self.shape = tuple(weight.shape)
-        self.shard = (0, 0, self.shape[1])
+        self.placement = ShardPlacement.whole(self.shape)
         init = self.rule.state_init(self.hyperparameters)
         self.tensors: dict[str, torch.Tensor] = {}
         for name in self.rule.stored_states(self.hyperparameters):

@@ -17,7 +17,16 @@ from __future__ import annotations
 import torch
 
 from forge_megatron.core import numerics
-from forge_megatron.core.plan import STATE_BF16, STATE_FP32, WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, StepPlan, TileConfig
+from forge_megatron.core.plan import (
+    COEF_HEAD,
+    STATE_BF16,
+    STATE_FP32,
+    WEIGHT_FP32,
+    WEIGHT_MASTER,
+    WEIGHT_SR,
+    StepPlan,
+    TileConfig,
+)
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
 
@@ -47,8 +56,8 @@ def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
             g = raw * grad_scale
             tile = pid_m * num_n + pid_n
             bad = (~(g.abs() < float("inf"))).sum()
-            plan.sumsq[tile] = (raw * raw).sum()
-            plan.nonfinite[tile] = bad
+            plan.stats[tile, 0] = (raw * raw).sum()
+            plan.stats[tile, 1] = bad
             if not plan.apply:
                 continue
             if plan.grad_out is not None:
@@ -59,14 +68,15 @@ def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
 
 def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
     rows, cols = slice(r0, r1), slice(c0, c1)
-    row_off, col_off, global_cols = plan.shard
-    index = ((torch.arange(r0, r1, device=weight.device) + row_off)[:, None] * global_cols
-             + (torch.arange(c0, c1, device=weight.device) + col_off)[None, :])
+    device = weight.device
+    index = numerics.global_index_torch(torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device),
+                                        plan.placement)
     w_tile = weight[rows, cols]
     p = (plan.master[rows, cols] if plan.weight_store == WEIGHT_MASTER else w_tile).float()
-    zero = torch.zeros((), dtype=torch.float32, device=weight.device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     state = tuple(_load_state(plan, k, rows, cols) if stored else zero for k, stored in enumerate(plan.stored))
-    p, state = plan.update_fn(p, g, state, tuple(plan.coefs[1:]))
+    p, state = plan.update_fn(p, g, state, tuple(plan.coefs[COEF_HEAD:COEF_HEAD + plan.num_coefs]))
+    step = int(plan.coefs[1])
 
     if plan.weight_store == WEIGHT_FP32:
         w_tile.copy_(p)
@@ -74,12 +84,14 @@ def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
         plan.master[rows, cols] = p
         w_tile.copy_(p)  # torch rounds fp32 -> bf16 to nearest even, as the kernel does
     elif plan.weight_store == WEIGHT_SR:
-        w_tile.copy_(numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *plan.keys[:2])))
+        keys = numerics.stream_keys_int(plan.seed, plan.weight_id, step, 0)
+        w_tile.copy_(numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *keys)))
     else:
         w_tile.copy_(p)
     for k, stored in enumerate(plan.stored):
         if stored:
-            _store_state(plan, k, rows, cols, state[k], index)
+            _store_state(plan, k, rows, cols, state[k], index, numerics.stream_keys_int(plan.seed, plan.weight_id,
+                                                                                         step, 1 + k))
 
 
 def _load_state(plan: StepPlan, k: int, rows: slice, cols: slice) -> torch.Tensor:
@@ -92,15 +104,15 @@ def _load_state(plan: StepPlan, k: int, rows: slice, cols: slice) -> torch.Tenso
     return values[:, : cols.stop - cols.start]
 
 
-def _store_state(plan: StepPlan, k: int, rows: slice, cols: slice, value: torch.Tensor, index) -> None:
+def _store_state(plan: StepPlan, k: int, rows: slice, cols: slice, value: torch.Tensor, index, keys) -> None:
     target = plan.states[k][rows, cols]
     if plan.state_format == STATE_FP32:
         target.copy_(value)
     elif plan.state_format == STATE_BF16:
-        bits = numerics.random_bits_torch(index, *plan.keys[2 + 2 * k: 4 + 2 * k])
+        bits = numerics.random_bits_torch(index, *keys)
         target.copy_(numerics.stochastic_round_to_bf16_torch(value, bits))
     else:
-        bits = numerics.random_bits_torch(_padded_index(index), *plan.keys[2 + 2 * k: 4 + 2 * k])
+        bits = numerics.random_bits_torch(_padded_index(index), *keys)
         codes, scales = numerics.quantize_torch(_padded(value), plan.tables[0 if plan.signed[k] else 1], bits)
         width = cols.stop - cols.start
         target.copy_(codes[:, :width])

@@ -10,7 +10,7 @@ from numbers import Real
 import torch
 
 from forge_megatron.core import tiled
-from forge_megatron.core.numerics import QBLOCK, code_tables, rng_keys
+from forge_megatron.core.numerics import QBLOCK, code_tables
 from forge_megatron.core.plan import (
     STATE_BF16,
     STATE_FP32,
@@ -26,6 +26,7 @@ from forge_megatron.core.plan import (
     num_tiles,
 )
 from forge_megatron.core.state import WEIGHT_DTYPES, ForgeState
+from forge_megatron.core.table import StepSlots, coefficient_row
 
 BACKENDS = ("triton", "torch")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -35,9 +36,18 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 class UpdateResult:
     """By-products of one fused step, left on the device (reading them synchronizes)."""
 
-    sumsq: torch.Tensor  # 0-dim fp32: sum of squares of the raw gradient dy^T x, before grad_scale
-    nonfinite: torch.Tensor  # 0-dim int64: number of non-finite gradient values; their tiles were skipped
+    stats: torch.Tensor  # fp32 [tiles, 2]: per tile, sum of squares of the raw gradient and non-finite count
     grad: torch.Tensor | None = None  # the scaled gradient, only with materialize=True (debug)
+
+    @property
+    def sumsq(self) -> torch.Tensor:
+        """0-dim fp32: sum of squares of the raw gradient dy^T x, before grad_scale."""
+        return self.stats[:, 0].sum()
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """0-dim int64: number of non-finite gradient values; their tiles were skipped."""
+        return self.stats[:, 1].sum().long()
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -53,6 +63,11 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return choice
 
 
+def default_tile_config(backend: str, device: torch.device, dtype: torch.dtype, state_dtype: str) -> TileConfig:
+    """The tiles a step runs with when none are given: per backend, device and dtypes, never per shape."""
+    return default_config(device, dtype, state_dtype) if backend == "triton" else tiled.DEFAULT_CONFIG
+
+
 def fused_update(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -64,6 +79,7 @@ def fused_update(
     apply: bool = True,
     backend: str | None = None,
     config: TileConfig | None = None,
+    slots: StepSlots | None = None,
 ) -> UpdateResult:
     """Apply `state`'s rule to `weight` with the gradient dW = dy^T x, without storing dW.
 
@@ -73,27 +89,33 @@ def fused_update(
     written and the step is not counted: only the by-products (the norms-only pass of two-pass
     clipping). Everything is checked before anything is written: on error, weight and state are
     unchanged.
+
+    `slots` (table.StepSlots, from a StepTable the caller has written for this step) hold the
+    gradient scale, step and coefficients on the device and receive the by-products: the step is
+    then one kernel launch (`grad_scale` must be left at its default). Without them the scalars
+    are copied to the device here.
     """
     if materialize and not apply:
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
     which = resolve_backend(weight.device, backend)
-    config = config or (default_config(weight.device, x2.dtype, state.state_dtype) if which == "triton"
-                        else tiled.DEFAULT_CONFIG)
+    config = config or default_tile_config(which, weight.device, x2.dtype, state.state_dtype)
     if state.state_dtype == "int8" and config.block_n % (2 * QBLOCK):
         raise ValueError(f"int8 states need tiles whose width is a multiple of {2 * QBLOCK} (each epilogue "
                          f"half-tile holds whole {QBLOCK}-element blocks); got block_n={config.block_n}")
-    step = state.step + 1
-    coefs = torch.tensor((1.0, *state.rule.coefficients(state.hyperparameters, step)), dtype=torch.float32)
-    coefs = coefs.to(weight.device, non_blocking=True)
-    if isinstance(grad_scale, torch.Tensor):
-        coefs[:1].copy_(grad_scale.reshape(1))
-    else:
-        coefs[0] = float(grad_scale)
-    # Outputs are poisoned, so anything a backend fails to write shows up.
-    grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
     n_tiles = num_tiles(weight.shape, config)
-    plan = _plan(state, weight, which, coefs, step, grad, n_tiles, apply)
+    step = state.step + 1
+    if slots is None:
+        slots = _own_slots(state, grad_scale, step, n_tiles, weight.device)
+    elif not (isinstance(grad_scale, Real) and grad_scale == 1.0):
+        raise ValueError("with slots, the gradient scale is the table's (StepTable.write / set_scale); "
+                         "leave grad_scale at 1.0")
+    elif slots.stats.shape != (n_tiles, 2) or slots.coefs.device != weight.device:
+        raise ValueError(f"slots hold by-products for {slots.stats.shape[0]} tiles on {slots.coefs.device}; this "
+                         f"step runs {n_tiles} tiles on {weight.device} (build the StepTable with update.step_tiles)")
+    # The materialized gradient is poisoned, so anything a backend fails to write shows up.
+    grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    plan = _plan(state, weight, which, slots, grad, apply)
     if which == "triton":
         from forge_megatron.core import kernels  # compiles on first use; the CPU path never loads it
 
@@ -102,29 +124,43 @@ def fused_update(
         tiled.run(x2, dy2, weight, plan, config)
     if apply:
         state.step = step
-    return UpdateResult(sumsq=plan.sumsq.sum(), nonfinite=plan.nonfinite.sum(), grad=grad)
+    return UpdateResult(stats=slots.stats, grad=grad)
 
 
-def _plan(state: ForgeState, weight, backend: str, coefs, step: int, grad, n_tiles: int, apply: bool):
-    """The StepPlan both backends execute: regime constants, state tensors, keys, tables."""
-    device = weight.device
+def step_tiles(weight: torch.Tensor, state: ForgeState, backend: str | None = None,
+               config: TileConfig | None = None) -> int:
+    """How many tiles a step of `weight` runs (its activations in the weight's dtype), for sizing
+    a StepTable."""
+    which = resolve_backend(weight.device, backend)
+    return num_tiles(weight.shape, config or default_tile_config(which, weight.device, weight.dtype,
+                                                                 state.state_dtype))
+
+
+def _own_slots(state: ForgeState, grad_scale, step: int, n_tiles: int, device) -> StepSlots:
+    """Slots for one standalone step: the coefficient row copied to the device, a by-product buffer."""
+    if isinstance(grad_scale, torch.Tensor):
+        coefs = torch.tensor(coefficient_row(state, 1.0, step), dtype=torch.float32).to(device, non_blocking=True)
+        coefs[:1].copy_(grad_scale.reshape(1))
+    else:
+        coefs = torch.tensor(coefficient_row(state, grad_scale, step), dtype=torch.float32).to(device)
+    # Poisoned, so that a tile that fails to write its by-products shows up.
+    return StepSlots(coefs=coefs, stats=torch.full((n_tiles, 2), float("nan"), dtype=torch.float32, device=device))
+
+
+def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply: bool) -> StepPlan:
+    """The StepPlan both backends execute: regime constants, state tensors, slots, tables."""
     states, scales, stored, signed = state.kernel_states(placeholder=weight)
     if weight.dtype == torch.float32:
         weight_store = WEIGHT_FP32
     else:
-        weight_store = {"master": WEIGHT_MASTER, "sr": WEIGHT_SR, "rne": WEIGHT_RNE}[
-            state.weight_store]
-    keys = [k for stream in range(1 + len(states)) for k in rng_keys(state.seed, state.layer, step, stream)]
+        weight_store = {"master": WEIGHT_MASTER, "sr": WEIGHT_SR, "rne": WEIGHT_RNE}[state.weight_store]
     return StepPlan(
         update_fn=state.rule.triton_update if backend == "triton" else state.rule.torch_update,
         weight_store=weight_store, master=state.master, states=states, scales=scales, stored=tuple(stored),
-        signed=tuple(signed),
-        state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
+        signed=tuple(signed), state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
             state.state_dtype],
-        coefs=coefs, keys=tuple(keys), tables=_tables(device), shard=state.shard, grad_out=grad,
-        sumsq=torch.full((n_tiles,), float("nan"), dtype=torch.float32, device=device),
-        nonfinite=torch.full((n_tiles,), -(2**30), dtype=torch.int32, device=device),
-        apply=apply)
+        coefs=slots.coefs, num_coefs=state.rule.num_coefficients, seed=state.seed, weight_id=state.weight_id,
+        tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply)
 
 
 @functools.cache
@@ -169,9 +205,9 @@ def _check_inputs(x, dy, weight, state, grad_scale):
         raise ValueError(f"state holds {'no' if state.master is None else 'a'} master copy but the weight is "
                          f"{weight.dtype} with weight_store={state.weight_store!r}; call state.adopt(weight) after "
                          "converting the weight's dtype")
-    row_offset, col_offset, global_cols = state.shard
-    if (row_offset + n_out) * global_cols >= 2**32 or col_offset + n_in > global_cols:
-        raise ValueError(f"state.shard {state.shard} does not describe a [{n_out}, {n_in}] shard of a weight with "
+    place = state.placement
+    if place.global_rows(n_out) * place.global_cols >= 2**32 or place.col_offset + n_in > place.global_cols:
+        raise ValueError(f"state.placement {place} does not describe a [{n_out}, {n_in}] shard of a weight with "
                          "fewer than 2**32 elements")
     if isinstance(grad_scale, torch.Tensor):
         if grad_scale.numel() != 1 or grad_scale.device != weight.device:

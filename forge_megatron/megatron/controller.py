@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron.core.param import ForgeParam
+from forge_megatron.core.table import StepTable
+from forge_megatron.core.update import step_tiles
 from forge_megatron.megatron.args import CLIP_MODES
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class ForgeController:
         if not self.named:
             raise ValueError("no FORGE-covered weights in the model: build it with get_gpt_layer_forge_spec")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
+        for index, param in enumerate(self.params):  # the same ids on every rank and parallel layout
+            param.state.weight_id = index
+        self.table: StepTable | None = None  # built at the first step, when the weights' dtypes are final
         self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
                                              config_overrides)
         self.clip_grad = float(clip_grad)
@@ -50,6 +55,7 @@ class ForgeController:
         self.nonfinite = 0  # the last backward's non-finite gradient values in covered weights (all ranks)
         self.nonfinite_streak = 0  # consecutive iterations with non-finite values
         self.skip = False  # this iteration's updates are skipped (two-pass: nothing was written)
+        self.grad_scale = 1.0  # the gradient scale of the last step's updates
         self._iteration = None  # the iteration whose backward FORGE last ran
 
     def num_parameters(self) -> int:
@@ -102,14 +108,18 @@ class ForgeController:
                 "applied this iteration's update and cannot undo it: rerun with --rerun-mode disabled")
         self._iteration = iteration
         self.skip = False
-        self._reset_stats()
+        table = self._step_table()
+        for p in self.params:
+            p.begin_iteration()
         if self.clip_mode != "two-pass":
-            coefficient = self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
-            self._set(scale=coefficient, apply=True)
+            self.grad_scale = self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+            table.write(self.grad_scale)
+            self._set(apply=True)
             return forward_backward_func(**kwargs)
         rng = _rng_states()
         recorder = _Recorder(kwargs.get("data_iterator"))
-        self._set(scale=1.0, apply=False)
+        table.write(1.0)
+        self._set(apply=False)
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
         norm, nonfinite = self._global_norm_and_nonfinite(sumsq(counted_grads(self.chunks)))
         if nonfinite or not math.isfinite(norm):
@@ -117,9 +127,20 @@ class ForgeController:
             return losses
         zero_grads()
         _restore_rng_states(rng)
-        self._reset_stats()
-        self._set(scale=self._coefficient(norm), apply=True)
+        self.grad_scale = self._coefficient(norm)
+        table.set_scale(self.grad_scale)
+        self._set(apply=True)
         return forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
+
+    def _step_table(self) -> StepTable:
+        """The covered weights' shared per-step memory (core/table.py), each weight bound to its slots."""
+        if self.table is None:
+            tiles = [step_tiles(w, p.state, p.config.backend, p.config.tile_config)
+                     for (_, w), p in zip(self.named, self.params)]
+            self.table = StepTable([p.state for p in self.params], tiles, self.named[0][1].device)
+            for param, slots in zip(self.params, self.table.slots):
+                param.bind(slots)
+        return self.table
 
     # -- optimizer step ---------------------------------------------------------------------------
 
@@ -160,7 +181,7 @@ class ForgeController:
 
         writer = get_tensorboard_writer()
         if writer is not None:
-            writer.add_scalar("forge/grad-scale", float(self.params[0].grad_scale), iteration)
+            writer.add_scalar("forge/grad-scale", self.grad_scale, iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
             hyperparameters = self.params[0].state.hyperparameters
             writer.add_scalar("forge/learning-rate", hyperparameters["lr"], iteration)
@@ -171,19 +192,14 @@ class ForgeController:
 
     def local_sumsq(self) -> torch.Tensor:
         """This rank's sum of squares of the covered weights' raw gradients in the last backward."""
-        total = torch.zeros((), dtype=torch.float32, device=self.named[0][1].device)
-        for p in self.params:
-            total = total + p.sumsq
-        return total
+        return self._step_table().totals()[0]
 
     def _global_norm_and_nonfinite(self, other_sumsq) -> tuple[float, int]:
         """The L2 norm of all of the step's gradients (FORGE's raw ones plus `other_sumsq`, the
         other parameters' local sum of squares) and FORGE's non-finite count, over the
         model-parallel group."""
-        local = torch.zeros(2, dtype=torch.float64, device=self.named[0][1].device)
-        local[0] = self.local_sumsq() + other_sumsq
-        for p in self.params:
-            local[1] += p.nonfinite
+        local = self._step_table().totals()
+        local[0] += other_sumsq
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(local, group=self.group)
         return math.sqrt(float(local[0])), int(local[1])
@@ -193,14 +209,9 @@ class ForgeController:
             return 1.0
         return min(1.0, self.clip_grad / (norm + 1.0e-6))  # Megatron's clip_grad_by_total_norm_fp32
 
-    def _set(self, scale: float, apply: bool) -> None:
+    def _set(self, apply: bool) -> None:
         for p in self.params:
-            p.grad_scale = scale
             p.apply = apply
-
-    def _reset_stats(self) -> None:
-        for p in self.params:
-            p.reset_stats()
 
     # -- checkpoints --------------------------------------------------------------------------------
 

@@ -104,7 +104,7 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
     def get_grads_for_grad_norm(*a, **kw):
         # One extra "gradient" whose squared norm is this rank's FORGE sum of squares; Megatron
         # sums the squares of all grads and all-reduces over the model-parallel group.
-        return [*grads_for_norm(*a, **kw), controller.local_sumsq().sqrt().reshape(1)]
+        return [*grads_for_norm(*a, **kw), controller.local_sumsq().float().sqrt().reshape(1)]
 
     first.get_grads_for_grad_norm = get_grads_for_grad_norm
 

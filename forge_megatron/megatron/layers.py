@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 from forge_megatron.core.param import ForgeConfig, ForgeParam
+from forge_megatron.core.plan import ShardPlacement
 from forge_megatron.megatron.autograd import forge_linear
 
 
@@ -49,15 +50,15 @@ class _ForgeLinear:
             )
 
     def _cover(self, forge: ForgeConfig | None, partition_dim: int) -> None:
+        stride = getattr(self.weight, "partition_stride", 1)
+        if stride not in (1, 2) or (stride == 2 and partition_dim != 0):
+            raise ValueError(f"{type(self).__name__}: a weight partitioned with stride {stride} along dim "
+                             f"{partition_dim} is not supported by FORGE (only SwiGLU's fc1, stride 2 along rows)")
         self.forge = ForgeParam(self.weight, forge or ForgeConfig())
         self.weight.requires_grad_(False)
-        # Where this shard sits in the unsharded weight (keys stochastic rounding per element).
-        rank = self.tp_group.rank() if self.tp_group is not None else 0
-        out_local, in_local = self.weight.shape
-        if partition_dim == 0:
-            self.forge.state.shard = (rank * out_local, 0, in_local)
-        else:
-            self.forge.state.shard = (0, rank * in_local, in_local * (self.tp_group.size() if self.tp_group else 1))
+        self.forge.state.placement = _placement(self.weight.shape, partition_dim, stride,
+                                                self.tp_group.rank() if self.tp_group is not None else 0,
+                                                self.tp_group.size() if self.tp_group is not None else 1)
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, **unused):
@@ -75,6 +76,20 @@ class _ForgeLinear:
         super()._apply(fn, recurse)
         self.forge.state.adopt(self.weight.data, previous=previous)
         return self
+
+
+def _placement(shape, partition_dim: int, stride: int, rank: int, size: int) -> ShardPlacement:
+    """Where this rank's shard sits in the unsharded weight (keys stochastic rounding per element,
+    so that every tensor-parallel layout draws the same bits). A row stride of 2 is Megatron's
+    SwiGLU fc1 (MLP builds it with stride=2): the shard is [gate_k; up_k], its two halves rows
+    k * h and ffn + k * h of the unsharded [gate; up]."""
+    out_local, in_local = shape
+    if partition_dim == 1:
+        return ShardPlacement(col_offset=rank * in_local, global_cols=in_local * size)
+    if stride == 1:
+        return ShardPlacement(row_offset=rank * out_local, global_cols=in_local)
+    half = out_local // 2
+    return ShardPlacement(row_offset=rank * half, row_split=half, row_jump=(size - 1) * half, global_cols=in_local)
 
 
 class ForgeColumnParallelLinear(_ForgeLinear, ColumnParallelLinear):
