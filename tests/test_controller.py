@@ -100,7 +100,32 @@ def scenario_a_second_forward_backward_of_an_iteration_is_refused():
     return True
 
 
-SCENARIOS = [scenario_stale_mode_skips_bad_tiles_and_the_rest_of_the_step,
+def scenario_the_kernel_applies_the_stale_clip_coefficient():
+    """The scale the kernel multiplies the gradient by is Megatron's coefficient for the previous
+    step's norm: the materialized gradient is the raw one (a standalone step of a copy at scale 1)
+    times that fp32 coefficient, and the update is the rule on it."""
+    from helpers import assert_bits_equal, reference_step, snapshot
+
+    from forge_megatron import ForgeState, fused_update
+
+    layer, controller = _layer_and_controller("stale")
+    controller.grad_norm = 4.0  # as if the previous step's global norm were 4 (clip-grad 1)
+    layer.forge.materialize = True
+    w0, s0 = snapshot(layer.weight.detach(), layer.forge.state)
+    x = torch.randn(TOKENS, 1, IN, generator=torch.Generator().manual_seed(0))
+    copy, copy_state = w0.clone(), ForgeState(w0.clone(), "adamw", lr=1e-2)
+    raw = fused_update(x, torch.ones(TOKENS, 1, OUT), copy, copy_state, materialize=True).grad
+    controller.forward_backward(_pass(layer), lambda: None, iteration=1)
+    coefficient = torch.tensor(1.0 / (4.0 + 1e-6), dtype=torch.float32)
+    assert controller.grad_scale == pytest.approx(1.0 / (4.0 + 1e-6))
+    assert_bits_equal(layer.forge.grad, raw * coefficient, "the kernel's scaled gradient")
+    expected_w, _ = reference_step(w0, s0, layer.forge.state, layer.forge.grad, 1)
+    assert_bits_equal(layer.weight.detach(), expected_w, "the update on the clipped gradient")
+    return True
+
+
+SCENARIOS = [scenario_the_kernel_applies_the_stale_clip_coefficient,
+             scenario_stale_mode_skips_bad_tiles_and_the_rest_of_the_step,
              scenario_two_pass_mode_skips_the_whole_iteration,
              scenario_a_second_forward_backward_of_an_iteration_is_refused]
 

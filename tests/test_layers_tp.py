@@ -79,7 +79,8 @@ def scenario_each_shard_update_is_the_rule_on_its_own_shard_gradient():
 def scenario_weight_gradient_matches_standard_megatron_layers():
     """The shard gradient FORGE consumes is megatron-core's own weight gradient: both layers see the
     same x and dy bits; their wgrad GEMMs sum the tokens in different orders, so each element of
-    either is within gamma_T sum_t |dy_ti x_tj| of the exact float64 value."""
+    either is within gamma_T sum_t |dy_ti x_tj| of the exact float64 value. The input gradient is
+    the standard layers' exactly (the same dgrad GEMM, the same collectives)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     config = setup(sp=True)
@@ -94,9 +95,14 @@ def scenario_weight_gradient_matches_standard_megatron_layers():
                              skip_bias_add=False)
     assert torch.equal(ref1.weight, fc1.weight) and torch.equal(ref2.weight, fc2.weight)
     x = local_sequence(torch.randn(SEQ, BATCH, HIDDEN, generator=torch.Generator().manual_seed(7)), config)
+    inputs = []
     for a, b in ((fc1, fc2), (ref1, ref2)):
-        out, _ = b(torch.nn.functional.gelu(a(x)[0]))
+        inputs.append(x.clone().requires_grad_(True))
+        out, _ = b(torch.nn.functional.gelu(a(inputs[-1])[0]))
         out.square().sum().backward()
+    # The input gradient (dgrad with the weight of the forward pass, then the sequence-parallel
+    # reduce-scatter, through both layers) is the standard layers' bit for bit.
+    assert torch.equal(inputs[0].grad, inputs[1].grad)
     for forge, ref in ((fc1, ref1), (fc2, ref2)):
         total_input, dy = (t.reshape(-1, t.shape[-1]).double() for t in seen[forge])
         tokens = total_input.shape[0]

@@ -106,9 +106,24 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(gen, device):
         total += draw.double()
     mean = total / n
     assert bool(((mean - x.double()).abs() <= 6 * spacing / (2 * math.sqrt(n))).all())
-    # the same key gives the same bits
-    bits = numerics.random_bits_torch(torch.arange(x.numel(), device=device), *numerics.stream_keys_int(3, 0, 1, 0))
-    assert torch.equal(numerics.stochastic_round_to_bf16_torch(x, bits), numerics.stochastic_round_to_bf16_torch(x, bits))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stochastically_rounded_step_is_reproducible_and_its_bits_change_with_the_step(backend, gen, device):
+    """Rerunning a step from the same weight, state and inputs stores the same bits (the keys
+    depend on nothing else); the same step at another step count rounds differently."""
+    x = randn(gen, 16, 64, dtype=torch.bfloat16, device=device)
+    dy = randn(gen, 16, 64, dtype=torch.bfloat16, device=device)
+    start = randn(gen, 64, 64, device=device).to(torch.bfloat16)
+    stored = {}
+    for run, step in (("first", 0), ("again", 0), ("later", 5)):
+        weight = start.clone()
+        state = ForgeState(weight, "sgd", lr=1e-3, weight_store="sr", state_dtype="bf16", seed=9, weight_id=1)
+        state.step = step
+        fused_update(x, dy, weight, state, backend=backend)
+        stored[run] = weight.view(torch.int16)
+    assert torch.equal(stored["first"], stored["again"])
+    assert not torch.equal(stored["first"], stored["later"])
 
 
 @triton.jit
