@@ -49,11 +49,13 @@ from forge_megatron.core.numerics import (
     stream_keys,
 )
 from forge_megatron.core.plan import (
+    COEF_HEAD,
     STATE_BF16,
     STATE_FP32,
     STATE_INT8,
     WEIGHT_FP32,
     WEIGHT_MASTER,
+    ShardPlacement,
     StepPlan,
     TileConfig,
     interpreting,
@@ -238,58 +240,85 @@ def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
 def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
     """Launch the kernel, one program per tile of `weight` (see StepPlan for the rest): the only
     work on the device is this one launch."""
+    args, kwargs = _launch_arguments(x, dy, weight, plan, config)
+    fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](*args, **kwargs)
+
+
+def _launch_arguments(x, dy, weight, plan: StepPlan, config: TileConfig) -> tuple[tuple, dict]:
+    """The kernel's arguments for one step, shared by `launch` and `compile_for_target`."""
     n_out, n_in = weight.shape
     place = plan.placement
-    fused_wgrad_update_kernel[(num_tiles(weight.shape, config),)](
-        x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states), tuple(plan.scales),
-        plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight, plan.stats,
-        x.shape[0], n_out, n_in, place.row_offset, place.row_split, place.row_jump, place.col_offset,
-        place.global_cols, triton.cdiv(n_in, QBLOCK), plan.seed, plan.weight_id,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        **_constexprs(plan, x.dtype, config),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-        enable_fp_fusion=False,
-    )
+    args = (x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states),
+            tuple(plan.scales), plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight,
+            plan.stats, x.shape[0], n_out, n_in, place.row_offset, place.row_split, place.row_jump, place.col_offset,
+            place.global_cols, triton.cdiv(n_in, QBLOCK), plan.seed, plan.weight_id,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1))
+    kwargs = dict(**_constexprs(plan, x.dtype, config), num_warps=config.num_warps, num_stages=config.num_stages,
+                  enable_fp_fusion=False)
+    return args, kwargs
 
 
 def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, weight_store: int = None,
-                       state_format: int = STATE_FP32):
-    """Compile the kernel for an NVIDIA target without a GPU (for inspection and CI).
+                       state_format: int = STATE_FP32, shape: tuple[int, int] = (4096, 4096), tokens: int = 8192,
+                       apply: bool = True, fp_fusion: bool = False):
+    """Compile the kernel for an NVIDIA target without a GPU, as a launch would compile it: the
+    arguments `launch` passes for contiguous [tokens, in] x and [tokens, out] dy and a weight of
+    `shape` (placeholders that allocate nothing) go through Triton's own binder, so that pointers
+    get their 16-byte alignment, integers their divisibility by 16, and unit strides become
+    constants, exactly as at launch (this relies on triton.runtime.jit's binder and
+    JITFunction._pack_args, Triton 3.x). Then ptxas reports the resources.
 
     `dtype` is the activation dtype; the weight is fp32 for fp32 activations and bf16 otherwise
-    (with an fp32 master unless `weight_store` says otherwise). Returns the compiled kernel
-    (`.asm["ptx"]`, `.asm["cubin"]`) and ptxas's resource report (registers, spill bytes).
-    `rule` is a registered Rule; its default hyperparameters decide which states are stored.
+    (with an fp32 master unless `weight_store` says otherwise). `rule` is a registered Rule; its
+    default hyperparameters decide which states are stored. `apply=False` compiles the norms-only
+    variant (no epilogue); `fp_fusion` lets the compiler contract mul+add into FMA (off in every
+    real launch; for the test that shows the check would see it). Returns the compiled kernel
+    (`.asm["ptx"]`, `.asm["cubin"]`), ptxas's resource report (registers, spill bytes) and the
+    specialization (which arguments became constants, which got divisibility).
     """
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     if weight_store is None:
         weight_store = WEIGHT_FP32 if dtype == torch.float32 else WEIGHT_MASTER
     hp = rule.hyperparameters()
     names = rule.states
+    n_out, n_in = shape
+    weight_dtype = torch.float32 if weight_store == WEIGHT_FP32 else torch.bfloat16
+    state_dtype = {STATE_FP32: torch.float32, STATE_BF16: torch.bfloat16, STATE_INT8: torch.uint8}[state_format]
+
+    def placeholder(rows, cols, dtype_):  # any shape, contiguous, no storage (address 0: aligned)
+        return torch.empty(rows, cols, dtype=dtype_, device="meta")
+
+    weight = placeholder(n_out, n_in, weight_dtype)
+    states = [placeholder(n_out, n_in, state_dtype) for _ in names]
+    scales = [placeholder(n_out, -(-n_in // QBLOCK), torch.float32) for _ in names]
     plan = StepPlan(
-        update_fn=rule.triton_update, weight_store=weight_store, master=None, states=[], scales=[],
-        stored=tuple(n in rule.stored_states(hp) for n in names),
+        update_fn=rule.triton_update, weight_store=weight_store,
+        master=placeholder(n_out, n_in, torch.float32) if weight_store == WEIGHT_MASTER else None,
+        states=states, scales=scales, stored=tuple(n in rule.stored_states(hp) for n in names),
         signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
-        coefs=None, num_coefs=rule.num_coefficients, seed=0, weight_id=0, tables=None,
-        placement=None, grad_out=None, stats=None)
-    act = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[dtype]
-    state = {STATE_FP32: "*fp32", STATE_BF16: "*bf16", STATE_INT8: "*u8"}[state_format]
-    signature = {
-        "x_ptr": act, "dy_ptr": act, "w_ptr": act, "master_ptr": "*fp32",
-        "state_ptrs": tuple(state for _ in names), "scale_ptrs": tuple("*fp32" for _ in names),
-        "coef_ptr": "*fp32", "table_ptr": "*fp32", "grad_ptr": "*fp32", "stats_ptr": "*fp32",
-        **{name: "i32" for name in ("T", "N_OUT", "N_IN", "ROW_OFFSET", "ROW_SPLIT", "ROW_JUMP", "COL_OFFSET",
-                                    "GLOBAL_COLS", "SCALE_COLS", "SEED", "WEIGHT_ID", "stride_xt", "stride_xi",
-                                    "stride_dt", "stride_do")},
-    }
-    constexprs = _constexprs(plan, dtype, config)
-    signature.update({k: "constexpr" for k in constexprs})
-    src = ASTSource(fn=fused_wgrad_update_kernel, signature=signature, constexprs=constexprs)
-    options = {"enable_fp_fusion": False, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return compiled, _ptxas_report(compiled.asm["ptx"], arch)
+        coefs=torch.empty(COEF_HEAD + rule.num_coefficients, device="meta"), num_coefs=rule.num_coefficients,
+        seed=1234, weight_id=7, tables=torch.empty(2, 256, device="meta"), placement=ShardPlacement.whole(shape),
+        grad_out=None, stats=torch.empty(num_tiles(shape, config), 2, device="meta"), apply=apply)
+    args, kwargs = _launch_arguments(placeholder(tokens, n_in, dtype), placeholder(tokens, n_out, dtype), weight, plan,
+                                     config)
+    kwargs["enable_fp_fusion"] = fp_fusion
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = fused_wgrad_update_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    names_ = list(kernel.signature.parameters)
+    specialized = {"constants": sorted(names_[path[0]] for path in constexprs
+                                       if not kernel.params[path[0]].is_constexpr),
+                   "divisible_by_16": sorted({names_[path[0]] for path, attr in attrs.items()
+                                              if any("divisibility" in str(a) for a in attr)})}
+    return compiled, _ptxas_report(compiled.asm["ptx"], arch), specialized
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:
