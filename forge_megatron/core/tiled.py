@@ -1,15 +1,19 @@
 """The tiled torch twin of the fused kernel: the CPU path and a second reference.
 
-It runs the kernel's loop in PyTorch: for each [block_m, block_n] tile of W, accumulate
-dy[:, rows]^T @ x[:, cols] in fp32 over T in block_t chunks, scale, then apply the rule's torch
-update (the same function the Triton epilogue compiles) to the tile's weight and state, read and
-written in every precision regime with the torch twins of the kernel's numerics. Extra memory is
-one tile and two token panels, never the full gradient.
+It runs the kernel's contract in PyTorch, a panel of rows at a time: the panel's gradient
+dy[:, rows]^T @ x in fp32 (one GEMM per chunk of TOKEN_CHUNK tokens), scaled; per [block_m,
+block_n] tile the by-products (sum of squares of the raw gradient, non-finite count) in the
+kernel's tile order; then the rule's torch update (the same function the Triton epilogue
+compiles) on the panel's weight and states, read and written in every precision regime with the
+torch twins of the kernel's numerics. A tile with a non-finite value stores nothing, as in the
+kernel. Extra memory is one panel of at most PANEL_ELEMENTS gradient values (plus the epilogue's
+panel-sized temporaries and a token chunk of the inputs in fp32), never the gradient of a large
+weight.
 
-Every GEMM call has the same shapes ([block_m, block_t] @ [block_t, block_n], contiguous,
-zero-padded at ragged edges): BLAS picks different kernels (and summation orders) for different
-shapes, and a fixed shape makes dW[i, j] independent of where the tile sits, so a weight sharded
-across tensor-parallel ranks gets the same bits as the unsharded one, as with the Triton kernel.
+Each gradient element is the BLAS's dot product of one column of dy and one of x. Whether its bits
+depend on where the element sits in the GEMM (hence on tensor-parallel sharding) is up to the
+BLAS; the tests assert shard invariance on CPU with inputs whose sums are exact in fp32, and the
+general claim is the Triton kernel's, whose summation order is fixed per element.
 """
 
 from __future__ import annotations
@@ -29,48 +33,62 @@ from forge_megatron.core.plan import (
 )
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
+PANEL_ELEMENTS = 1 << 16  # gradient values held at once (256 KiB in fp32)
+TOKEN_CHUNK = 1024  # tokens per GEMM (bf16 inputs are upcast a chunk at a time)
 
 
 def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
     """Same contract as kernels.launch."""
-    bm, bn, bt = config.block_m, config.block_n, config.block_t
-    n_tokens = x.shape[0]
+    bm, bn = config.block_m, config.block_n
     n_out, n_in = weight.shape
     num_n = -(-n_in // bn)
-    device = weight.device
-    dy_panel = torch.zeros(bm, bt, dtype=torch.float32, device=device)
-    x_panel = torch.zeros(bt, bn, dtype=torch.float32, device=device)
-    acc = torch.empty(bm, bn, dtype=torch.float32, device=device)
+    rows_per_panel = max(bm, PANEL_ELEMENTS // n_in // bm * bm)
+    acc = torch.empty(min(rows_per_panel, n_out), n_in, dtype=torch.float32, device=weight.device)
     grad_scale = plan.coefs[0]
-    for pid_m in range(-(-n_out // bm)):
-        r0, r1 = pid_m * bm, min(n_out, (pid_m + 1) * bm)
-        for pid_n in range(num_n):
-            c0, c1 = pid_n * bn, min(n_in, (pid_n + 1) * bn)
-            acc.zero_()
-            for t0 in range(0, n_tokens, bt):
-                t1 = min(n_tokens, t0 + bt)
-                _fill(dy_panel, dy[t0:t1, r0:r1].t())
-                _fill(x_panel, x[t0:t1, c0:c1])
-                acc.addmm_(dy_panel, x_panel)
-            raw = acc[: r1 - r0, : c1 - c0]
-            g = raw * grad_scale
-            tile = pid_m * num_n + pid_n
-            bad = (~(g.abs() < float("inf"))).sum()
-            plan.stats[tile, 0] = (raw * raw).sum()
-            plan.stats[tile, 1] = bad
-            if not plan.apply:
-                continue
-            if plan.grad_out is not None:
-                plan.grad_out[r0:r1, c0:c1] = g
-            if not bad:
-                _epilogue(g, weight, plan, r0, r1, c0, c1)
+    for r0 in range(0, n_out, rows_per_panel):
+        r1 = min(n_out, r0 + rows_per_panel)
+        raw = acc[: r1 - r0]
+        _wgrad(raw, x, dy[:, r0:r1])
+        g = raw * grad_scale
+        sumsq, bad = _tile_stats(raw, g, bm, bn)
+        first = (r0 // bm) * num_n
+        plan.stats[first:first + bad.numel()] = torch.stack([sumsq.flatten(), bad.flatten().float()], dim=1)
+        if not plan.apply:
+            continue
+        if plan.grad_out is not None:
+            plan.grad_out[r0:r1] = g
+        if not bool(bad.any()):
+            _epilogue(g, weight, plan, r0, r1, 0, n_in)
+            continue
+        for i, j in (bad == 0).nonzero().tolist():  # a panel with a bad tile: the good tiles one by one
+            t0, t1, c0, c1 = i * bm, min(r1 - r0, (i + 1) * bm), j * bn, min(n_in, (j + 1) * bn)
+            _epilogue(g[t0:t1, c0:c1], weight, plan, r0 + t0, r0 + t1, c0, c1)
+
+
+def _wgrad(out: torch.Tensor, x: torch.Tensor, dy_rows: torch.Tensor) -> None:
+    """out = dy_rows^T @ x in fp32, TOKEN_CHUNK tokens per GEMM."""
+    out.zero_()
+    for t0 in range(0, x.shape[0], TOKEN_CHUNK):
+        xs, ds = x[t0:t0 + TOKEN_CHUNK], dy_rows[t0:t0 + TOKEN_CHUNK]
+        out.addmm_(ds.float().t(), xs.float())
+
+
+def _tile_stats(raw: torch.Tensor, g: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per [bm, bn] tile of the panel: the sum of squares of `raw` and the non-finite count of `g`."""
+    rows, cols = raw.shape
+    pad = (0, -cols % bn, 0, -rows % bm)
+    shape = (-(-rows // bm), bm, -(-cols // bn), bn)
+    sumsq = torch.nn.functional.pad(raw * raw, pad).reshape(shape).sum(dim=(1, 3))
+    bad = torch.nn.functional.pad((~(g.abs() < float("inf"))).to(torch.int32), pad).reshape(shape).sum(dim=(1, 3))
+    return sumsq, bad
 
 
 def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
     rows, cols = slice(r0, r1), slice(c0, c1)
     device = weight.device
+    randomized = plan.weight_store == WEIGHT_SR or (plan.state_format != STATE_FP32 and any(plan.stored))
     index = numerics.global_index_torch(torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device),
-                                        plan.placement)
+                                        plan.placement) if randomized else None
     w_tile = weight[rows, cols]
     p = (plan.master[rows, cols] if plan.weight_store == WEIGHT_MASTER else w_tile).float()
     zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -134,11 +152,3 @@ def _padded_index(index: torch.Tensor) -> torch.Tensor:
         return index
     extra = index[:, -1:] + torch.arange(1, pad + 1, device=index.device)
     return torch.cat([index, extra], dim=1)
-
-
-def _fill(panel: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy `src` into the top-left corner of the fixed-shape `panel`, zeroing the rest."""
-    h, w = src.shape
-    if (h, w) != panel.shape:
-        panel.zero_()
-    panel[:h, :w] = src
