@@ -1,0 +1,87 @@
+"""A Megatron GPT built in this process exactly as forge-pretrain-gpt builds it, so that converted
+weights carry the training run's parameter names and sharding metadata.
+
+The flags go through forge-pretrain-gpt's own parser and `model_config` (Megatron's
+`gpt_config_from_args`, FORGE's local layer spec); the model comes from Megatron's GPT builder.
+Without torchrun the process is a world of one (gloo); inside one that Megatron's model
+parallelism is already set up in (the tests' gloo ranks), that set-up is used. No tokenizer,
+optimizer or training loop is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import sys
+
+import torch
+
+# Flags every conversion adds: build on the CPU without a random initialization (every weight is
+# then written), and the kernels that need Transformer Engine or CUDA off (no weight depends on them).
+BUILD_FLAGS = ("--use-cpu-initialization", "--no-initialization", "--transformer-impl", "local",
+               "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+               "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+               "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer")
+
+
+def build_gpt(flags: list[str]):
+    """(args, GPTModel) for Megatron `flags` (model-shape flags; the build flags above are added
+    first, so `flags` may override them), on this process's tensor-parallel rank."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.training.arguments import parse_args, validate_args
+    from megatron.training.global_vars import set_args
+
+    from forge_megatron.cli.pretrain_gpt import model_config
+    from forge_megatron.megatron.args import add_forge_args
+
+    ensure_process_group()
+    if not torch.cuda.is_available():
+        from forge_megatron.megatron.cpu import adapt_args_to_cpu, enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK=str(torch.distributed.get_rank()), WORLD_SIZE=str(torch.distributed.get_world_size()))
+    sys.argv = ["forge-hf", *BUILD_FLAGS, *flags]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # Megatron's argument dump
+            args = parse_args(extra_args_provider=add_forge_args)
+            validate_args(args, {})
+    finally:
+        sys.argv = saved_argv
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if not torch.cuda.is_available():
+        adapt_args_to_cpu(args)
+    set_args(args)
+    tp = args.tensor_model_parallel_size
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    elif parallel_state.get_tensor_model_parallel_world_size() != tp:
+        raise RuntimeError(f"model parallelism is set up for TP={parallel_state.get_tensor_model_parallel_world_size()}"
+                           f", the flags ask for TP={tp}")
+    model_parallel_cuda_manual_seed(args.seed)
+    model_cfg = model_config(args)
+    builder = model_cfg.get_builder_cls()(model_cfg)
+    model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True,
+                                post_process=True)
+    return args, model
+
+
+def ensure_process_group() -> None:
+    """torch.distributed as dist_checkpointing needs it: the caller's, or a gloo world of one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
