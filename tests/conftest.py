@@ -25,3 +25,11 @@ def gen(request) -> torch.Generator:
     seed = int(os.environ.get("FORGE_TEST_SEED", secrets.randbits(31)))
     print(f"{request.node.nodeid}: FORGE_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The stdlib byte corpus as a Megatron indexed dataset (1 MiB), for runs of Megatron's loop."""
+    from forge_megatron.megatron.data import write_stdlib_dataset
+
+    return write_stdlib_dataset(str(tmp_path_factory.mktemp("data") / "stdlib"), max_bytes=1 << 20)

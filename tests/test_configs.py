@@ -55,7 +55,6 @@ def test_tiny_cpu_config(monkeypatch):
 
 
 REFUSALS = [
-    (["--global-batch-size", "16"], 1, "2 micro-batches per step.*--global-batch-size"),
     (["--global-batch-size", "16"], 2, "data-parallel size 2.*--tensor-model-parallel-size"),
     (["--fp16"], 1, "--fp16 needs a loss scaler.*use --bf16"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 1"),
@@ -77,11 +76,11 @@ def test_each_refusal_names_the_flag(flags, world_size, message, monkeypatch):
 
 
 def test_refusals_on_flags_megatron_sets_together(monkeypatch):
-    """Flags whose Megatron validation needs company: pipeline parallelism, experts, MLA, tied
-    output covered, --rerun-mode disabled lifting the spiky-loss refusal."""
-    args = parse(tiny("--pipeline-model-parallel-size", "2"), 2, monkeypatch)
-    with pytest.raises(ConfigurationError, match="--pipeline-model-parallel-size 1"):
-        validate_forge_args(args)
+    """Flags whose Megatron validation needs company: experts, tied output covered, gradient
+    accumulation fusion, --rerun-mode disabled lifting the spiky-loss refusal; accumulation and
+    pipeline parallelism are accepted."""
+    for flags, world in ((("--global-batch-size", "32"), 1), (("--pipeline-model-parallel-size", "2"), 2)):
+        assert validate_forge_args(parse(tiny(*flags), world, monkeypatch)).rule == "adamw"
     args = parse([a for a in tiny("--forge-cover-output-layer") if a != "--untie-embeddings-and-output-weights"], 1,
                  monkeypatch)
     with pytest.raises(ConfigurationError, match="add --untie-embeddings-and-output-weights"):

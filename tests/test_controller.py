@@ -2,6 +2,8 @@
 each clipping mode, the stop after too many bad iterations in a row, and the guard against a
 second forward/backward of an iteration (Megatron's rerun state machine)."""
 
+import dataclasses
+
 import pytest
 import torch
 from distributed import result, run_scenarios
@@ -124,7 +126,40 @@ def scenario_the_kernel_applies_the_stale_clip_coefficient():
     return True
 
 
-SCENARIOS = [scenario_the_kernel_applies_the_stale_clip_coefficient,
+def scenario_accumulation_keeps_one_buffer_and_one_micro_batch_keeps_none():
+    """Measured (LiveTensorMemory): an iteration of one micro-batch leaves nothing allocated; of
+    four, exactly the accumulation buffer (the weight's size in the chosen dtype); freed with
+    free_accumulation_buffers. The update comes at the fourth backward, once."""
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
+
+    for dtype, width in (("fp32", 4), ("bf16", 2)):
+        layer, controller = _layer_and_controller("off")
+        layer.forge.config = dataclasses.replace(layer.forge.config, accumulation_dtype=dtype)
+        controller.forward_backward(_pass(layer), lambda: None, iteration=1)  # builds the table
+        def micro_batches_of(layer):
+            def run(**kwargs):
+                for _ in range(kwargs["num_microbatches"]):
+                    _pass(layer)()
+                return []
+            return run
+
+        four = micro_batches_of(layer)
+        for micro_batches, iteration, expected in ((1, 2, 0), (4, 3, width * IN * OUT)):
+            with LiveTensorMemory() as tracker:
+                before = layer.forge.state.step
+                controller.forward_backward(four, lambda: None, iteration=iteration, num_microbatches=micro_batches)
+            assert tracker.current == expected, (dtype, micro_batches, tracker.current)
+            assert layer.forge.state.step == before + 1
+        controller.free_accumulation_buffers = True
+        with LiveTensorMemory() as tracker:
+            controller.forward_backward(four, lambda: None, iteration=4, num_microbatches=4)
+        assert tracker.current == 0 and layer.forge.buffer is None
+        parallel_state.destroy_model_parallel()
+    return True
+
+
+SCENARIOS = [scenario_accumulation_keeps_one_buffer_and_one_micro_batch_keeps_none,
+             scenario_the_kernel_applies_the_stale_clip_coefficient,
              scenario_stale_mode_skips_bad_tiles_and_the_rest_of_the_step,
              scenario_two_pass_mode_skips_the_whole_iteration,
              scenario_a_second_forward_backward_of_an_iteration_is_refused]

@@ -248,28 +248,25 @@ def test_strided_and_3d_inputs_give_the_same_bits(backend, gen, device):
                          ids=["fp32", "bf16-sr-int8"])
 def test_torch_backend_memory_is_a_panel_not_the_gradient(regime, gen):
     """The tiled twin's extra memory (live tensor bytes during the step, LiveTensorMemory) is one
-    panel of rows, max(tiled.PANEL_ELEMENTS, block_m x columns) gradient values, with the epilogue's
-    panel-sized temporaries (the rule's fp32 intermediates, its float64 square roots, int64 random
-    bits): it does not grow with the number of rows. Weights of 1024 and 4096 rows x 1040 columns
-    have the same peak up to their by-products (8 bytes a tile), within 96 bytes per panel element,
-    and the larger one's fp32 gradient (17 MB) is over three times it (measured 2.5 MB in fp32,
-    5.1 MB with bf16 weights and a master)."""
-    from forge_megatron.core.tiled import DEFAULT_CONFIG, PANEL_ELEMENTS
+    panel of at most tiled.PANEL_ELEMENTS gradient values with the epilogue's panel-sized
+    temporaries (the rule's fp32 intermediates, its float64 square roots, int64 random bits):
+    within tiled.workspace_bytes plus 8 bytes of by-products a tile, the same for weights of
+    1024 x 1040 and 4096 x 2080 (whose fp32 gradient, 34 MB, is over ten times it)."""
+    from forge_megatron.core.tiled import DEFAULT_CONFIG, workspace_bytes
     from forge_megatron.tools.benchmarking import LiveTensorMemory
 
     dtype, store, state_dtype = regime
-    n_in, peaks = 1040, {}
-    for n_out in (1024, 4096):
-        weight = randn(gen, n_out, n_in, dtype=dtype)
-        x, dy = randn(gen, 40, n_in, dtype=dtype), randn(gen, 40, n_out, dtype=dtype)
+    peaks, tiles = {}, {}
+    for shape in ((1024, 1040), (4096, 2080)):
+        weight = randn(gen, *shape, dtype=dtype)
+        x, dy = randn(gen, 40, shape[1], dtype=dtype), randn(gen, 40, shape[0], dtype=dtype)
         state = ForgeState(weight, "adamw", weight_store=store, state_dtype=state_dtype)
         with LiveTensorMemory() as tracker:
             fused_update(x, dy, weight, state, backend="torch")
         assert tracker.current == 0  # nothing left behind
-        peaks[n_out] = tracker.peak
-    tiles = {n: -(-n // DEFAULT_CONFIG.block_m) * -(-n_in // DEFAULT_CONFIG.block_n) for n in peaks}
-    print({n: f"{p / 2**20:.2f} MiB" for n, p in peaks.items()})
-    assert abs(peaks[4096] - peaks[1024]) <= 8 * (tiles[4096] - tiles[1024]) + 4 * 40 * (4096 - 1024)
-    panel = max(PANEL_ELEMENTS, DEFAULT_CONFIG.block_m * n_in)
-    assert peaks[4096] <= 96 * panel + 8 * tiles[4096] + 4 * 40 * (n_in + 4096)
-    assert 3 * peaks[4096] < 4096 * n_in * 4
+        tiles[shape] = -(-shape[0] // DEFAULT_CONFIG.block_m) * -(-shape[1] // DEFAULT_CONFIG.block_n)
+        assert tracker.peak <= workspace_bytes(40, shape) + 8 * tiles[shape], (shape, tracker.peak)
+        peaks[shape] = tracker.peak
+    print({s: f"{p / 2**20:.2f} MiB" for s, p in peaks.items()})
+    (small, large), (t_small, t_large) = peaks.values(), tiles.values()
+    assert abs(large - small) <= 8 * (t_large - t_small) + 4 * 40 * (4096 + 2080) and 10 * large < 4096 * 2080 * 4

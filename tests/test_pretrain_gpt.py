@@ -14,101 +14,23 @@ import os
 import socket
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import torch.distributed as dist
+from training_runs import (
+    BASE,
+    SDPA,
+    TOL,
+    Run,
+    assert_same_training,
+    checkpoint,
+    forge_state,
+    forge_steps,
+    model_keys,
+    run_all,
+)
 
-from forge_megatron.tools.benchmarking import run_pretrain, tensorboard_records
-
-BASE = (
-    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 192 --num-attention-heads 4 --seq-length 32 "
-    "--max-position-embeddings 32 --swiglu --normalization RMSNorm --position-embedding-type rope "
-    "--disable-bias-linear --untie-embeddings-and-output-weights --make-vocab-size-divisible-by 256 "
-    "--transformer-impl local --no-gradient-accumulation-fusion --no-rope-fusion --no-persist-layer-norm "
-    "--no-masked-softmax-fusion --no-bias-swiglu-fusion --no-bias-dropout-fusion "
-    "--attention-dropout 0 --hidden-dropout 0 --micro-batch-size 4 --global-batch-size 4 --train-iters 20 "
-    "--lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 5 --weight-decay 0.1 --adam-beta2 0.95 "
-    "--split 90,10,0 --tokenizer-type NullTokenizer --vocab-size 257 --log-interval 5 --eval-interval 1000 "
-    "--eval-iters 1 --tensorboard-log-interval 1 --save-interval 20 --seed 1234"
-).split()
-TOL = 1e-5  # fp32: the runs differ only by the wgrad GEMM's summation order and AdamW's roundings
-SDPA = ["--forge-core-attention", "sdpa"]  # applied to standard runs too: both attentions are covered
-
-
-class Run:
-    """One forge-pretrain-gpt run in its own folder: tensorboard log, checkpoints, output."""
-
-    def __init__(self, work, name, *flags, tp=1, expect_ok=True):
-        self.dir = os.path.join(work, name)
-        self.save = os.path.join(self.dir, "checkpoints")
-        self.name, self.flags, self.tp, self.expect_ok = name, list(flags), tp, expect_ok
-
-    def __call__(self, data):
-        tb = os.path.join(self.dir, "tensorboard")
-        argv = [*BASE, "--data-path", data, "--data-cache-path", os.path.join(self.dir, "cache"),
-                "--tensorboard-dir", tb, "--save", self.save, *self.flags]
-        if self.tp > 1:
-            argv += ["--tensor-model-parallel-size", str(self.tp), "--sequence-parallel"]
-        proc = run_pretrain(argv, nproc=self.tp, env={"OMP_NUM_THREADS": "1"}, timeout=900)
-        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
-        if self.expect_ok:
-            assert proc.returncode == 0, f"run {self.name}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]
-            self.records = tensorboard_records(tb) if os.path.isdir(tb) else []
-        return self
-
-    def losses(self):
-        return {r["iteration"]: r["lm loss"] for r in self.records if "lm loss" in r}
-
-    def record(self, key):
-        return {r["iteration"]: r[key] for r in self.records if key in r}
-
-
-def run_all(data, runs):
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return {name: future.result() for name, future in [(name, pool.submit(run, data)) for name, run in runs.items()]}
-
-
-def checkpoint(save_dir, iteration=None):
-    """(plain full tensors, common state) of a torch_dist checkpoint in `save_dir`."""
-    from megatron.core import dist_checkpointing
-
-    if not dist.is_initialized():  # dist_checkpointing reads through torch.distributed.checkpoint
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if iteration is None:
-        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
-            iteration = int(f.read())
-    path = os.path.join(save_dir, f"iter_{iteration:07d}")
-    tensors = dist_checkpointing.load_plain_tensors(path)  # also holds the common (non-tensor) state
-    tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
-    return tensors, dist_checkpointing.load_common_state_dict(path)
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def model_keys(tensors):
-    return [k for k in tensors if not k.startswith("optimizer.") and not k.startswith("rng_state")]
-
-
-def forge_state(tensors):
-    return {k: v for k, v in tensors.items() if k.startswith("optimizer.forge.")}
-
-
-def forge_steps(common):
-    return {entry["step"] for name, entry in common["optimizer"]["forge"].items() if name != "__controller__"}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from forge_megatron.megatron.data import write_stdlib_dataset
-
-    return write_stdlib_dataset(str(tmp_path_factory.mktemp("data") / "stdlib"), max_bytes=1 << 20)
+from forge_megatron.tools.benchmarking import run_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -161,20 +83,6 @@ def runs(tmp_path_factory, data):
     third = run_all(data, {"resume-20": Run(work, "resume-20", "--use-forge", "--clip-grad", "0.05", "--load",
                                             second["resume-15"].save)})
     return {**first, **second, **third}
-
-
-def assert_same_training(forge, standard):
-    """Loss at every iteration and every model weight at the end within TOL (relative)."""
-    a, b = forge.losses(), standard.losses()
-    assert sorted(a) == list(range(1, 21)) and a.keys() == b.keys()
-    for i in a:
-        assert abs(a[i] - b[i]) <= TOL * abs(b[i]), (i, a[i], b[i])
-    weights, _ = checkpoint(forge.save)
-    reference, _ = checkpoint(standard.save)
-    keys = model_keys(reference)
-    assert any("linear_fc1" in k for k in keys)
-    for key in keys:
-        assert rel(weights[key], reference[key]) <= TOL, key
 
 
 def test_forge_without_clipping_matches_standard_megatron(runs):
@@ -265,7 +173,8 @@ def test_checkpoints_reshard_forge_state_between_tp_sizes(runs):
         assert state_a.keys() == state_b.keys()
         for key in [*state_a, *model_keys(a)]:
             assert torch.equal(a[key], b[key]), key
-        assert common_a["optimizer"]["forge"] == common_b["optimizer"]["forge"]  # steps and the stale norm
+        assert common_a["optimizer"]["forge"] == common_b["optimizer"]["forge"]  # the stale norm
+        assert forge_steps(a) == forge_steps(b) == {20}
 
 
 def test_int8_state_checkpoints_reshard_between_tp_sizes(runs):
@@ -282,17 +191,17 @@ def test_resuming_without_forge_state_starts_it_fresh(runs):
     run = runs["forge-from-standard"]
     assert "checkpoint holds no FORGE state" in run.stdout + run.stderr
     assert sorted(run.losses()) == [21]
-    _, common = checkpoint(run.save)
-    assert forge_steps(common) == {1}
+    tensors, _ = checkpoint(run.save)
+    assert forge_steps(tensors) == {1}
 
 
 def test_no_load_optim_and_finetune(runs):
     assert sorted(runs["no-load-optim"].losses()) == [21]  # the iteration count resumes
-    _, common = checkpoint(runs["no-load-optim"].save)
-    assert forge_steps(common) == {1}  # FORGE state is optimizer state
+    tensors, _ = checkpoint(runs["no-load-optim"].save)
+    assert forge_steps(tensors) == {1}  # FORGE state is optimizer state
     assert sorted(runs["finetune"].losses()) == [1, 2, 3, 4, 5, 6]  # the iteration count restarts
-    _, common = checkpoint(runs["finetune"].save)
-    assert forge_steps(common) == {6}
+    tensors, _ = checkpoint(runs["finetune"].save)
+    assert forge_steps(tensors) == {6}
 
 
 def test_activation_recompute_updates_once_per_backward(runs):
@@ -300,9 +209,9 @@ def test_activation_recompute_updates_once_per_backward(runs):
     backward of its autograd function, so it still fires once per weight and step: the same bits
     as the run without recompute."""
     assert runs["forge-recompute"].losses() == runs["forge"].losses()
-    weights, common = checkpoint(runs["forge-recompute"].save)
+    weights, _ = checkpoint(runs["forge-recompute"].save)
     reference, _ = checkpoint(runs["forge"].save)
-    assert forge_steps(common) == {20}
+    assert forge_steps(weights) == {20}
     for key in model_keys(reference) + list(forge_state(reference)):
         assert torch.equal(weights[key], reference[key]), key
 

@@ -9,6 +9,9 @@ the dataset provider (Megatron's GPTDataset over --data-path, or --mock-data).
 
 On a machine without CUDA it first applies forge_megatron.megatron.cpu (gloo, CPU tensors).
 A configuration error is one line on rank 0 and exit status 2.
+
+The module imports torch and Megatron inside its functions: dist_checkpointing's writer starts a
+spawned helper process, which re-imports this module, and should not pay for them.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import socket
 import sys
 from functools import partial
 
-import torch
-
 from forge_megatron.megatron.errors import ConfigurationError, exit_on_configuration_error
 
 
 def main(argv: list[str] | None = None) -> None:
+    import torch
+
     _world_of_one_unless_launched()
     # Megatron's tensor-parallel overlap (and FORGE's: the dgrad collective is issued before the
     # fused update) needs kernels launched in program order; Megatron refuses TP > 1 without it.
@@ -64,6 +67,8 @@ def parse_arguments(argv: list[str] | None):
                                            args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     finally:
         sys.argv = saved
+    import torch
+
     if not torch.cuda.is_available():
         from forge_megatron.megatron.cpu import adapt_args_to_cpu
 
@@ -172,6 +177,8 @@ def get_batch(data_iterator, vp_stage=None) -> dict:
     args = get_args()
     batch = {}
     if mpu.get_tensor_model_parallel_rank() == 0:
+        import torch
+
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         sample = next(data_iterator)
         batch = {k: sample[k].to(device, non_blocking=True) if sample.get(k) is not None else None for k in BATCH_KEYS}
@@ -187,8 +194,9 @@ def get_batch(data_iterator, vp_stage=None) -> dict:
         is_pipeline_last_stage=mpu.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage))
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask, output_tensor):
     """Summed token loss, the token count, and the report Megatron's loop averages and logs."""
+    import torch
     from megatron.core.rerun_state_machine import get_rerun_state_machine
     from megatron.training import get_args
 

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from forge_megatron.core import plan
 from forge_megatron.core.numerics import (
+    ACCUMULATION_STREAM,
     QBLOCK,
     dequantize,
     global_index,
@@ -71,6 +72,7 @@ _FP32_STATE = tl.constexpr(plan.STATE_FP32)
 _BF16_STATE = tl.constexpr(plan.STATE_BF16)
 _INT8_STATE = tl.constexpr(plan.STATE_INT8)
 _COEF_HEAD = tl.constexpr(plan.COEF_HEAD)
+ACC_STREAM = tl.constexpr(ACCUMULATION_STREAM)
 
 @triton.jit
 def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -86,10 +88,10 @@ def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     return pid_m, pid_n, num_n
 
 
-@triton.jit(do_not_specialize=["SEED", "WEIGHT_ID"])  # per-weight constants: one compile for all weights
+@triton.jit(do_not_specialize=["SEED", "WEIGHT_ID", "MICRO"])  # per-weight, per-micro-batch: one compile for all
 def fused_wgrad_update_kernel(
-    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
-    T, N_OUT, N_IN, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+    x_ptr, dy_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr, buf_ptr,
+    T, N_OUT, N_IN, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, MICRO,
     stride_xt, stride_xi, stride_dt, stride_do,
     UPDATE: tl.constexpr,
     WEIGHT_STORE: tl.constexpr,
@@ -98,7 +100,11 @@ def fused_wgrad_update_kernel(
     STATE_FORMAT: tl.constexpr,
     NUM_COEFS: tl.constexpr,
     MATERIALIZE: tl.constexpr,
+    STATS: tl.constexpr,
     APPLY: tl.constexpr,
+    READ_BUFFER: tl.constexpr,
+    WRITE_BUFFER: tl.constexpr,
+    BUFFER_BF16: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
@@ -122,31 +128,88 @@ def fused_wgrad_update_kernel(
             dy_t = dy_t.to(tl.float32)
             x_t = x_t.to(tl.float32)
         acc = tl.dot(dy_t, x_t, acc, input_precision=DOT_PRECISION)
-    g = acc * tl.load(coef_ptr)
 
-    # By-products: per-tile sum of squares of the raw gradient and non-finite count.
+    # Gradient accumulation over micro-batches: the buffer holds the sum of the earlier ones;
+    # this micro-batch's whole tile is added to it (the order of Megatron's fp32 main_grad).
     in_bounds = row_ok[:, None] & col_ok[None, :]
-    bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
-    tile = pid_m * num_n + pid_n
-    tl.store(stats_ptr + 2 * tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    tl.store(stats_ptr + 2 * tile + 1, bad.to(tl.float32))
-    if not APPLY:  # norms-only pass (two-pass clipping): by-products only
-        return
+    offs = rows[:, None] * N_IN + cols[None, :]
+    if READ_BUFFER:
+        acc = acc + tl.load(buf_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    if WRITE_BUFFER:
+        if BUFFER_BF16:  # rounded stochastically: the sum stays unbiased in 16 bits
+            k1, k2 = stream_keys(SEED, WEIGHT_ID, tl.load(coef_ptr + 1).to(tl.uint32), ACC_STREAM, MICRO)
+            index = global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS)
+            tl.store(buf_ptr + offs, stochastic_round_to_bf16(acc, random_bits(index, k1, k2)), mask=in_bounds)
+        else:
+            tl.store(buf_ptr + offs, acc, mask=in_bounds)
+    _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
+                 w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, STATS, APPLY,
+                 BLOCK_M, BLOCK_N)
 
-    # Epilogue in two column halves (lower register pressure); a bad tile stores nothing.
-    ok_tile = bad == 0
-    g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-    g_lo, g_hi = tl.split(g3)
-    col0 = pid_n * BLOCK_N
-    step = tl.load(coef_ptr + 1).to(tl.uint32)
-    _epilogue(g_lo, rows, col0, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
-              ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
-              UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
-    _epilogue(g_hi, rows, col0 + BLOCK_N // 2, N_OUT, N_IN, ok_tile,
-              w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
-              ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
-              UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, BLOCK_N // 2)
+
+@triton.jit(do_not_specialize=["SEED", "WEIGHT_ID"])
+def apply_buffer_kernel(
+    buf_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+    N_OUT, N_IN, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+    UPDATE: tl.constexpr,
+    WEIGHT_STORE: tl.constexpr,
+    STATE_STORED: tl.constexpr,
+    STATE_SIGNED: tl.constexpr,
+    STATE_FORMAT: tl.constexpr,
+    NUM_COEFS: tl.constexpr,
+    MATERIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The update from a gradient already in memory (an accumulation buffer, fp32 or bf16): the
+    fused kernel's tile finish without its GEMM, the same by-products and the same epilogue."""
+    pid_m, pid_n, num_n = _tile_coordinates(N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
+    acc = tl.load(buf_ptr + rows[:, None] * N_IN + cols[None, :], mask=in_bounds, other=0.0).to(tl.float32)
+    _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
+                 w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, True, True,
+                 BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _finish_tile(acc, rows, col0, tile, N_OUT, N_IN,
+                 w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+                 UPDATE: tl.constexpr, WEIGHT_STORE: tl.constexpr, STATE_STORED: tl.constexpr,
+                 STATE_SIGNED: tl.constexpr, STATE_FORMAT: tl.constexpr, NUM_COEFS: tl.constexpr,
+                 MATERIALIZE: tl.constexpr, STATS: tl.constexpr, APPLY: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A gradient tile's by-products and update: the raw tile `acc` is scaled; the tile's sum of
+    squares (of the raw gradient) and non-finite count go to its by-product slot; with APPLY the
+    rule runs on it unless it has a non-finite value (then the tile stores nothing)."""
+    g = acc * tl.load(coef_ptr)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
+    bad = tl.sum(tl.sum((in_bounds & ~(tl.abs(g) < float("inf"))).to(tl.int32), axis=1), axis=0)
+    if STATS:
+        tl.store(stats_ptr + 2 * tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+        tl.store(stats_ptr + 2 * tile + 1, bad.to(tl.float32))
+    if APPLY:
+        # Epilogue in two column halves (lower register pressure); a bad tile stores nothing.
+        ok_tile = bad == 0
+        g3 = tl.permute(tl.reshape(g, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        g_lo, g_hi = tl.split(g3)
+        step = tl.load(coef_ptr + 1).to(tl.uint32)
+        _epilogue(g_lo, rows, col0, N_OUT, N_IN, ok_tile,
+                  w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+                  ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
+                  UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE,
+                  BLOCK_N // 2)
+        _epilogue(g_hi, rows, col0 + BLOCK_N // 2, N_OUT, N_IN, ok_tile,
+                  w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+                  ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID, step,
+                  UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE,
+                  BLOCK_N // 2)
 
 
 @triton.jit
@@ -194,7 +257,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         tl.store(master_ptr + offs, p, mask=ok)
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     elif WEIGHT_STORE == _SR:
-        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0)
+        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0, 0)
         tl.store(w_ptr + offs, stochastic_round_to_bf16(p, random_bits(index, k1, k2)), mask=ok)
     else:
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
@@ -203,11 +266,11 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
             if STATE_FORMAT == _FP32_STATE:
                 tl.store(state_ptrs[k] + offs, state[k], mask=ok)
             elif STATE_FORMAT == _BF16_STATE:
-                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k, 0)
                 tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], random_bits(index, k1, k2)),
                          mask=ok)
             else:
-                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k, 0)
                 value = tl.where(in_bounds, state[k], 0.0)
                 codes, scale = quantize(value, random_bits(index, k1, k2),
                                         table_ptr + (0 if STATE_SIGNED[k] else 256), QB)
@@ -230,7 +293,11 @@ def _constexprs(plan: StepPlan, dtype, config: TileConfig) -> dict:
         STATE_FORMAT=plan.state_format,
         NUM_COEFS=plan.num_coefs,
         MATERIALIZE=plan.grad_out is not None,
+        STATS=plan.stats_on,
         APPLY=plan.apply,
+        READ_BUFFER=plan.read_buffer,
+        WRITE_BUFFER=plan.write_buffer,
+        BUFFER_BF16=plan.buffer is not None and plan.buffer.dtype == torch.bfloat16,
         UPCAST_DOT=interpreting() and dtype != torch.float32,
         DOT_PRECISION=precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_T=config.block_t, GROUP_M=config.group_m,
@@ -247,15 +314,33 @@ def launch(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
 def _launch_arguments(x, dy, weight, plan: StepPlan, config: TileConfig) -> tuple[tuple, dict]:
     """The kernel's arguments for one step, shared by `launch` and `compile_for_target`."""
     n_out, n_in = weight.shape
-    place = plan.placement
-    args = (x, dy, weight, plan.master if plan.master is not None else weight, tuple(plan.states),
-            tuple(plan.scales), plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight,
-            plan.stats, x.shape[0], n_out, n_in, place.row_offset, place.row_split, place.row_jump, place.col_offset,
-            place.global_cols, triton.cdiv(n_in, QBLOCK), plan.seed, plan.weight_id,
+    args = (x, dy, *_update_pointers(weight, plan), plan.buffer if plan.buffer is not None else weight,
+            x.shape[0], n_out, n_in, *_placement_args(weight, plan), plan.micro,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1))
     kwargs = dict(**_constexprs(plan, x.dtype, config), num_warps=config.num_warps, num_stages=config.num_stages,
                   enable_fp_fusion=False)
     return args, kwargs
+
+
+def apply_buffer(weight, plan: StepPlan, config: TileConfig) -> None:
+    """Launch apply_buffer_kernel: the update from `plan.buffer`, one program per tile."""
+    fused = _constexprs(plan, torch.float32, config)
+    constexprs = {k: fused[k] for k in ("UPDATE", "WEIGHT_STORE", "STATE_STORED", "STATE_SIGNED", "STATE_FORMAT",
+                                        "NUM_COEFS", "MATERIALIZE", "BLOCK_M", "BLOCK_N", "GROUP_M")}
+    apply_buffer_kernel[(num_tiles(weight.shape, config),)](
+        plan.buffer, *_update_pointers(weight, plan), *weight.shape, *_placement_args(weight, plan), **constexprs,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+
+
+def _update_pointers(weight, plan: StepPlan) -> tuple:
+    return (weight, plan.master if plan.master is not None else weight, tuple(plan.states), tuple(plan.scales),
+            plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight, plan.stats)
+
+
+def _placement_args(weight, plan: StepPlan) -> tuple:
+    place = plan.placement
+    return (place.row_offset, place.row_split, place.row_jump, place.col_offset, place.global_cols,
+            triton.cdiv(weight.shape[1], QBLOCK), plan.seed, plan.weight_id)
 
 
 def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, weight_store: int = None,

@@ -16,7 +16,9 @@ import torch
 from forge_megatron.core.plan import TileConfig
 from forge_megatron.core.state import ForgeState
 from forge_megatron.core.table import StepSlots
-from forge_megatron.core.update import UpdateResult, fused_update
+from forge_megatron.core.update import Accumulation, UpdateResult, apply_accumulated, fused_update
+
+ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ForgeConfig:
     seed: int = 0  # keys stochastic rounding, with the weight's id and the step
     backend: str | None = None
     tile_config: TileConfig | None = None
+    accumulation_dtype: str = "fp32"  # the gradient accumulation buffer's, over several micro-batches (or bf16)
 
 
 class ForgeParam:
@@ -37,9 +40,11 @@ class ForgeParam:
 
     Standalone (a layer used on its own), each backward is one step with `grad_scale`. Bound to a
     StepTable (`bind`, done by a training loop's controller for all of a model's weights), a step
-    reads its scale and coefficients from the table and writes its by-products there, and at most
-    one update is applied per iteration (`begin_iteration`): a second one is an error, never a
-    second step.
+    reads its scale and coefficients from the table and writes its by-products there, and
+    `begin_iteration(k)` says how many micro-batches the iteration has: the first k - 1 backward
+    passes add their gradient into an accumulation buffer (allocated at first need, in
+    `config.accumulation_dtype`), the k-th runs the rule on the sum. At most one update is applied
+    per iteration: another backward is an error, never a second step.
     """
 
     def __init__(self, weight: torch.Tensor, config: ForgeConfig):
@@ -48,32 +53,65 @@ class ForgeParam:
                 "this weight is already covered by another FORGE layer: weights shared between layers "
                 "(tied weights) would be updated twice per step; cover only one of them, or neither"
             )
+        if config.accumulation_dtype not in ACCUMULATION_DTYPES:
+            raise ValueError(f"unknown accumulation dtype {config.accumulation_dtype!r}; choose one of "
+                             f"{tuple(ACCUMULATION_DTYPES)}")
         self.config = config
         self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, state_dtype=config.state_dtype,
                                 seed=config.seed, **config.hyperparameters)
         self.grad_scale: float | torch.Tensor = 1.0  # standalone only
-        self.apply = True  # False: a norms-only backward (two-pass clipping); nothing is written
+        self.apply = True  # False: a norms-only pass (two-pass clipping); nothing is written
         self.materialize = False  # debug: keep the last weight gradient in `self.grad` (exactness tests)
         self.grad: torch.Tensor | None = None
         self.result: UpdateResult | None = None  # the last step's by-products
         self.slots: StepSlots | None = None
+        self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches only)
+        self.micro_batches = 1  # in this iteration (bound only)
+        self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
         weight._forge_param = self
 
     def bind(self, slots: StepSlots) -> None:
         self.slots = slots
 
-    def begin_iteration(self) -> None:
-        self.updates = 0
+    def begin_iteration(self, micro_batches: int = 1) -> None:
+        self.micro_batches, self.backwards, self.updates = micro_batches, 0, 0
 
     def step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
-        """The fused wgrad + optimizer step for this weight."""
-        if self.apply and self.slots is not None and self.updates:
-            raise RuntimeError("FORGE: a covered weight's backward ran twice in one iteration (a second update "
-                               "would be applied); each iteration must run one backward per micro-batch")
-        result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale if self.slots is None else 1.0,
-                              materialize=self.materialize and self.apply, apply=self.apply,
-                              backend=self.config.backend, config=self.config.tile_config, slots=self.slots)
-        self.grad, self.result = result.grad, result
-        if self.apply:
-            self.updates += 1
+        """This weight's part of one backward pass: accumulate, or the fused wgrad + optimizer step."""
+        bound = self.slots is not None
+        if bound and (self.backwards >= self.micro_batches or (self.apply and self.updates)):
+            raise RuntimeError(f"FORGE: a covered weight's backward ran {self.backwards + 1} times in an iteration of "
+                               f"{self.micro_batches} micro-batches (a second update would be applied); each "
+                               "iteration must run one backward per micro-batch")
+        accumulate = None
+        if bound and self.micro_batches > 1:
+            accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
+        last = accumulate is None or accumulate.last
+        result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale if not bound else 1.0,
+                              materialize=self.materialize and self.apply and last, apply=self.apply,
+                              backend=self.config.backend, config=self.config.tile_config, slots=self.slots,
+                              accumulate=accumulate)
+        self.backwards += 1
+        if last:
+            self.grad, self.result = result.grad, result
+            self.updates += self.apply
+
+    def apply_accumulated(self, weight: torch.Tensor) -> None:
+        """The update from the gradient a norms-only pass left in the buffer (two-pass clipping
+        over several micro-batches)."""
+        if self.updates:
+            raise RuntimeError("FORGE: this iteration's update was already applied")
+        self.result = apply_accumulated(weight, self.state, self.buffer, materialize=self.materialize,
+                                        backend=self.config.backend, config=self.config.tile_config, slots=self.slots)
+        self.grad = self.result.grad
+        self.updates += 1
+
+    def free_buffer(self) -> None:
+        self.buffer = None
+
+    def _buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None or self.buffer.shape != weight.shape or self.buffer.device != weight.device:
+            self.buffer = torch.empty(weight.shape, dtype=ACCUMULATION_DTYPES[self.config.accumulation_dtype],
+                                      device=weight.device)
+        return self.buffer

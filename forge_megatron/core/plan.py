@@ -66,7 +66,12 @@ class StepPlan:
     placement: ShardPlacement
     grad_out: torch.Tensor | None  # materialized gradient (debug), or None
     stats: torch.Tensor  # fp32 [tiles, 2]: per tile, sum of squares of the raw gradient and non-finite count
-    apply: bool = True  # False: by-products only
+    apply: bool = True  # run the rule (False: a norms-only pass, or a micro-batch that only accumulates)
+    stats_on: bool = True  # write the by-products (False: a micro-batch that only accumulates)
+    buffer: torch.Tensor | None = None  # the gradient accumulation buffer [out, in], fp32 or bf16
+    read_buffer: bool = False  # add the buffer's sum of the earlier micro-batches
+    write_buffer: bool = False  # store the sum so far into the buffer
+    micro: int = 0  # the micro-batch's index (keys a bf16 buffer's stochastic rounding)
 
 
 @dataclass(frozen=True)

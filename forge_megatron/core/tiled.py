@@ -1,14 +1,14 @@
 """The tiled torch twin of the fused kernel: the CPU path and a second reference.
 
-It runs the kernel's contract in PyTorch, a panel of rows at a time: the panel's gradient
-dy[:, rows]^T @ x in fp32 (one GEMM per chunk of TOKEN_CHUNK tokens), scaled; per [block_m,
+It runs the kernel's contract in PyTorch, a panel of whole tiles at a time: the panel's gradient
+dy[:, rows]^T @ x[:, cols] in fp32 (one GEMM per chunk of TOKEN_CHUNK tokens), scaled; per [block_m,
 block_n] tile the by-products (sum of squares of the raw gradient, non-finite count) in the
 kernel's tile order; then the rule's torch update (the same function the Triton epilogue
 compiles) on the panel's weight and states, read and written in every precision regime with the
 torch twins of the kernel's numerics. A tile with a non-finite value stores nothing, as in the
 kernel. Extra memory is one panel of at most PANEL_ELEMENTS gradient values (plus the epilogue's
-panel-sized temporaries and a token chunk of the inputs in fp32), never the gradient of a large
-weight.
+panel-sized temporaries and a token chunk of the inputs in fp32: `workspace_bytes`), whatever the
+weight's size.
 
 Each gradient element is the BLAS's dot product of one column of dy and one of x. Whether its bits
 depend on where the element sits in the GEMM (hence on tensor-parallel sharding) is up to the
@@ -33,43 +33,92 @@ from forge_megatron.core.plan import (
 )
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
-PANEL_ELEMENTS = 1 << 16  # gradient values held at once (256 KiB in fp32)
+PANEL_ELEMENTS = 1 << 15  # gradient values held at once (128 KiB in fp32)
 TOKEN_CHUNK = 1024  # tokens per GEMM (bf16 inputs are upcast a chunk at a time)
 
 
 def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
     """Same contract as kernels.launch."""
+    _run(weight, plan, config, lambda raw, rows, cols: _wgrad(raw, x[:, cols], dy[:, rows]))
+
+
+def apply_buffer(weight, plan: StepPlan, config: TileConfig) -> None:
+    """Same contract as kernels.apply_buffer: the update from the gradient in `plan.buffer`."""
+    _run(weight, plan, config, lambda raw, rows, cols: raw.copy_(plan.buffer[rows, cols]))
+
+
+WORKSPACE_BYTES_PER_ELEMENT = 96  # the epilogue's temporaries per panel value (fp32, float64 sqrt, int64 bits)
+
+
+def workspace_bytes(tokens: int, shape, config: TileConfig = DEFAULT_CONFIG) -> int:
+    """An upper bound of the twin's extra memory during one step of a weight of `shape`."""
+    rows, cols = panel_shape(shape, config)
+    return WORKSPACE_BYTES_PER_ELEMENT * rows * cols + 4 * min(tokens, TOKEN_CHUNK) * (rows + cols)
+
+
+def panel_shape(shape, config: TileConfig) -> tuple[int, int]:
+    """Rows and columns of the panels a weight of `shape` is processed in: whole tiles, at most
+    PANEL_ELEMENTS values (at least one tile)."""
+    bm, bn = config.block_m, config.block_n
+    n_out, n_in = shape
+    cols = min(-(-n_in // bn) * bn, max(bn, PANEL_ELEMENTS // bm // bn * bn))
+    rows = min(-(-n_out // bm) * bm, max(bm, PANEL_ELEMENTS // cols // bm * bm))
+    return rows, cols
+
+
+def _run(weight, plan: StepPlan, config: TileConfig, gradient) -> None:
+    """Panel by panel: `gradient(raw, rows, cols)` writes the raw gradient of W[rows, cols] into `raw`."""
     bm, bn = config.block_m, config.block_n
     n_out, n_in = weight.shape
-    num_n = -(-n_in // bn)
-    rows_per_panel = max(bm, PANEL_ELEMENTS // n_in // bm * bm)
-    acc = torch.empty(min(rows_per_panel, n_out), n_in, dtype=torch.float32, device=weight.device)
+    panel_rows, panel_cols = panel_shape(weight.shape, config)
+    acc = torch.empty(min(panel_rows, n_out), min(panel_cols, n_in), dtype=torch.float32, device=weight.device)
+    stats = plan.stats.view(-(-n_out // bm), -(-n_in // bn), 2)
     grad_scale = plan.coefs[0]
-    for r0 in range(0, n_out, rows_per_panel):
-        r1 = min(n_out, r0 + rows_per_panel)
-        raw = acc[: r1 - r0]
-        _wgrad(raw, x, dy[:, r0:r1])
-        g = raw * grad_scale
-        sumsq, bad = _tile_stats(raw, g, bm, bn)
-        first = (r0 // bm) * num_n
-        plan.stats[first:first + bad.numel()] = torch.stack([sumsq.flatten(), bad.flatten().float()], dim=1)
-        if not plan.apply:
-            continue
-        if plan.grad_out is not None:
-            plan.grad_out[r0:r1] = g
-        if not bool(bad.any()):
-            _epilogue(g, weight, plan, r0, r1, 0, n_in)
-            continue
-        for i, j in (bad == 0).nonzero().tolist():  # a panel with a bad tile: the good tiles one by one
-            t0, t1, c0, c1 = i * bm, min(r1 - r0, (i + 1) * bm), j * bn, min(n_in, (j + 1) * bn)
-            _epilogue(g[t0:t1, c0:c1], weight, plan, r0 + t0, r0 + t1, c0, c1)
+    for r0 in range(0, n_out, panel_rows):
+        for c0 in range(0, n_in, panel_cols):
+            r1, c1 = min(n_out, r0 + panel_rows), min(n_in, c0 + panel_cols)
+            rows, cols = slice(r0, r1), slice(c0, c1)
+            raw = acc[: r1 - r0, : c1 - c0]
+            gradient(raw, rows, cols)
+            if plan.read_buffer:
+                raw.add_(plan.buffer[rows, cols])  # the sum of the earlier micro-batches, plus this one's
+            if plan.write_buffer:
+                _store_buffer(raw, plan, r0, c0)
+            if not plan.stats_on:
+                continue
+            g = raw * grad_scale
+            sumsq, bad = _tile_stats(raw, g, bm, bn)
+            stats[r0 // bm:r0 // bm + bad.shape[0], c0 // bn:c0 // bn + bad.shape[1]] = torch.stack(
+                [sumsq, bad.float()], dim=2)
+            if not plan.apply:
+                continue
+            if plan.grad_out is not None:
+                plan.grad_out[rows, cols] = g
+            if not bool(bad.any()):
+                _epilogue(g, weight, plan, r0, r1, c0, c1)
+                continue
+            for i, j in (bad == 0).nonzero().tolist():  # a panel with a bad tile: the good tiles one by one
+                t0, t1, u0, u1 = i * bm, min(r1 - r0, (i + 1) * bm), j * bn, min(c1 - c0, (j + 1) * bn)
+                _epilogue(g[t0:t1, u0:u1], weight, plan, r0 + t0, r0 + t1, c0 + u0, c0 + u1)
 
 
-def _wgrad(out: torch.Tensor, x: torch.Tensor, dy_rows: torch.Tensor) -> None:
-    """out = dy_rows^T @ x in fp32, TOKEN_CHUNK tokens per GEMM."""
+def _store_buffer(raw: torch.Tensor, plan: StepPlan, r0: int, c0: int) -> None:
+    target = plan.buffer[r0:r0 + raw.shape[0], c0:c0 + raw.shape[1]]
+    if target.dtype == torch.float32:
+        target.copy_(raw)
+        return
+    index = numerics.global_index_torch(torch.arange(r0, r0 + raw.shape[0], device=raw.device),
+                                        torch.arange(c0, c0 + raw.shape[1], device=raw.device), plan.placement)
+    keys = numerics.stream_keys_int(plan.seed, plan.weight_id, int(plan.coefs[1]), numerics.ACCUMULATION_STREAM,
+                                    plan.micro)
+    target.copy_(numerics.stochastic_round_to_bf16_torch(raw, numerics.random_bits_torch(index, *keys)))
+
+
+def _wgrad(out: torch.Tensor, x_cols: torch.Tensor, dy_rows: torch.Tensor) -> None:
+    """out = dy_rows^T @ x_cols in fp32, TOKEN_CHUNK tokens per GEMM."""
     out.zero_()
-    for t0 in range(0, x.shape[0], TOKEN_CHUNK):
-        xs, ds = x[t0:t0 + TOKEN_CHUNK], dy_rows[t0:t0 + TOKEN_CHUNK]
+    for t0 in range(0, x_cols.shape[0], TOKEN_CHUNK):
+        xs, ds = x_cols[t0:t0 + TOKEN_CHUNK], dy_rows[t0:t0 + TOKEN_CHUNK]
         out.addmm_(ds.float().t(), xs.float())
 
 

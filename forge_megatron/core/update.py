@@ -63,6 +63,23 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return choice
 
 
+@dataclass(frozen=True)
+class Accumulation:
+    """One micro-batch of a step whose gradient is summed over `count` micro-batches: `buffer`
+    ([out, in], fp32 or bf16, contiguous, on the weight's device) holds the sum of the earlier
+    ones; `index` counts from 0. Micro-batches before the last add their gradient into the buffer
+    and update nothing; the last adds it to the buffer's sum and runs the rule on the total (or,
+    with apply=False, stores the total for `apply_accumulated`)."""
+
+    buffer: torch.Tensor
+    index: int
+    count: int
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
 def default_tile_config(backend: str, device: torch.device, dtype: torch.dtype, state_dtype: str) -> TileConfig:
     """The tiles a step runs with when none are given: per backend, device and dtypes, never per shape."""
     return default_config(device, dtype, state_dtype) if backend == "triton" else tiled.DEFAULT_CONFIG
@@ -80,6 +97,7 @@ def fused_update(
     backend: str | None = None,
     config: TileConfig | None = None,
     slots: StepSlots | None = None,
+    accumulate: Accumulation | None = None,
 ) -> UpdateResult:
     """Apply `state`'s rule to `weight` with the gradient dW = dy^T x, without storing dW.
 
@@ -94,10 +112,17 @@ def fused_update(
     gradient scale, step and coefficients on the device and receive the by-products: the step is
     then one kernel launch (`grad_scale` must be left at its default). Without them the scalars
     are copied to the device here.
+
+    `accumulate` (an Accumulation) makes this one micro-batch of a step summed over several;
+    state.step counts only the step's last, updating micro-batch.
     """
     if materialize and not apply:
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
+    if accumulate is not None:
+        _check_accumulation(accumulate, weight)
+        if materialize and not accumulate.last:
+            raise ValueError("materialize=True on a micro-batch that only accumulates: there is no update to show")
     which = resolve_backend(weight.device, backend)
     config = config or default_tile_config(which, weight.device, x2.dtype, state.state_dtype)
     if state.state_dtype == "int8" and config.block_n % (2 * QBLOCK):
@@ -116,15 +141,60 @@ def fused_update(
     # The materialized gradient is poisoned, so anything a backend fails to write shows up.
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
     plan = _plan(state, weight, which, slots, grad, apply)
+    if accumulate is not None:
+        last = accumulate.last
+        plan.buffer, plan.micro = accumulate.buffer, accumulate.index
+        plan.read_buffer, plan.write_buffer = accumulate.index > 0, not (last and apply)
+        plan.stats_on, plan.apply = last, apply and last
     if which == "triton":
         from forge_megatron.core import kernels  # compiles on first use; the CPU path never loads it
 
         kernels.launch(x2, dy2, weight, plan, config)
     else:
         tiled.run(x2, dy2, weight, plan, config)
-    if apply:
+    if plan.apply:
         state.step = step
     return UpdateResult(stats=slots.stats, grad=grad)
+
+
+def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Tensor, *,
+                      grad_scale: float | torch.Tensor = 1.0, materialize: bool = False, backend: str | None = None,
+                      config: TileConfig | None = None, slots: StepSlots | None = None) -> UpdateResult:
+    """Apply `state`'s rule to `weight` with the gradient in `buffer` (fp32 or bf16, [out, in]):
+    the fused kernel's tile finish (scale, by-products, non-finite skip, rule) without its GEMM.
+    For a step whose gradient was accumulated with apply=False (two-pass clipping over several
+    micro-batches). Increments state.step; checks everything before writing anything."""
+    x = torch.empty(0, weight.shape[1], dtype=torch.float32, device=weight.device)
+    dy = torch.empty(0, weight.shape[0], dtype=torch.float32, device=weight.device)
+    _check_inputs(x, dy, weight, state, grad_scale)
+    _check_accumulation(Accumulation(buffer, 0, 1), weight)
+    which = resolve_backend(weight.device, backend)
+    config = config or default_tile_config(which, weight.device, weight.dtype, state.state_dtype)
+    n_tiles = num_tiles(weight.shape, config)
+    step = state.step + 1
+    slots = slots if slots is not None else _own_slots(state, grad_scale, step, n_tiles, weight.device)
+    grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    plan = _plan(state, weight, which, slots, grad, True)
+    plan.buffer = buffer
+    if which == "triton":
+        from forge_megatron.core import kernels
+
+        kernels.apply_buffer(weight, plan, config)
+    else:
+        tiled.apply_buffer(weight, plan, config)
+    state.step = step
+    return UpdateResult(stats=slots.stats, grad=grad)
+
+
+def _check_accumulation(accumulate: Accumulation, weight: torch.Tensor) -> None:
+    buffer = accumulate.buffer
+    if not isinstance(buffer, torch.Tensor) or buffer.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError("the accumulation buffer must be an fp32 or bf16 tensor")
+    if buffer.shape != weight.shape or buffer.device != weight.device or not buffer.is_contiguous():
+        raise ValueError(f"the accumulation buffer must be a contiguous {tuple(weight.shape)} tensor on "
+                         f"{weight.device}; got {tuple(buffer.shape)} on {buffer.device}")
+    if not 0 <= accumulate.index < accumulate.count:
+        raise ValueError(f"micro-batch {accumulate.index} of {accumulate.count}: the index counts from 0")
 
 
 def step_tiles(weight: torch.Tensor, state: ForgeState, backend: str | None = None,

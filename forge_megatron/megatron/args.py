@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import math
 
-from forge_megatron.core.param import ForgeConfig
+from forge_megatron.core.param import ACCUMULATION_DTYPES, ForgeConfig
 from forge_megatron.core.rules import get_rule, registered_rules
 from forge_megatron.core.state import STATE_DTYPES, WEIGHT_STORES
 from forge_megatron.megatron.attention import CORE_ATTENTIONS
@@ -38,6 +38,14 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--forge-state-dtype", default="fp32", choices=tuple(STATE_DTYPES),
                        help="Optimizer state storage: fp32, bf16 (stochastically rounded) or int8 (8-bit codes with "
                             "one fp32 scale per 32 elements).")
+    group.add_argument("--forge-accumulation-dtype", default="fp32", choices=tuple(ACCUMULATION_DTYPES),
+                       help="Gradient accumulation over several micro-batches (global batch > micro-batch x "
+                            "data-parallel size): each covered weight sums its first micro-batches' gradients in a "
+                            "buffer of this dtype (fp32: 4 bytes/param, the order of Megatron's fp32 main_grad; "
+                            "bf16: 2 bytes/param, rounded stochastically) and updates at its last.")
+    group.add_argument("--forge-free-accumulation-buffers", action="store_true",
+                       help="Free the accumulation buffers after every step (they are allocated again at the next "
+                            "step's first backward) instead of keeping them.")
     group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
                        help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' runs a norms-only backward first (exact, ~2x "
@@ -81,7 +89,8 @@ def forge_config_from_args(args) -> ForgeConfig:
     rule = get_rule(name)
     hyperparameters = {k: v for k, v in from_flags.items() if k in rule.defaults}
     return ForgeConfig(name, hyperparameters, weight_store=args.forge_weight_store,
-                       state_dtype=args.forge_state_dtype, seed=args.seed, backend=args.forge_backend)
+                       state_dtype=args.forge_state_dtype, seed=args.seed, backend=args.forge_backend,
+                       accumulation_dtype=args.forge_accumulation_dtype)
 
 
 def validate_forge_args(args) -> ForgeConfig:
@@ -99,17 +108,10 @@ def validate_forge_args(args) -> ForgeConfig:
 def _refusals(args):
     """Each refusal, or None; the first that applies is reported."""
     dp = args.data_parallel_size
-    micro = args.global_batch_size // (args.micro_batch_size * dp)
-    yield (micro != 1) and (
-        f"{micro} micro-batches per step: FORGE updates the weights in every backward pass, i.e. once per "
-        f"micro-batch; set --global-batch-size to --micro-batch-size x data-parallel size "
-        f"({args.micro_batch_size * dp}), or raise --micro-batch-size")
     yield (dp > 1) and (
         f"data-parallel size {dp}: each data-parallel rank would update the weights with its own gradient "
         "before DDP's all-reduce could average them; spread the model with --tensor-model-parallel-size "
         "(and --sequence-parallel) so that data-parallel size is 1")
-    yield (args.pipeline_model_parallel_size > 1) and (
-        "pipeline parallelism interleaves several micro-batches per step; set --pipeline-model-parallel-size 1")
     yield (getattr(args, "context_parallel_size", 1) > 1) and (
         "context parallelism splits each weight gradient across ranks, which would need an all-reduce before "
         "the update; set --context-parallel-size 1")

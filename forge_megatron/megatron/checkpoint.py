@@ -2,8 +2,10 @@
 --no-load-optim and --finetune treat it as Megatron treats optimizer state).
 
 torch_dist: every state tensor (and fp32 master) is a ShardedTensor sharded exactly like its
-weight, so a checkpoint saved at one tensor-parallel size loads at another; the step counts and
-the controller's scalars (the norm stale clipping uses next) are common state.
+weight, so a checkpoint saved at one tensor- or pipeline-parallel layout loads at another; each
+weight's step count is a one-element ShardedTensor under the weight's global name (kept by the
+ranks that hold the weight, whatever the pipeline stage); the controller's scalars (the norm stale
+clipping uses next) are common state, the same on every rank.
 torch: the same entries as plain tensors, in each rank's own file (as Megatron's torch format
 saves everything: no resharding).
 """
@@ -30,29 +32,35 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
     # ShardedTensors, and ShardedTensorFactories (e.g. SwiGLU's fc1, split per TP rank on save)
     tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
     by_data = {id(t.data): t for t in nested_values(tensors)}
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    replica = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
     out = {SCALARS: controller.scalars()}
-    for (name, weight), param in zip(controller.named, controller.params):
+    for (name, weight), global_name, param in zip(controller.named, controller.global_names, controller.params):
         sharded_weight = by_data.get(id(weight))
         if sharded_weight is None:
             raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
         entry = {state_name: _sharded_like(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}", name)
                  for state_name, tensor in param.state.named_tensors().items()}
-        entry["step"] = param.state.step
-        out[name] = entry  # sharded keys are per stacked layer; the parameter name is unique
+        step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
+        entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
+                                                        replica_id=replica)
+        out[global_name] = entry
     return out
 
 
 def state_dict(controller: ForgeController) -> dict:
     """FORGE state for the torch format: this rank's tensors as they are."""
     out = {SCALARS: controller.scalars()}
-    for (name, _), param in zip(controller.named, controller.params):
-        out[name] = {**param.state.named_tensors(), "step": param.state.step}
+    for global_name, param in zip(controller.global_names, controller.params):
+        out[global_name] = {**param.state.named_tensors(), "step": param.state.step}
     return out
 
 
 def load_state_dict(controller: ForgeController, loaded: dict) -> None:
     """Copy what was loaded (either format) into the states; every entry is checked first."""
-    for (name, _), param in zip(controller.named, controller.params):
+    for name, param in zip(controller.global_names, controller.params):
         entry = loaded.get(name)
         if entry is None:
             raise KeyError(f"the checkpoint's FORGE state has no entry for covered weight {name}")
@@ -60,11 +68,12 @@ def load_state_dict(controller: ForgeController, loaded: dict) -> None:
             if tuple(entry[state_name].shape) != tuple(tensor.shape):
                 raise ValueError(f"FORGE state {name}.{state_name}: checkpoint has shape "
                                  f"{tuple(entry[state_name].shape)}, this run {tuple(tensor.shape)}")
-    for (name, _), param in zip(controller.named, controller.params):
+    for name, param in zip(controller.global_names, controller.params):
         entry = loaded[name]
         for state_name, tensor in param.state.named_tensors().items():
             tensor.copy_(entry[state_name])
-        param.state.step = int(entry["step"])
+        step = entry["step"]
+        param.state.step = int(step.reshape(-1)[0]) if isinstance(step, torch.Tensor) else int(step)
     controller.load_scalars(loaded.get(SCALARS, {}))
 
 

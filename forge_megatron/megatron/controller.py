@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
-                 model_parallel_group=None):
+                 model_parallel_group=None, free_accumulation_buffers: bool = False):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         self.chunks = model_chunks
@@ -42,14 +43,16 @@ class ForgeController:
         if not self.named:
             raise ValueError("no FORGE-covered weights in the model: build it with get_gpt_layer_forge_spec")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
-        for index, param in enumerate(self.params):  # the same ids on every rank and parallel layout
-            param.state.weight_id = index
+        self.global_names = [name for chunk in model_chunks for name in global_names(chunk)]
+        for name, param in zip(self.global_names, self.params):  # the same on every rank and parallel layout
+            param.state.weight_id = weight_id(name)
         self.table: StepTable | None = None  # built at the first step, when the weights' dtypes are final
         self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
                                              config_overrides)
         self.clip_grad = float(clip_grad)
         self.clip_mode = clip_mode if self.clip_grad > 0 else "off"
         self.max_nonfinite_iterations = max_nonfinite_iterations
+        self.free_accumulation_buffers = free_accumulation_buffers
         self.group = model_parallel_group
         self.grad_norm: float | None = None  # the last step's global norm (checkpointed: stale clipping)
         self.nonfinite = 0  # the last backward's non-finite gradient values in covered weights (all ranks)
@@ -95,11 +98,18 @@ class ForgeController:
                          **kwargs):
         """Run Megatron's forward_backward_func for iteration `iteration` with FORGE's gradient scale.
 
+        With k micro-batches (kwargs["num_microbatches"]) each covered weight accumulates its
+        first k - 1 backward passes and updates at its k-th, the last of the step for that weight
+        whatever the schedule (1F1B and interleaved pipelines run every forward of a stage before
+        its last backward, whose dgrad uses the old weight).
+
         'stale' and 'off': one pass; the clip coefficient comes from the previous step's norm
-        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing; the other
-        parameters' gradients are computed), the global norm and the exact coefficient, then
-        `zero_grads()`, the first pass's micro-batches and RNG state replayed, and the real pass;
-        a non-finite first pass skips the real one (nothing is written this iteration).
+        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing but, over several
+        micro-batches, the accumulated gradient; the other parameters' gradients are computed),
+        the global norm and the exact coefficient; then with one micro-batch `zero_grads()`, the
+        first pass's micro-batch and RNG state replayed, and the real pass; with several, each
+        weight's update from its accumulated gradient (no second pass). A non-finite first pass
+        skips the rest (nothing is written this iteration).
         """
         if iteration == self._iteration:
             raise RuntimeError(
@@ -108,29 +118,59 @@ class ForgeController:
                 "applied this iteration's update and cannot undo it: rerun with --rerun-mode disabled")
         self._iteration = iteration
         self.skip = False
+        micro_batches = int(kwargs.get("num_microbatches", 1))
         table = self._step_table()
-        for p in self.params:
-            p.begin_iteration()
+        self._begin(micro_batches)
         if self.clip_mode != "two-pass":
             self.grad_scale = self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
             table.write(self.grad_scale)
             self._set(apply=True)
-            return forward_backward_func(**kwargs)
+            losses = forward_backward_func(**kwargs)
+            self._end()
+            return losses
         rng = _rng_states()
         recorder = _Recorder(kwargs.get("data_iterator"))
         table.write(1.0)
         self._set(apply=False)
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
+        self._check_backwards()
         norm, nonfinite = self._global_norm_and_nonfinite(sumsq(counted_grads(self.chunks)))
         if nonfinite or not math.isfinite(norm):
             self.skip = True  # nothing written; step_decision() skips Megatron's step too
+            self._end()
+            return losses
+        self.grad_scale = self._coefficient(norm)
+        table.set_scale(self.grad_scale)
+        if micro_batches > 1:  # the sum is in the buffers: update from it
+            for (_, weight), param in zip(self.named, self.params):
+                param.apply_accumulated(weight)
+            self._end()
             return losses
         zero_grads()
         _restore_rng_states(rng)
-        self.grad_scale = self._coefficient(norm)
-        table.set_scale(self.grad_scale)
+        self._begin(micro_batches)
         self._set(apply=True)
-        return forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
+        losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
+        self._end()
+        return losses
+
+    def _begin(self, micro_batches: int) -> None:
+        for p in self.params:
+            p.begin_iteration(micro_batches)
+
+    def _check_backwards(self) -> None:
+        """Every covered weight ran one backward per micro-batch (else its update never came)."""
+        for (name, _), p in zip(self.named, self.params):
+            if p.backwards != p.micro_batches:
+                raise RuntimeError(f"FORGE: covered weight {name} ran {p.backwards} backward passes in an iteration of "
+                                   f"{p.micro_batches} micro-batches; every covered weight must take part in every "
+                                   "micro-batch's forward and backward")
+
+    def _end(self) -> None:
+        self._check_backwards()
+        if self.free_accumulation_buffers:
+            for p in self.params:
+                p.free_buffer()
 
     def _step_table(self) -> StepTable:
         """The covered weights' shared per-step memory (core/table.py), each weight bound to its slots."""
@@ -222,6 +262,40 @@ class ForgeController:
     def load_scalars(self, scalars: dict[str, Any]) -> None:
         self.grad_norm = scalars.get("grad_norm")
         self.nonfinite_streak = int(scalars.get("nonfinite_streak", 0))
+
+
+def global_names(chunk: torch.nn.Module) -> list[str]:
+    """The names of a model chunk's covered weights (in covered_params' order) in the whole model:
+    a transformer layer's local index (per pipeline stage and virtual chunk) replaced by its
+    global one (Megatron's layer_number - 1)."""
+    layers = {prefix + ".": module.layer_number - 1 for prefix, module in chunk.named_modules()
+              if type(module).__name__ == "TransformerLayer" and hasattr(module, "layer_number")}
+    out = []
+    for name, _ in covered_params([chunk]):
+        prefix = max((p for p in layers if name.startswith(p)), key=len, default=None)
+        if prefix is None:
+            out.append(name)
+            continue
+        head = prefix[:-1].rsplit(".", 1)[0]
+        out.append(f"{head}.{layers[prefix]}.{name[len(prefix):]}")
+    return out
+
+
+LAYER_SLOTS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
+               "mlp.linear_fc2.weight")
+
+
+def weight_id(global_name: str) -> int:
+    """A covered weight's id for its random streams, from its global name: 16 per transformer
+    layer (the four linears in LAYER_SLOTS), below 16 for weights outside the layers (the output
+    layer). Unique within a model and the same at every tensor- and pipeline-parallel layout."""
+    parts = global_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit() and i > 0 and parts[i - 1] == "layers":
+            rest = ".".join(parts[i + 1:])
+            slot = LAYER_SLOTS.index(rest) if rest in LAYER_SLOTS else 4 + zlib.crc32(rest.encode()) % 12
+            return 16 * (int(part) + 1) + slot
+    return zlib.crc32(global_name.encode()) % 16
 
 
 def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:

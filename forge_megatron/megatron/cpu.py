@@ -49,6 +49,7 @@ _MODULES_ON_CPU = (
     "megatron.training.utils.utils",
     "megatron.training.models.dist_utils",
     "megatron.core.utils",
+    "megatron.core.transformer.utils",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.grad_scaler",

@@ -75,7 +75,8 @@ def _pre_wrap_hook(model_chunks):
     controller = ForgeController(
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,
         max_nonfinite_iterations=args.forge_max_nonfinite_iterations,
-        model_parallel_group=parallel_state.get_model_parallel_group())
+        model_parallel_group=parallel_state.get_model_parallel_group(),
+        free_accumulation_buffers=args.forge_free_accumulation_buffers)
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())

@@ -31,6 +31,8 @@ import torch
 from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 from megatron.training.theoretical_memory_usage import compute_activation_memory, compute_weight_and_optimizer_memory
 
+from forge_megatron.core import tiled
+
 GIB = 2**30
 DEFAULT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, set aside
 MEGATRON_BYTES_PER_PARAMETER = 18  # what Megatron's estimator charges without the distributed optimizer
@@ -177,8 +179,18 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
     activations, logits, workspace = activation_memory(args, micro_batch)
+    if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
+        workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
+            max(2 * args.ffn_hidden_size, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
     return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], activations, logits,
                            workspace, round(reserve_gib * GIB))
+
+
+def _runs_the_torch_twin(args) -> bool:
+    """FORGE's CPU path (the tiled torch twin) holds a panel's workspace during each covered
+    weight's step; the Triton kernel keeps its tiles in registers."""
+    backend = getattr(args, "forge_backend", None)
+    return backend == "torch" or (backend is None and not torch.cuda.is_available())
 
 
 def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
