@@ -54,7 +54,7 @@ def emulated_rank(layers: int, seq: int, hidden: int = 4096, ffn: int = 1792, kv
             ).split()
 
 
-SMOKE = emulated_rank(1, 64, hidden=128, ffn=192, kv_channels=32, vocab=512)
+SMOKE = emulated_rank(1, 64, hidden=512, ffn=1024, kv_channels=128, vocab=1024)
 
 
 def _batch(argv: list[str], micro_batch: int) -> list[str]:

@@ -44,22 +44,27 @@ def _kernel_bits_and_sr(x, k1, k2):
 
 
 @triton.jit
-def _stream_keys_kernel(out_ptr, seed, weight_id, step, STREAM: tl.constexpr):
-    k1, k2 = numerics.stream_keys(seed, weight_id, step, STREAM)
+def _stream_keys_kernel(out_ptr, seed, weight_id, step, micro, STREAM: tl.constexpr, MICRO_STREAM: tl.constexpr):
+    if MICRO_STREAM:
+        k1, k2 = numerics.micro_stream_keys(seed, weight_id, step, STREAM, micro)
+    else:
+        k1, k2 = numerics.stream_keys(seed, weight_id, step, STREAM)
     tl.store(out_ptr, k1.to(tl.int64))
     tl.store(out_ptr + 1, k2.to(tl.int64))
 
 
-@pytest.mark.parametrize("stream", [0, 3])
-def test_the_kernels_stream_keys_are_the_hosts(stream, gen, device):
-    """The kernel derives its keys from (seed, weight id, step, stream) as the host's twin does,
-    including values past 2^31 and steps near the limit of the fp32 step slot."""
+@pytest.mark.parametrize("stream, micro", [(0, None), (3, None), (numerics.ACCUMULATION_STREAM, 0),
+                                           (numerics.ACCUMULATION_STREAM, 5)])
+def test_the_kernels_stream_keys_are_the_hosts(stream, micro, gen, device):
+    """The kernel derives its keys from (seed, weight id, step, stream[, micro-batch]) as the
+    host's twin does, including values past 2^31 and steps near the limit of the fp32 step slot."""
     for seed, weight_id, step in [(0, 0, 1), (1234, 7, 11), (2**31 - 1, 2**20 + 5, 2**24 - 1),
                                   *[tuple(int(v) for v in torch.randint(0, 2**31, (3,), generator=gen)) for _ in range(3)]]:
         step = step % (2**24)
         out = torch.full((2,), -1, dtype=torch.int64, device=device)
-        _stream_keys_kernel[(1,)](out, seed, weight_id, step, STREAM=stream)
-        assert tuple(out.tolist()) == numerics.stream_keys_int(seed, weight_id, step, stream), (seed, weight_id, step)
+        _stream_keys_kernel[(1,)](out, seed, weight_id, step, micro or 0, STREAM=stream, MICRO_STREAM=micro is not None)
+        expected = numerics.stream_keys_int(seed, weight_id, step, stream, micro or 0)
+        assert tuple(out.tolist()) == expected, (seed, weight_id, step, micro)
 
 
 def test_stream_keys_differ_by_weight_step_and_stream():

@@ -43,6 +43,7 @@ from forge_megatron.core.numerics import (
     QBLOCK,
     dequantize,
     global_index,
+    micro_stream_keys,
     quantize,
     random_bits,
     round_to_bf16,
@@ -137,7 +138,7 @@ def fused_wgrad_update_kernel(
         acc = acc + tl.load(buf_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     if WRITE_BUFFER:
         if BUFFER_BF16:  # rounded stochastically: the sum stays unbiased in 16 bits
-            k1, k2 = stream_keys(SEED, WEIGHT_ID, tl.load(coef_ptr + 1).to(tl.uint32), ACC_STREAM, MICRO)
+            k1, k2 = micro_stream_keys(SEED, WEIGHT_ID, tl.load(coef_ptr + 1).to(tl.uint32), ACC_STREAM, MICRO)
             index = global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS)
             tl.store(buf_ptr + offs, stochastic_round_to_bf16(acc, random_bits(index, k1, k2)), mask=in_bounds)
         else:
@@ -257,7 +258,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
         tl.store(master_ptr + offs, p, mask=ok)
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     elif WEIGHT_STORE == _SR:
-        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0, 0)
+        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0)
         tl.store(w_ptr + offs, stochastic_round_to_bf16(p, random_bits(index, k1, k2)), mask=ok)
     else:
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
@@ -266,11 +267,11 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
             if STATE_FORMAT == _FP32_STATE:
                 tl.store(state_ptrs[k] + offs, state[k], mask=ok)
             elif STATE_FORMAT == _BF16_STATE:
-                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k, 0)
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
                 tl.store(state_ptrs[k] + offs, stochastic_round_to_bf16(state[k], random_bits(index, k1, k2)),
                          mask=ok)
             else:
-                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k, 0)
+                k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1 + k)
                 value = tl.where(in_bounds, state[k], 0.0)
                 codes, scale = quantize(value, random_bits(index, k1, k2),
                                         table_ptr + (0 if STATE_SIGNED[k] else 256), QB)

@@ -13,9 +13,9 @@ negative values too: E[SR(x)] = x.
 Random bits. A counter-based generator: 32 bits = hash(hash(index ^ k1) + k2), with the
 lowbias32 integer hash (Wellons' hash-prospector), `index` the element's index in the
 *unsharded* weight (`global_index`: a shard's rows and columns placed where they sit unsharded)
-and (k1, k2) = `stream_keys(seed, weight_id, step, stream, micro)`, hashed from the run's seed,
+and (k1, k2) = `stream_keys(seed, weight_id, step, stream)`, hashed from the run's seed,
 the weight's id, the step and the stream (0: the weight, 1 + k: state k, ACCUMULATION_STREAM: the
-bf16 accumulation buffer, with the micro-batch's index); the kernel derives them
+bf16 accumulation buffer, with the micro-batch's index: `micro_stream_keys`); the kernel derives them
 itself from scalars, the twin and the tests with the Python-int twin. The bits depend on those
 and the global element index only: not on tiles, launch order or tensor-parallel sharding.
 Torch has no uint32 multiply, so the torch twin multiplies in int64 with the constant split in
@@ -81,12 +81,24 @@ def random_bits(index, k1, k2):
 
 
 @triton.jit
-def stream_keys(seed, weight_id, step, stream: tl.constexpr, micro):
-    """The keys (uint32 scalars) of one random stream of one weight at one step (and micro-batch,
-    for the accumulation buffer's stream); `stream_keys_int` is the host's twin. 8 * step +
-    stream is unique for step < 2^29 and up to 8 streams."""
+def _stream_key(seed, weight_id, step, stream: tl.constexpr):
     base = _lowbias32(_lowbias32(seed.to(tl.uint32) ^ 0x2545F491) + weight_id.to(tl.uint32))
-    k1 = _lowbias32(base + step.to(tl.uint32) * 8 + stream)
+    return _lowbias32(base + step.to(tl.uint32) * 8 + stream)
+
+
+@triton.jit
+def stream_keys(seed, weight_id, step, stream: tl.constexpr):
+    """The keys (uint32 scalars) of one random stream of one weight at one step; `stream_keys_int`
+    is the host's twin. 8 * step + stream is unique for step < 2^29 and up to 8 streams."""
+    k1 = _stream_key(seed, weight_id, step, stream)
+    return k1, _lowbias32(k1 ^ 0x68E31DA4)
+
+
+@triton.jit
+def micro_stream_keys(seed, weight_id, step, stream: tl.constexpr, micro):
+    """`stream_keys` of the accumulation buffer's stream, one pair per micro-batch (`micro` a
+    runtime scalar; micro 0 gives `stream_keys`)."""
+    k1 = _stream_key(seed, weight_id, step, stream)
     return k1, _lowbias32((k1 ^ 0x68E31DA4) + micro.to(tl.uint32) * 0x9E3779B9)
 
 
@@ -100,7 +112,7 @@ def _lowbias32_int(x: int) -> int:
 
 
 def stream_keys_int(seed: int, weight_id: int, step: int, stream: int, micro: int = 0) -> tuple[int, int]:
-    """Host twin of `stream_keys`, in Python ints."""
+    """Host twin of `stream_keys` (micro 0) and `micro_stream_keys`, in Python ints."""
     base = _lowbias32_int(_lowbias32_int((seed & 0xFFFFFFFF) ^ 0x2545F491) + weight_id)
     k1 = _lowbias32_int(base + 8 * step + stream)
     return k1, _lowbias32_int((k1 ^ 0x68E31DA4) + (micro * 0x9E3779B9 & 0xFFFFFFFF))
