@@ -7,10 +7,12 @@ sequence parallelism the norm and residual activations are whole-sequence here; 
 evaluated on the same emulated configuration, so measurement and model compare like with like.
 
 For standard Megatron and each FORGE regime: the peak of torch.cuda.max_memory_allocated over a few
-steps of forge-pretrain-gpt (Megatron's loop and optimizer, mock data; Megatron's own memory log)
-at micro-batch 1 and 2, its model value (reserve 0: the CUDA context is not in
+steps of forge-pretrain-gpt (Megatron's loop and optimizer, mock data; Megatron's own memory report,
+each rank's) at micro-batch 1 and 2, its model value (reserve 0: the CUDA context is not in
 max_memory_allocated) and the relative error; then the largest micro-batch that runs, found by
-doubling, against the model's answer for the GPU's memory.
+doubling, against the model's answer for the GPU's memory. `--micro-batches K` runs K micro-batches
+per step (FORGE's accumulation buffer); `--pipeline P` runs P pipeline stages (P ranks), each
+stage's peak against the model's for that stage (1F1B: stage s holds min(K, P - s) micro-batches).
 
 On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.tools.
 measured_pretrain): the peak bytes of live tensor storage, which is what max_memory_allocated counts
@@ -19,6 +21,7 @@ the micro-batch search is skipped.
 
     python scripts/bench_memory.py --out bench/results/memory_h100.json [--layers 8] [--seq-length 4096]
     python scripts/bench_memory.py --layers 2 --seq-length 512 --out bench/results/memory_cpu.json   # CPU
+    python scripts/bench_memory.py --pipeline-smoke --out bench/results/memory_pp2_cpu.json           # CPU, PP=2
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 
 from forge_megatron.megatron.args import add_forge_args
 from forge_megatron.tools import memory
-from forge_megatron.tools.benchmarking import device_name, pretrain_records, write_report
+from forge_megatron.tools.benchmarking import device_name, pretrain_peaks, write_report
 
 REGIMES = {
     "standard": [],
@@ -55,38 +58,57 @@ def emulated_rank(layers: int, seq: int, hidden: int = 4096, ffn: int = 1792, kv
 
 
 SMOKE = emulated_rank(1, 64, hidden=512, ffn=1024, kv_channels=128, vocab=1024)
+# Two stages of one layer, where a micro-batch's activations weigh as much as a layer's state.
+PIPELINE_SMOKE = [*emulated_rank(2, 1024, hidden=256, ffn=512, kv_channels=64, vocab=1024),
+                  "--no-create-attention-mask-in-dataloader"]
 
 
-def _batch(argv: list[str], micro_batch: int) -> list[str]:
-    return [*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch)]
+def _batch(argv: list[str], micro_batch: int, micro_batches: int) -> list[str]:
+    return [*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * micro_batches)]
 
 
-def measure(argv: list[str], micro_batch: int) -> int | None:
-    """The run's peak allocated bytes from Megatron's memory log (max_memory_allocated on a GPU,
-    live tensor bytes under LiveTensorMemory on CPU), or None if it did not fit."""
-    records = pretrain_records(_batch(argv, micro_batch), measure_cpu_memory=not torch.cuda.is_available())
-    peaks = [] if records is None else [r["mem-max-allocated-bytes"] for r in records if "mem-max-allocated-bytes" in r]
-    return int(max(peaks)) if peaks else None
+def measure(argv: list[str], micro_batch: int, micro_batches: int = 1, pipeline: int = 1) -> list[int] | None:
+    """Each rank's (pipeline stage's) peak allocated bytes from Megatron's memory report
+    (max_memory_allocated on a GPU, live tensor bytes under LiveTensorMemory on CPU), or None if
+    the run did not fit."""
+    return pretrain_peaks(_batch(argv, micro_batch, micro_batches), nproc=pipeline,
+                          measure_cpu_memory=not torch.cuda.is_available())
 
 
-def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int) -> dict:
-    """Per regime: measured and modelled peak at micro-batch 1 and 2, their relative errors, the
-    largest power-of-two micro-batch that ran (up to `max_micro_batch`; 0 skips the search) and the
-    model's largest micro-batch for `gib` GiB (None: not asked)."""
+def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int, micro_batches: int = 1,
+            pipeline: int = 1, regimes: dict = REGIMES, micro_batch_sizes=(1, 2)) -> dict:
+    """Per regime and micro-batch b: measured and modelled peak of the most loaded stage and their
+    relative error, and with pipeline stages each stage's; the largest power-of-two micro-batch that
+    ran (up to `max_micro_batch`; 0 skips the search) and the model's largest micro-batch for `gib`
+    GiB (None: not asked)."""
     out = {}
-    for name, flags in REGIMES.items():
-        model_args = memory.parse_megatron_args(base + flags, extra_args_provider=add_forge_args)
+    parallel = ["--pipeline-model-parallel-size", str(pipeline)] if pipeline > 1 else []
+    for name, flags in regimes.items():
+        argv = base + flags + parallel
+
+        parsed = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
+
+        def model(b: int, stage=None, reserve_gib=0.0, parsed=parsed) -> memory.MemoryBreakdown:
+            args = memory.replace_args(parsed, micro_batch_size=b, global_batch_size=b * micro_batches)
+            return memory.rank_memory(args, b, reserve_gib=reserve_gib, stage=stage)
+
         entry = {}
-        for b in (1, 2):
-            measured, modelled = measure_fn(base + flags, b), memory.rank_memory(model_args, b, reserve_gib=0).total
-            entry[f"measured_peak_bytes_mb{b}"], entry[f"model_peak_bytes_mb{b}"] = measured, modelled
-            entry[f"relative_error_mb{b}"] = None if measured is None else modelled / measured - 1
+        for b in micro_batch_sizes:
+            measured = measure_fn(argv, b, micro_batches, pipeline)
+            entry[f"measured_peak_bytes_mb{b}"] = None if measured is None else max(measured)
+            entry[f"model_peak_bytes_mb{b}"] = model(b).total
+            entry[f"relative_error_mb{b}"] = None if measured is None else model(b).total / max(measured) - 1
+            if pipeline > 1:
+                stages = [model(b, stage).total for stage in range(pipeline)]
+                entry[f"stage_measured_peak_bytes_mb{b}"], entry[f"stage_model_peak_bytes_mb{b}"] = measured, stages
+                entry[f"stage_relative_error_mb{b}"] = None if measured is None else [
+                    m / peak - 1 for m, peak in zip(stages, measured)]
         largest, b = 0, 1
-        while b <= max_micro_batch and measure_fn(base + flags, b) is not None:
+        while b <= max_micro_batch and measure_fn(argv, b, micro_batches, pipeline) is not None:
             largest, b = b, 2 * b
         out[name] = {**entry, "largest_power_of_two_micro_batch": largest if max_micro_batch else None,
                      "model_max_micro_batch": None if gib is None else memory.max_micro_batch(
-                         lambda m, model_args=model_args: memory.rank_memory(model_args, m), gib)}
+                         lambda m, model=model: model(m, reserve_gib=memory.DEFAULT_RESERVE_GIB), gib)}
     return out
 
 
@@ -99,21 +121,34 @@ def main(argv=None):
                         help="--forge-core-attention for every regime, standard included (the model follows it)")
     parser.add_argument("--iters", type=int, default=4, help="training steps per run")
     parser.add_argument("--smoke", action="store_true", help="a tiny model instead of the emulated 8B rank")
+    parser.add_argument("--pipeline-smoke", action="store_true",
+                        help="a tiny two-layer model on two pipeline stages, four micro-batches per step")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--pipeline", type=int, default=1, help="pipeline stages (ranks)")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     gib = torch.cuda.get_device_properties(0).total_memory / memory.GIB if gpu else None
-    base = [*(SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)), "--forge-core-attention",
-            args.core_attention, "--train-iters", str(args.iters)]
-    regimes = compare(base, measure, gib, args.max_micro_batch if gpu else 0)
+    if args.pipeline_smoke:
+        args.pipeline, args.micro_batches = 2, 4
+    model = PIPELINE_SMOKE if args.pipeline_smoke else SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)
+    base = [*model, "--forge-core-attention", args.core_attention, "--train-iters", str(args.iters)]
+    regimes = compare(base, measure, gib, args.max_micro_batch if gpu else 0, args.micro_batches, args.pipeline,
+                      {name: REGIMES[name] for name in args.regimes})
     report = {"device": device_name(torch.device("cuda" if gpu else "cpu")), "gpu_gib": gib,
               "measure": "torch.cuda.max_memory_allocated" if gpu else "LiveTensorMemory (live tensor bytes, CPU)",
-              "flags": base, "torch": torch.__version__,
+              "flags": base, "micro_batches_per_step": args.micro_batches, "pipeline_stages": args.pipeline,
+              "torch": torch.__version__,
               "regimes": regimes}
     for name, entry in regimes.items():
         line = f"{name:14s}"
         for b in (1, 2):
             measured = entry[f"measured_peak_bytes_mb{b}"]
+            if args.pipeline > 1 and measured:
+                line += f"  mbs {b} stages: " + ", ".join(
+                    f"{m / 2**20:.1f}/{p / 2**20:.1f} MiB" for m, p in zip(entry[f"stage_model_peak_bytes_mb{b}"],
+                                                                          entry[f"stage_measured_peak_bytes_mb{b}"]))
             line += (f"  mbs {b}: measured {measured / 2**20 if measured else float('nan'):.1f} MiB, model "
                      f"{entry[f'model_peak_bytes_mb{b}'] / 2**20:.1f} MiB "
                      f"({100 * entry[f'relative_error_mb{b}'] if measured else float('nan'):+.1f}%)")

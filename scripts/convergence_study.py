@@ -10,6 +10,9 @@ mean and standard error over seeds.
 
     .venv/bin/python scripts/convergence_study.py            # all runs, three seeds (~35 min on 2 cores)
     .venv/bin/python scripts/convergence_study.py --iters 20 --seeds 1 --runs forge-fp32 standard-fp32   # a smoke run
+    .venv/bin/python scripts/convergence_study.py --runs standard-bf16 standard-bf16-k4 \
+        forge-bf16-master-k4-bf16acc forge-sr-int8-k4-bf16acc \
+        --out bench/results/convergence_accumulation_cpu.json --plot docs/convergence_accumulation.png
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ CONTROLS = {"control-init+1e-7": ("control: reference, init std x (1 + 1e-7)", [
             "control-init-1e-7": ("control: reference, init std x (1 - 1e-7)", ["--bf16", "--init-method-std",
                                   "0.019999998"], 2 + 4 + 4 + 8)}
 RUNS.update(CONTROLS)
+# Gradient accumulation: the same 8 sequences per step as 4 micro-batches of 2 (Megatron sums them
+# in its fp32 main_grad; FORGE in its accumulation buffer, here the 2-byte bf16 one).
+K4 = ["--micro-batch-size", "2", "--global-batch-size", "8"]
+ACCUMULATION = {
+    "standard-bf16-k4": ("Megatron AdamW, bf16 + fp32 master, 4 micro-batches", ["--bf16", *K4], 2 + 4 + 4 + 8),
+    "forge-bf16-master-k4-bf16acc": ("FORGE, bf16 + master, 4 micro-batches, bf16 accumulation",
+                                     ["--bf16", *FORGE, *K4, "--forge-accumulation-dtype", "bf16"], 2 + 2 + 4 + 8),
+    "forge-sr-int8-k4-bf16acc": ("FORGE, bf16 SR + 8-bit states, 4 micro-batches, bf16 accumulation",
+                                 ["--bf16", *FORGE, *K4, "--forge-weight-store", "sr", "--forge-state-dtype", "int8",
+                                  "--forge-accumulation-dtype", "bf16"], 2 + 2 + 2.25),
+}
+RUNS.update(ACCUMULATION)
 
 
 def train(name: str, iters: int, seed: int = 1234) -> dict:
@@ -105,7 +120,8 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="*", default=[r for r in RUNS if r not in ACCUMULATION], choices=list(RUNS),
+                        help="default: every run but the accumulation ones (the second study, docs/numerics.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
                         help="every run is repeated per seed (initialization and data order); gaps are taken "
                              "against the reference of the same seed, then averaged")

@@ -22,8 +22,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOUR_X = 4
 
-FORGE = {"use_forge": True, "bf16": True}
+FORGE = {"use_forge": True, "bf16": True, "forge_accumulation_dtype": "fp32"}
 # key -> (label, changes to the parsed config); the FORGE runs keep the config's output-layer cover.
+# The accumulation buffer (grads) counts only where a step has several micro-batches.
 RUNS = {
     "standard": ("standard Megatron", {"use_forge": False}),
     "standard-pa": ("standard, precision-aware optimizer, bf16 m and v",
@@ -39,6 +40,9 @@ RUNS = {
     "forge-master-int8": ("FORGE bf16 + fp32 master, int8 states",
                           {**FORGE, "forge_weight_store": "master", "forge_state_dtype": "int8"}),
     "forge-sr-int8": ("FORGE bf16 SR, int8 states", {**FORGE, "forge_weight_store": "sr", "forge_state_dtype": "int8"}),
+    "forge-sr-int8-bf16acc": ("FORGE bf16 SR, int8 states, bf16 accumulation",
+                              {**FORGE, "forge_weight_store": "sr", "forge_state_dtype": "int8",
+                               "forge_accumulation_dtype": "bf16"}),
 }
 BASELINE = "standard"
 FORGE_RUNS = [key for key, (_, changes) in RUNS.items() if changes["use_forge"]]
@@ -67,7 +71,8 @@ def study(args, gpu_gib: list[float], seq_lengths: list[int], sweep_gib: list[fl
     result = {"breakdown_mbs1": {}, "bytes_per_covered_parameter": {}, "max_micro_batch": {}, "sweep": {}}
     for key, (_, changes) in RUNS.items():
         run = memory.replace_args(args, **changes)
-        per = memory.forge_bytes_per_parameter(run) if run.use_forge else memory.standard_bytes_per_parameter(run)
+        k = memory.micro_batches_per_step(run, 1)  # the accumulation buffer counts when a step has several
+        per = memory.forge_bytes_per_parameter(run, k) if run.use_forge else memory.standard_bytes_per_parameter(run)
         result["bytes_per_covered_parameter"][key] = per.total
     for seq in seq_lengths:
         result["breakdown_mbs1"][str(seq)], result["max_micro_batch"][str(seq)] = {}, {}
@@ -132,15 +137,18 @@ def report(info: dict, result: dict, verdict: dict, ranges: dict) -> str:
              f"{info['covered_parameters_per_rank'] / 1e9:.3f} B of them FORGE-covered "
              f"({'with' if info['cover_output_layer'] else 'without'} the output layer; "
              f"{info['layer_linears_per_rank'] / 1e9:.3f} B in linear_qkv/proj/fc1/fc2); "
-             f"TP={info['tensor_parallel']}, DP=1, padded vocab {info['padded_vocab_size']}",
+             f"TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP=1, padded vocab "
+             f"{info['padded_vocab_size']}; global batch {info['global_batch_size'] or 'one micro-batch'}"
+             + (" (FORGE accumulates below it)" if info["global_batch_size"] else ""),
              f"  attention: {info['attention']}; reserve {info['reserve_gib']:g} GiB (CUDA context, fragmentation)", ""]
     seq = str(info["seq_length"])
     header = ["run", "B/param", *BREAKDOWN, "total", "+1 mbs"]
     rows = [[RUNS[key][0], f"{result['bytes_per_covered_parameter'][key]:g}",
              *(gib(b[field]) for field in BREAKDOWN), gib(b["total"]), gib(b["per_extra_micro_batch"])]
             for key, b in result["breakdown_mbs1"][seq].items()]
-    lines += [f"Per-rank memory at micro-batch 1, seq {seq}, GiB (B/param: bytes per covered parameter; "
-              "total counts the larger of logits and attention_workspace):", *_table(header, rows), ""]
+    lines += [f"Per-rank memory at micro-batch 1, seq {seq}, GiB (B/param: bytes per covered parameter, the "
+              "accumulation buffer in grads; total counts the larger of logits and attention_workspace):",
+              *_table(header, rows), ""]
     for seq, by_run in result["max_micro_batch"].items():
         sizes = list(by_run[BASELINE])
         rows = []
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "covered_parameters_per_rank": memory.covered_parameters_per_rank(args, args.forge_cover_output_layer),
         "layer_linears_per_rank": memory.covered_parameters_per_rank(args, False),
         "cover_output_layer": args.forge_cover_output_layer, "tensor_parallel": args.tensor_model_parallel_size,
+        "pipeline_parallel": args.pipeline_model_parallel_size, "global_batch_size": args.global_batch_size,
         "padded_vocab_size": args.padded_vocab_size, "attention": attention_path(args), "sweep_gib": sweep_gib,
         "runs": {key: {"label": label, "changes": changes} for key, (label, changes) in RUNS.items()},
     }

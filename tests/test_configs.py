@@ -48,6 +48,24 @@ def test_llama3_8b_tp8_config(monkeypatch):
     assert forge.rule == "adamw" and forge.hyperparameters["betas"] == (0.9, 0.95)
 
 
+@pytest.mark.parametrize("script, array, world, shape, accumulation", [
+    ("configs/llama3_8b_tp2.sh", "LLAMA3_8B_TP2_ARGS", 2, (32, 4096, 14336, 32, 8), "fp32"),
+    ("configs/llama3_70b_tp8.sh", "LLAMA3_70B_TP8_ARGS", 8, (80, 8192, 28672, 64, 8), "bf16"),
+])
+def test_accumulating_llama3_configs(script, array, world, shape, accumulation, monkeypatch):
+    """Data-parallel size 1 and a global batch of 64 sequences: 64 micro-batches per step at the
+    default micro-batch of 1, in FORGE's leanest regime with the config's accumulation dtype."""
+    args = parse(config_args(script, array) + ["--mock-data"], world, monkeypatch)
+    assert (args.tensor_model_parallel_size, args.data_parallel_size, args.sequence_parallel) == (world, 1, True)
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
+            args.num_query_groups) == shape
+    assert (args.micro_batch_size, args.global_batch_size) == (1, 64)
+    assert args.untie_embeddings_and_output_weights and args.forge_cover_output_layer
+    forge = validate_forge_args(args)
+    assert (forge.rule, forge.weight_store, forge.state_dtype, forge.accumulation_dtype) == (
+        "adamw", "sr", "int8", accumulation)
+
+
 def test_tiny_cpu_config(monkeypatch):
     args = parse(tiny(), 1, monkeypatch)
     assert args.data_path == ["data/stdlib_text_document"] and args.num_layers == 4 and args.vocab_size == 257

@@ -2,6 +2,7 @@
 parameter counts of the 8B TP=8 config, Megatron's bytes per parameter, FORGE's per regime (checked
 against the tensors ForgeState allocates), monotone micro-batch search, and a smoke run of the tool."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -130,6 +131,57 @@ def test_activations_are_megatrons_where_its_assumptions_hold(llama, fused):
     assert unfused[0] - held == pytest.approx(2 * scores * (32 + 1), abs=1)  # softmaxes, raw-score buffer
     assert selective[0] - held == pytest.approx(2 * scores, abs=1)
     assert (unfused[2], selective[2]) == (2 * 2 * scores, 3 * 2 * scores)
+
+
+@pytest.mark.parametrize("state_dtype, accumulation", [("fp32", "fp32"), ("int8", "bf16")])
+def test_forge_accumulation_buffer_is_held_only_with_several_micro_batches(llama, state_dtype, accumulation):
+    """k > 1 micro-batches per step: each covered weight holds an accumulation buffer of
+    --forge-accumulation-dtype; the standard run's fp32 main_grad is there anyway."""
+    args = memory.replace_args(forge(llama, weight_store="sr", state_dtype=state_dtype),
+                               forge_accumulation_dtype=accumulation)
+    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    for micro_batch, global_batch, k in [(1, None, 1), (2, 2, 1), (1, 8, 8), (3, 8, 3)]:
+        assert memory.micro_batches_per_step(memory.replace_args(args, global_batch_size=global_batch),
+                                             micro_batch) == k
+    one = memory.rank_memory(memory.replace_args(args, global_batch_size=2), 2)
+    several = memory.rank_memory(memory.replace_args(args, global_batch_size=16), 2)
+    assert several.grads - one.grads == {"fp32": 4, "bf16": 2}[accumulation] * covered
+    assert dataclasses.replace(several, grads=one.grads) == one  # nothing else changes at PP = 1
+    standard = memory.replace_args(args, use_forge=False)
+    assert (memory.rank_memory(memory.replace_args(standard, global_batch_size=16), 2)
+            == memory.rank_memory(memory.replace_args(standard, global_batch_size=2), 2))
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_stages_split_the_model_and_hold_1f1b_micro_batches_in_flight(llama, pp):
+    """Stage s of p: num_layers / p layers, the embedding on the first stage, the output layer on
+    the last (which alone has the loss stage), min(k, p - s) micro-batches of activations held."""
+    whole = memory.replace_args(llama, use_forge=False, global_batch_size=16)
+    args = memory.replace_args(whole, pipeline_model_parallel_size=pp, world_size=8 * pp)
+    stages = range(pp)
+    norm = llama.hidden_size  # the final norm, counted on every stage
+    assert (sum(memory.parameters_per_rank(args, s) for s in stages)
+            == memory.parameters_per_rank(whole) + (pp - 1) * norm)
+    for cover in (False, True):
+        assert (sum(memory.covered_parameters_per_rank(args, cover, s) for s in stages)
+                == memory.covered_parameters_per_rank(whole, cover))
+    embedding = llama.padded_vocab_size * llama.hidden_size // 8
+    middle = [memory.parameters_per_rank(args, s) for s in stages[1:-1]]
+    assert memory.parameters_per_rank(args, 0) == memory.parameters_per_rank(args, pp - 1)
+    assert all(count == memory.parameters_per_rank(args, 0) - embedding for count in middle)
+    one_stage = memory.replace_args(whole, num_layers=llama.num_layers // pp)
+    per_micro_batch = memory.activation_memory(one_stage, 1)[0]
+    for k in (1, 2, 16):
+        run = memory.replace_args(args, global_batch_size=k)
+        for s in stages:
+            activations, logits, _ = memory.activation_memory(run, 1, s)
+            assert activations == pytest.approx(min(k, pp - s) * per_micro_batch, rel=1e-9)
+            assert logits == (memory.activation_memory(one_stage, 1)[1] if s == pp - 1 else 0)
+        peak = memory.rank_memory(run, 1)
+        assert peak.total == max(memory.rank_memory(run, 1, stage=s).total for s in stages)
+    assert memory.rank_memory(memory.replace_args(args, global_batch_size=16), 1).stage == 0  # pp in flight
+    with pytest.raises(ValueError, match="interleaved"):
+        memory.rank_memory(memory.replace_args(args, virtual_pipeline_model_parallel_size=2), 1)
 
 
 def test_max_micro_batch_is_monotone_and_tight(llama):

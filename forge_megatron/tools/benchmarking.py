@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -120,21 +121,40 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def pretrain_records(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False,
-                     env: dict | None = None) -> list[dict] | None:
+def pretrain_records(argv: list[str], nproc: int = 1, env: dict | None = None) -> list[dict] | None:
     """Run forge-pretrain-gpt (Megatron's loop) in fresh processes, `nproc` of them under
     torchrun, so that an out-of-memory run cannot poison the caller; its per-iteration records
     from Megatron's own tensorboard log (see `tensorboard_records`), or None if it failed.
     Megatron logs every iteration: "iteration-time" (seconds, from the second iteration) and its
-    memory counters ("mem-max-allocated-bytes": the peak so far). `measure_cpu_memory` runs it
-    under LiveTensorMemory on a machine without CUDA, so that those counters are live tensor bytes."""
+    memory counters ("mem-max-allocated-bytes": the peak so far, on a GPU)."""
     with tempfile.TemporaryDirectory() as tmp:
         logging = ["--tensorboard-dir", tmp, "--tensorboard-log-interval", "1", "--log-interval", "1",
                    "--log-timers-to-tensorboard", "--log-memory-to-tensorboard"]
-        proc = run_pretrain([*argv, *logging], nproc=nproc, measure_cpu_memory=measure_cpu_memory, env=env)
+        proc = run_pretrain([*argv, *logging], nproc=nproc, env=env)
         if proc.returncode != 0:
             return None
         return tensorboard_records(tmp)
+
+
+MEMORY_REPORT = re.compile(r"^\[Rank (\d+)\] \(after \d+ iterations\) memory \(MB\).*\| max allocated: ([0-9.]+)",
+                           re.MULTILINE)
+
+
+def pretrain_peaks(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False) -> list[int] | None:
+    """Each rank's peak allocated bytes over a forge-pretrain-gpt run (`nproc` ranks under torchrun),
+    from the memory report Megatron prints on every data-parallel rank 0 (`--log-memory-interval`:
+    torch.cuda.max_memory_allocated, live tensor bytes under `measure_cpu_memory`), in rank order
+    (MB to two decimals); None if the run failed."""
+    proc = run_pretrain([*argv, "--log-interval", "1", "--log-memory-interval", "1"], nproc=nproc,
+                        measure_cpu_memory=measure_cpu_memory)
+    if proc.returncode != 0:
+        return None
+    peaks: dict[int, float] = {}
+    for rank, megabytes in MEMORY_REPORT.findall(proc.stdout):
+        peaks[int(rank)] = max(peaks.get(int(rank), 0.0), float(megabytes))
+    if not peaks:
+        raise RuntimeError("Megatron printed no memory report; the run's output:\n" + proc.stdout[-2000:])
+    return [round(peaks[rank] * 2**20) for rank in sorted(peaks)]
 
 
 def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False, env: dict | None = None,

@@ -3,11 +3,18 @@
 It answers "how many bytes does one GPU rank hold at the peak of a step, and what is the largest
 micro-batch that fits in G GiB?" from a Megatron argument set (`parse_megatron_args`).
 
-The peak comes in backward: DDP's gradient buffer, the master weights and the optimizer states
-live for the whole run, and every layer's activations are held from forward until its backward.
-So the peak is weights + gradients + master + states + activations, plus the larger of two
-short-lived buffers that come one after the other: the loss stage (logits and cross entropy) and
-one layer's attention backward (only where attention materializes its score matrix).
+The peak comes in backward: DDP's gradient buffer (or FORGE's accumulation buffer when a step has
+several micro-batches), the master weights and the optimizer states live for the whole run, and
+every layer's activations are held from forward until its backward. So the peak is weights +
+gradients + master + states + activations, plus the larger of two short-lived buffers that come
+one after the other: the loss stage (logits and cross entropy) and one layer's attention backward
+(only where attention materializes its score matrix).
+
+Pipeline parallelism (1F1B): stage s of p holds its num_layers / p layers, the word embedding on the
+first stage and the output layer (or, tied, Megatron's copy of the embedding) on the last, and the
+activations of min(k, p - s) micro-batches in flight (k micro-batches per step: 1F1B runs p - s - 1
+warm-up forwards before its first backward); only the last stage has the loss stage. The rank's
+peak is the most loaded stage's.
 
 Megatron's estimator (megatron/training/theoretical_memory_usage.py) gives the parameter count
 and the stored activations; it is called, not copied. This module adds what it cannot give:
@@ -16,7 +23,8 @@ and the stored activations; it is called, not copied. This module adds what it c
   estimator knows 18, or 6 + 12/dp with the distributed optimizer, only);
 - the attention-score matrices of unfused attention (the estimator assumes selective recompute,
   which stores none), and the loss stage at its real size (the estimator counts 4 bytes per logit).
-docs/memory.md states what is and is not counted. Dense models with PP = CP = 1 and Adam only.
+docs/memory.md states what is and is not counted. Dense models, CP = 1, no interleaved pipeline,
+Adam only.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
 import sys
 from typing import Callable
 
@@ -45,6 +54,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1,
 # (forge_megatron.core.numerics.QBLOCK; this module imports only torch and megatron, the test checks both
 # against ForgeState's allocations).
 FORGE_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1 + 4 / 32}
+FORGE_ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2}  # --forge-accumulation-dtype, only while k > 1
 FORGE_WEIGHT_STORES = ("master", "sr", "rne")
 
 
@@ -74,6 +84,7 @@ class MemoryBreakdown:
     logits: int  # loss stage: 16-bit logits, cross entropy's fp32 copy, the output layer's weight gradient
     attention_workspace: int  # one layer's attention backward: gradients of its score matrices
     reserve: int
+    stage: int = 0  # the pipeline stage these bytes are for
 
     @property
     def total(self) -> int:
@@ -87,7 +98,7 @@ def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel
 
     Only parse_args: validate_args queries the GPU. The few sizes it would derive are set here:
     data-parallel and world size (data-parallel size is not a flag), the padded vocabulary,
-    kv-channels, query groups and the (absent) virtual pipeline.
+    kv-channels and query groups.
     """
     from megatron.training.arguments import parse_args
 
@@ -108,7 +119,7 @@ def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel
         kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
-        virtual_pipeline_model_parallel_size=None,  # no pipeline parallelism here (refused below)
+        virtual_pipeline_model_parallel_size=args.num_virtual_stages_per_pipeline_rank,  # refused if set
     )
 
 
@@ -120,24 +131,50 @@ def replace_args(args: argparse.Namespace, **changes) -> argparse.Namespace:
     return new
 
 
-def parameters_per_rank(args) -> int:
-    """Parameters on one rank (Megatron's estimator, which returns them at 18 bytes each when the
-    distributed optimizer is off)."""
-    counted = compute_weight_and_optimizer_memory(replace_args(args, use_distributed_optimizer=False))
-    return round(counted / MEGATRON_BYTES_PER_PARAMETER)
+def micro_batches_per_step(args, micro_batch: int) -> int:
+    """k, the micro-batches of one step on one data-parallel rank: --global-batch-size over
+    micro-batch x data-parallel size (rounded up; Megatron needs it to divide). Without
+    --global-batch-size Megatron runs one micro-batch per step."""
+    if not args.global_batch_size:
+        return 1
+    return max(1, math.ceil(args.global_batch_size / (micro_batch * args.data_parallel_size)))
 
 
-def covered_parameters_per_rank(args, cover_output_layer: bool) -> int:
-    """Weights FORGE covers on one rank: linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every
-    layer, and the output layer if covered. Weights only: biases stay with the standard optimizer."""
+def stage_layers(args) -> int:
+    return args.num_layers // args.pipeline_model_parallel_size
+
+
+def parameters_per_rank(args, stage: int = 0) -> int:
+    """Parameters on one rank of pipeline stage `stage`: Megatron's estimator (which returns them at
+    18 bytes each when the distributed optimizer is off) on the stage's layers, with the word
+    embedding on the first stage and the output layer (tied: Megatron's copy of the embedding) on
+    the last. The final norm is counted on every stage (a few thousand parameters)."""
+    one_stage = replace_args(args, num_layers=stage_layers(args), pipeline_model_parallel_size=1,
+                             untie_embeddings_and_output_weights=False, use_distributed_optimizer=False,
+                             world_size=args.world_size // args.pipeline_model_parallel_size)
+    with_one_embedding = round(compute_weight_and_optimizer_memory(one_stage) / MEGATRON_BYTES_PER_PARAMETER)
+    last = args.pipeline_model_parallel_size - 1
+    embeddings = (stage == 0) + (stage == last and (last > 0 or args.untie_embeddings_and_output_weights))
+    return with_one_embedding + (embeddings - 1) * _embedding_per_rank(args)
+
+
+def _embedding_per_rank(args) -> int:
+    return args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
+
+
+def covered_parameters_per_rank(args, cover_output_layer: bool, stage: int = 0) -> int:
+    """Weights FORGE covers on one rank of pipeline stage `stage`: linear_qkv, linear_proj,
+    linear_fc1 and linear_fc2 of each of its layers, and on the last stage the output layer if
+    covered. Weights only: biases stay with the standard optimizer."""
     hidden, ffn = args.hidden_size, args.ffn_hidden_size
     query = args.num_attention_heads * args.kv_channels
     qkv = hidden * (query + 2 * args.num_query_groups * args.kv_channels)
     proj = query * hidden
     fc1 = hidden * ffn * (2 if args.swiglu else 1)
     fc2 = ffn * hidden
-    output = args.padded_vocab_size * hidden if cover_output_layer else 0
-    return (args.num_layers * (qkv + proj + fc1 + fc2) + output) // args.tensor_model_parallel_size
+    last = stage == args.pipeline_model_parallel_size - 1
+    output = args.padded_vocab_size * hidden if cover_output_layer and last else 0
+    return (stage_layers(args) * (qkv + proj + fc1 + fc2) + output) // args.tensor_model_parallel_size
 
 
 def standard_bytes_per_parameter(args) -> ParameterBytes:
@@ -158,32 +195,41 @@ def standard_bytes_per_parameter(args) -> ParameterBytes:
     return ParameterBytes(weight, grad, master / shards, states / shards)
 
 
-def forge_bytes_per_parameter(args) -> ParameterBytes:
-    """A FORGE-covered weight: no gradient ever; the weight, an fp32 master for bf16 weights under
+def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
+    """A FORGE-covered weight: no gradient at one micro-batch per step, the accumulation buffer
+    (--forge-accumulation-dtype) at several; the weight, an fp32 master for bf16 weights under
     --forge-weight-store master, and Adam's two states in --forge-state-dtype (docs/numerics.md)."""
     if args.forge_weight_store not in FORGE_WEIGHT_STORES:
         raise ValueError(f"unknown --forge-weight-store {args.forge_weight_store!r}")
     master = FP32 if args.bf16 and args.forge_weight_store == "master" else 0
-    return ParameterBytes(2 if args.bf16 else FP32, 0, master, ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype])
+    buffer = FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype] if micro_batches > 1 else 0
+    return ParameterBytes(2 if args.bf16 else FP32, buffer, master,
+                          ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype])
 
 
-def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB) -> MemoryBreakdown:
+def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB,
+                stage: int | None = None) -> MemoryBreakdown:
     """Peak bytes on one rank for `args` (standard Megatron, or FORGE with --use-forge) at
-    `micro_batch` sequences of args.seq_length tokens per step."""
+    `micro_batch` sequences of args.seq_length tokens per micro-batch (args.global_batch_size per
+    step): of pipeline stage `stage`, or of the most loaded stage."""
     _refuse_unmodelled(args)
+    if stage is None:
+        return max((rank_memory(args, micro_batch, reserve_gib, s) for s in range(args.pipeline_model_parallel_size)),
+                   key=lambda breakdown: breakdown.total)
     forge = getattr(args, "use_forge", False)
-    covered = covered_parameters_per_rank(args, args.forge_cover_output_layer) if forge else 0
-    groups = [(parameters_per_rank(args) - covered, standard_bytes_per_parameter(args))]
+    k = micro_batches_per_step(args, micro_batch)
+    covered = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) if forge else 0
+    groups = [(parameters_per_rank(args, stage) - covered, standard_bytes_per_parameter(args))]
     if forge:
-        groups.append((covered, forge_bytes_per_parameter(args)))
+        groups.append((covered, forge_bytes_per_parameter(args, k)))
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
-    activations, logits, workspace = activation_memory(args, micro_batch)
+    activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
             max(2 * args.ffn_hidden_size, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
     return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], activations, logits,
-                           workspace, round(reserve_gib * GIB))
+                           workspace, round(reserve_gib * GIB), stage)
 
 
 def _runs_the_torch_twin(args) -> bool:
@@ -193,14 +239,24 @@ def _runs_the_torch_twin(args) -> bool:
     return backend == "torch" or (backend is None and not torch.cuda.is_available())
 
 
-def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
-    """(activations held from forward to backward, loss stage, one layer's attention backward), bytes.
+def in_flight_micro_batches(args, micro_batch: int, stage: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at once under 1F1B."""
+    return min(micro_batches_per_step(args, micro_batch), args.pipeline_model_parallel_size - stage)
 
-    Megatron's formula (Korthikanti et al. 2022, sequence parallel + selective recompute) counts
-    16-bit activations and, among them, 4 bytes per logit; its logit term moves to the loss stage,
-    and the rest scales to the activation dtype.
+
+def activation_memory(args, micro_batch: int, stage: int = 0) -> tuple[int, int, int]:
+    """(activations held from forward to backward, loss stage, one layer's attention backward), bytes,
+    on pipeline stage `stage`.
+
+    Megatron's formula (Korthikanti et al. 2022, sequence parallel + selective recompute) on the
+    stage's layers for one micro-batch counts 16-bit activations and, among them, 4 bytes per logit;
+    its logit term moves to the loss stage (last stage only), the rest scales to the activation
+    dtype and to the micro-batches in flight.
     """
-    args = replace_args(args, micro_batch_size=micro_batch)
+    in_flight = in_flight_micro_batches(args, micro_batch, stage)
+    last = stage == args.pipeline_model_parallel_size - 1
+    args = replace_args(args, micro_batch_size=micro_batch, num_layers=stage_layers(args),
+                        pipeline_model_parallel_size=1)
     element = 2 if args.bf16 else FP32
     logits_per_rank = args.seq_length * micro_batch * args.padded_vocab_size // args.tensor_model_parallel_size
     layers = (compute_activation_memory(args, num_microbatches=1) - FP32 * logits_per_rank) * element / 2
@@ -213,16 +269,17 @@ def activation_memory(args, micro_batch: int) -> tuple[int, int, int]:
     if not args.gradient_accumulation_fusion and not covered:
         logits += element * args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
     scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
-    held_per_score, workspace_per_score = _attention_score_bytes(args, element)
-    activations = layers + held_per_score * scores_per_layer
+    held_per_score, buffer_per_score, workspace_per_score = _attention_score_bytes(args, element)
+    per_micro_batch = layers + held_per_score * scores_per_layer
     workspace = workspace_per_score * scores_per_layer
     if fused_attention(args):
         # Fused attention keeps each layer's softmax log-sum-exp (fp32, one per query row and head)
         # for its backward, which accumulates dQ in fp32.
         rows = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length
-        activations += args.num_layers * FP32 * rows
+        per_micro_batch += args.num_layers * FP32 * rows
         workspace = FP32 * rows * args.kv_channels
-    return round(activations), round(logits), round(workspace)
+    activations = in_flight * per_micro_batch + buffer_per_score * scores_per_layer
+    return round(activations), round(logits if last else 0), round(workspace)
 
 
 def fused_attention(args) -> bool:
@@ -232,12 +289,13 @@ def fused_attention(args) -> bool:
     return args.transformer_impl != "local" or getattr(args, "forge_core_attention", "local") == "sdpa"
 
 
-def _attention_score_bytes(args, element: int) -> tuple[float, float]:
-    """Bytes per score of one layer's [heads/tp, s, s] matrix: held (all layers plus the raw-score
-    buffer) and in one layer's backward. Only the local spec's unfused DotProductAttention
-    materializes scores; fused attention keeps O(s) statistics (counted by the caller)."""
+def _attention_score_bytes(args, element: int) -> tuple[float, float, float]:
+    """Bytes per score of one layer's [heads/tp, s, s] matrix: held per micro-batch (all the
+    stage's layers), held once (the raw-score buffer) and in one layer's backward. Only the local
+    spec's unfused DotProductAttention materializes scores; fused attention keeps O(s) statistics
+    (counted by the caller)."""
     if fused_attention(args):
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     recomputed = args.recompute_granularity == "selective" and "core_attn" in (args.recompute_modules or ["core_attn"])
     # Stored per layer: the softmax output (also the input of the matmul with V); with attention
     # dropout also its mask and output (Korthikanti's 5 bytes per score).
@@ -246,7 +304,7 @@ def _attention_score_bytes(args, element: int) -> tuple[float, float]:
     # Backward of one layer: gradients of the probabilities and of the scores, and under selective
     # recompute the recomputed probabilities.
     workspace = element * (2 + recomputed)
-    return args.num_layers * per_layer + raw_scores, workspace
+    return args.num_layers * per_layer, raw_scores, workspace
 
 
 def _refuse_unmodelled(args) -> None:
@@ -254,8 +312,15 @@ def _refuse_unmodelled(args) -> None:
     def refuse(message: str):
         raise ValueError(f"memory model: {message}")
 
-    if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
-        refuse("pipeline and context parallelism are not modelled (FORGE refuses both); set them to 1")
+    if args.context_parallel_size > 1:
+        refuse("context parallelism is not modelled (FORGE refuses it); set --context-parallel-size 1")
+    if args.virtual_pipeline_model_parallel_size or args.num_layers_per_virtual_pipeline_stage:
+        refuse("the interleaved pipeline schedule is not modelled; drop --num-virtual-stages-per-pipeline-rank "
+               "/ --num-layers-per-virtual-pipeline-stage")
+    if args.num_layers % args.pipeline_model_parallel_size or args.decoder_first_pipeline_num_layers \
+            or args.decoder_last_pipeline_num_layers or args.account_for_embedding_in_pipeline_split \
+            or args.account_for_loss_in_pipeline_split:
+        refuse("only pipeline stages of num_layers / pipeline size layers each are modelled")
     if args.num_experts:
         refuse("mixture-of-experts models are not modelled; drop --num-experts")
     if args.optimizer != "adam":

@@ -1,0 +1,107 @@
+"""Measured memory on CPU: scripts/bench_memory.py end to end against the memory model, the
+pipeline stages' and the accumulation buffer's memory in Megatron's loop, and LiveTensorMemory,
+the CPU counterpart of torch.cuda.max_memory_allocated that the measurements rely on. (Apart
+from tests/test_scripts.py so that pytest-xdist runs the two files side by side.)"""
+
+import json
+
+import pytest
+import torch
+from test_scripts import load
+
+
+def test_bench_memory_compares_measurements_with_the_model():
+    bench = load("bench_memory")
+    budget = 24 * 2**30
+
+    def fake_measure(flags, micro_batch, micro_batches, pipeline):  # a device where the model is exact, 24 GiB fit
+        from forge_megatron.megatron.args import add_forge_args
+        from forge_megatron.tools import memory
+
+        args = memory.parse_megatron_args(bench._batch(flags, micro_batch, micro_batches),
+                                          extra_args_provider=add_forge_args)
+        peaks = [memory.rank_memory(args, micro_batch, reserve_gib=0, stage=s).total for s in range(pipeline)]
+        return peaks if max(peaks) <= budget else None
+
+    regimes = bench.compare(bench.emulated_rank(2, 1024), fake_measure, gib=24, max_micro_batch=64)
+    assert set(regimes) == set(bench.REGIMES)
+    for entry in regimes.values():
+        assert entry["relative_error_mb1"] == pytest.approx(0.0) and entry["relative_error_mb2"] == pytest.approx(0.0)
+        assert entry["largest_power_of_two_micro_batch"] >= 1
+    assert regimes["forge-sr-int8"]["model_max_micro_batch"] >= regimes["standard"]["model_max_micro_batch"]
+
+
+def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
+    """The CPU measurement end to end (a tiny model): every regime runs, FORGE holds less than the
+    standard run, and the model is within 25 % of the measurement (the tiny model's fixed costs, the
+    CPU twin's block buffers and the launcher's own tensors weigh more here than on the 8B rank)."""
+    out = tmp_path / "memory.json"
+    regimes = load("bench_memory").main(["--smoke", "--iters", "2", "--out", str(out)])["regimes"]
+    assert json.loads(out.read_text())["regimes"] == json.loads(json.dumps(regimes))
+    for b in (1, 2):
+        peaks = {name: entry[f"measured_peak_bytes_mb{b}"] for name, entry in regimes.items()}
+        assert peaks["forge-sr-int8"] < peaks["forge-sr"] < peaks["forge-master"] < peaks["standard"], peaks
+        assert all(abs(entry[f"relative_error_mb{b}"]) <= 0.25 for entry in regimes.values()), regimes
+
+
+def test_pipeline_stages_hold_1f1b_micro_batches_and_the_accumulation_buffer_on_cpu():
+    """Measured per stage in Megatron's loop (PP = 2, FORGE SR + int8 states, fp32 buffer) at 1, 2
+    and 4 micro-batches per step, against the memory model's two assumptions: stage s holds
+    min(k, P - s) micro-batches in flight (stage 0 grows by one micro-batch from k = 1 to 2, then
+    stops; stage 1 never grows), and at k > 1 every stage holds its covered weights' buffers."""
+    from forge_megatron.megatron.args import add_forge_args
+    from forge_megatron.tools import memory
+
+    bench = load("bench_memory")
+    argv = [*bench.PIPELINE_SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-core-attention", "sdpa",
+            "--train-iters", "2", "--pipeline-model-parallel-size", "2"]
+    peaks = {k: bench.measure(argv, 1, k, pipeline=2) for k in (1, 2, 4)}
+    args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
+    buffers = [4 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) for stage in (0, 1)]
+    # Up to two [s, b, h] bf16 tensors: 1F1B's steady state receives the next micro-batch's input
+    # (and the previous one's output gradient) while one is in flight.
+    p2p = 2 * args.seq_length * args.hidden_size * 2
+    held = peaks[2][0] - peaks[1][0] - buffers[0]  # stage 0: a second micro-batch in flight
+    assert held > 0.2 * peaks[1][0], peaks  # activations weigh here, or the test would tell nothing
+    assert 0 <= peaks[2][1] - peaks[1][1] - buffers[1] <= p2p, (peaks, buffers)  # stage 1: the buffer only
+    assert abs(peaks[4][0] - peaks[2][0]) <= p2p and abs(peaks[4][1] - peaks[2][1]) <= p2p, peaks  # at most P
+
+
+def test_live_tensor_memory_counts_storages_once_until_freed():
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
+
+    tracker = LiveTensorMemory()
+    with tracker:
+        a = torch.zeros(1000)  # 4000 bytes
+        view = a.view(10, 100)  # the same storage: not counted again
+        b = a + 1  # 4000
+        del b
+        c = torch.empty(250, dtype=torch.float64)  # 2000, after b was freed
+    assert (tracker.peak, tracker.current) == (8000, 6000)
+    del a, view, c
+    assert tracker.current == 0
+
+
+def test_live_tensor_memory_ignores_tensors_made_before_it():
+    """Views of, and in-place or out= writes to, storages made outside the mode allocate nothing."""
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
+
+    outside, other = torch.zeros(1000), torch.ones(1000)
+    with LiveTensorMemory() as tracker:
+        outside[:500].add_(1)
+        outside.view(10, 100).mul_(2)
+        torch.add(outside, other, out=outside)
+        new = outside * 2  # 4000 bytes
+    assert (tracker.peak, tracker.current) == (4000, 4000) and new.numel() == 1000
+
+
+def test_read_and_reset_peak_starts_a_new_period_on_cpu():
+    from forge_megatron.tools.benchmarking import LiveTensorMemory, read_and_reset_peak
+
+    assert read_and_reset_peak() is None  # no GPU and no tracker: nothing to read
+    with LiveTensorMemory():
+        kept = torch.zeros(100)  # 400 bytes
+        torch.zeros(1000)  # 4000, freed at once
+        assert read_and_reset_peak() == 4400
+        assert read_and_reset_peak() == 400  # the new period starts from what is alive
+    assert LiveTensorMemory.active is None and kept.numel() == 100
