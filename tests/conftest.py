@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
     # Must be set before any module defining @triton.jit kernels is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist runs two workers (pyproject.toml): one thread each, as many as the CI machine has cores.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture

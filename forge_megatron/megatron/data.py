@@ -49,7 +49,7 @@ def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20) -> str:
     if os.path.exists(get_bin_path(prefix)) and os.path.exists(get_idx_path(prefix)):
         return prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    partial = f"{prefix}.partial"
+    partial = f"{prefix}.partial{os.getpid()}"  # concurrent writers each write their own, then replace
     builder = IndexedDatasetBuilder(get_bin_path(partial), dtype=np.uint16)
     for document in stdlib_documents(max_bytes):
         builder.add_document(document, [document.size])
