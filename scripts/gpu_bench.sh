@@ -2,7 +2,7 @@
 # Everything FORGE checks on a GPU, in one command (run from the repository root on the GPU
 # machine, with .whl/ from scripts/fetch_gpu_wheels.sh carried along). Results go to $OUT (or
 # bench/results/gpu when $OUT is unset):
-#   1. the kernel, rule, precision and layer tests, compiled for the GPU (no interpreter);
+#   1. the kernel, rule, precision, accumulation, launch and property tests, compiled for the GPU;
 #   2. the kernel benchmark (bench_kernel.py): FORGE vs cuBLAS wgrad + fused AdamW, and peers;
 #   3. measured peak memory against the model (bench_memory.py);
 #   4. one transformer layer (bench_layer.py): FORGE's backward vs backward + optimizer step;
@@ -23,8 +23,10 @@ part=${PART:-all}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'; } \
     2>&1 | tee "$out/device.txt"
 if [ "$part" = all ] || [ "$part" = tests ]; then
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_update.py tests/test_precision.py tests/test_rules.py \
-        tests/test_errors.py tests/test_numerics.py 2>&1 | tee "$out/tests.log" | tail -5
+    # -o addopts=: no pytest-xdist on the GPU machine (one GPU: the files run one after the other).
+    python3 -m pytest -q -x -p no:cacheprovider -o addopts= tests/test_fused_update.py tests/test_precision.py \
+        tests/test_rules.py tests/test_errors.py tests/test_numerics.py tests/test_accumulation.py \
+        tests/test_launches.py tests/test_properties.py 2>&1 | tee "$out/tests.log" | tail -5
 fi
 if [ "$part" = all ] || [ "$part" = kernel ]; then
     python3 scripts/bench_kernel.py --out "$out/kernel.json" 2>&1 | tee "$out/kernel.log" | tail -40
