@@ -33,8 +33,9 @@ from forge_megatron.core.plan import (
 )
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
-PANEL_ELEMENTS = 1 << 15  # gradient values held at once (128 KiB in fp32)
+PANEL_ELEMENTS = 1 << 16  # gradient values held at once (256 KiB in fp32)
 TOKEN_CHUNK = 1024  # tokens per GEMM (bf16 inputs are upcast a chunk at a time)
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
@@ -74,6 +75,7 @@ def _run(weight, plan: StepPlan, config: TileConfig, gradient) -> None:
     acc = torch.empty(min(panel_rows, n_out), min(panel_cols, n_in), dtype=torch.float32, device=weight.device)
     stats = plan.stats.view(-(-n_out // bm), -(-n_in // bn), 2)
     grad_scale = plan.coefs[0]
+    scale = float(grad_scale)
     for r0 in range(0, n_out, panel_rows):
         for c0 in range(0, n_in, panel_cols):
             r1, c1 = min(n_out, r0 + panel_rows), min(n_in, c0 + panel_cols)
@@ -87,7 +89,7 @@ def _run(weight, plan: StepPlan, config: TileConfig, gradient) -> None:
             if not plan.stats_on:
                 continue
             g = raw * grad_scale
-            sumsq, bad = _tile_stats(raw, g, bm, bn)
+            sumsq, bad = _tile_stats(raw, g, scale, bm, bn)
             stats[r0 // bm:r0 // bm + bad.shape[0], c0 // bn:c0 // bn + bad.shape[1]] = torch.stack(
                 [sumsq, bad.float()], dim=2)
             if not plan.apply:
@@ -122,14 +124,21 @@ def _wgrad(out: torch.Tensor, x_cols: torch.Tensor, dy_rows: torch.Tensor) -> No
         out.addmm_(ds.float().t(), xs.float())
 
 
-def _tile_stats(raw: torch.Tensor, g: torch.Tensor, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per [bm, bn] tile of the panel: the sum of squares of `raw` and the non-finite count of `g`."""
+def _tile_stats(raw: torch.Tensor, g: torch.Tensor, scale: float, bm: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per [bm, bn] tile of the panel: the sum of squares of `raw` and the non-finite count of
+    g = raw * scale. Finite sums of squares bound every |raw| (and |g|, by |scale| times that), so
+    the count is taken per tile only when those bounds do not show g finite."""
     rows, cols = raw.shape
     pad = (0, -cols % bn, 0, -rows % bm)
     shape = (-(-rows // bm), bm, -(-cols // bn), bn)
-    sumsq = torch.nn.functional.pad(raw * raw, pad).reshape(shape).sum(dim=(1, 3))
-    bad = torch.nn.functional.pad((~(g.abs() < float("inf"))).to(torch.int32), pad).reshape(shape).sum(dim=(1, 3))
-    return sumsq, bad
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.pad(t, pad) if any(pad) else t).reshape(shape).sum(dim=(1, 3))
+
+    sumsq = per_tile(raw * raw)
+    if float(sumsq.max()) ** 0.5 * abs(scale) < FP32_MAX:
+        return sumsq, torch.zeros(shape[0], shape[2], dtype=torch.int32, device=raw.device)
+    return sumsq, per_tile((~(g.abs() < float("inf"))).to(torch.int32))
 
 
 def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
