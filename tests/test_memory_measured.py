@@ -44,21 +44,22 @@ def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
         assert all(abs(entry[f"relative_error_mb{b}"]) <= 0.25 for entry in regimes.values()), regimes
 
 
-@pytest.mark.parametrize("accumulation, width", [("fp32", 4), ("bf16", 2)])
-def test_accumulation_allocates_only_its_buffer_on_cpu(accumulation, width):
+def test_accumulation_allocates_only_its_buffer_on_cpu():
     """Measured in Megatron's loop (FORGE SR + int8 states, one stage): a step of two micro-batches
-    holds the covered weights' accumulation buffers (4 or 2 bytes per covered parameter) beyond a
-    step of one, and nothing else (at one micro-batch there is no buffer: tests/test_controller.py)."""
+    holds the covered weights' accumulation buffers (fp32: 4, bf16: 2 bytes per covered parameter)
+    beyond a step of one, and nothing else (at one micro-batch there is no buffer:
+    tests/test_controller.py)."""
     from forge_megatron.megatron.args import add_forge_args
     from forge_megatron.tools import memory
 
     bench = load("bench_memory")
-    argv = [*bench.SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-accumulation-dtype", accumulation,
-            "--forge-core-attention", "sdpa", "--train-iters", "2"]
-    one, two = (bench.measure(argv, 1, k)[0] for k in (1, 2))
+    argv = [*bench.SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-core-attention", "sdpa", "--train-iters", "2"]
     args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
-    buffers = width * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
-    assert two - one == pytest.approx(buffers, rel=0.02), (one, two, buffers)
+    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    one = bench.measure(argv, 1, 1)[0]
+    for accumulation, width in (("fp32", 4), ("bf16", 2)):
+        two = bench.measure([*argv, "--forge-accumulation-dtype", accumulation], 1, 2)[0]
+        assert two - one == pytest.approx(width * covered, rel=0.02), (accumulation, one, two, width * covered)
 
 
 def test_pipeline_stages_hold_1f1b_micro_batches_and_the_accumulation_buffer_on_cpu():
