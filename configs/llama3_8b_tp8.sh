@@ -1,7 +1,8 @@
 # Llama-3 8B on one node of 8 GPUs, tensor parallel 8 with sequence parallelism (pretrain_gpt.py flags).
 # 32 layers, hidden 4096, SwiGLU ffn 14336, 32 heads / 8 query groups (kv-channels 128), RMSNorm,
 # RoPE (base 500000), vocab 128256 (padded to 129024 at TP=8), untied embeddings, sequence 8192.
-# FORGE needs one micro-batch per step and data-parallel size 1: global batch = micro batch.
+# Data-parallel size 1; one micro-batch per step here (global batch = micro batch; for accumulation
+# see configs/llama3_8b_tp2.sh).
 MBS=${MBS:-1}
 LLAMA3_8B_TP8_ARGS=(
     --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336
