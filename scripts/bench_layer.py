@@ -25,13 +25,12 @@ alike: the norm-wise relative difference of the two updates, per weight.
 from __future__ import annotations
 
 import argparse
-import socket
 
 import torch
-import torch.distributed as dist
 
 from forge_megatron import ForgeConfig
 from forge_megatron.core.param import ForgeParam
+from forge_megatron.megatron.world import init_world_of_one
 from forge_megatron.tools.benchmarking import bench, device_name, peak_bytes, write_report
 
 SHAPES = {"llama8b-tp8": {"hidden_size": 4096, "num_attention_heads": 4, "num_query_groups": 1, "kv_channels": 128,
@@ -51,12 +50,7 @@ def init_single_rank(device: torch.device) -> None:
         from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
         enable_megatron_on_cpu()
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=0, world_size=1)
+    init_world_of_one("nccl" if device.type == "cuda" else "gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(1234)
 

@@ -8,8 +8,6 @@ the traceback, which `result()` re-raises in the test that reads it.
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from datetime import timedelta
 
@@ -27,9 +25,10 @@ class ScenarioError(AssertionError):
 def run_scenarios(world_size: int, scenarios) -> dict[str, list]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # The test process hosts the ranks' store on a port the kernel picks as it binds (no port
+    # number is chosen first and raced for by the other xdist worker's runs).
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(rank, world_size, port, scenarios, queue)) for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -52,7 +51,6 @@ def result(results: dict[str, list], name: str) -> list:
 
 
 def _worker(rank, world_size, port, scenarios, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
@@ -60,7 +58,9 @@ def _worker(rank, world_size, port, scenarios, queue):
 
     enable_megatron_on_cpu()
     # A rank that fails inside a collective must not hang the others for gloo's 30-minute default.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    timeout = timedelta(seconds=120)
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     for fn in scenarios:
         try:
             outcome = ("ok", fn())

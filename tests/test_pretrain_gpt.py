@@ -11,7 +11,6 @@ Independent runs go two at a time.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -226,17 +225,15 @@ def test_checkpoint_has_forge_state_honours_ckpt_step(runs, tmp_path):
     os.symlink(os.path.join(runs["forge"].save, "iter_0000020"), mixed / "iter_0000020")
     (mixed / "latest_checkpointed_iteration.txt").write_text("20")
     script = (
-        "import argparse, sys, torch.distributed as dist\n"
+        "import argparse, sys\n"
         "from forge_megatron.megatron.cpu import enable_megatron_on_cpu\n"
         "from forge_megatron.megatron.checkpoint import checkpoint_has_forge_state\n"
+        "from forge_megatron.megatron.world import init_world_of_one\n"
         "enable_megatron_on_cpu()\n"
-        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:' + sys.argv[2], rank=0, world_size=1)\n"
+        "init_world_of_one()\n"
         "print([checkpoint_has_forge_state(argparse.Namespace(load=sys.argv[1], ckpt_step=step))"
         " for step in (None, 10, 20)])\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    proc = subprocess.run([sys.executable, "-c", script, str(mixed), port], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, str(mixed)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[True, False, True]"
 

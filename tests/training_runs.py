@@ -3,12 +3,11 @@ model's flags, a run in its own folder (tensorboard log, checkpoints, output), i
 at a time, and reading what they saved."""
 
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.distributed as dist
 
+from forge_megatron.megatron.world import init_world_of_one
 from forge_megatron.tools.benchmarking import run_pretrain, tensorboard_records
 
 BASE = (
@@ -65,11 +64,7 @@ def checkpoint(save_dir, iteration=None):
     """(plain full tensors, common state) of a torch_dist checkpoint in `save_dir`."""
     from megatron.core import dist_checkpointing
 
-    if not dist.is_initialized():  # dist_checkpointing reads through torch.distributed.checkpoint
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_world_of_one()  # dist_checkpointing reads through torch.distributed.checkpoint
     if iteration is None:
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt")) as f:
             iteration = int(f.read())

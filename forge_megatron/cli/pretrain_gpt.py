@@ -17,17 +17,17 @@ spawned helper process, which re-imports this module, and should not pay for the
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from functools import partial
 
 from forge_megatron.megatron.errors import ConfigurationError, exit_on_configuration_error
+from forge_megatron.megatron.world import export_world_of_one
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    _world_of_one_unless_launched()
+    export_world_of_one()  # a plain process (not under torchrun) is a world of one
     # Megatron's tensor-parallel overlap (and FORGE's: the dgrad collective is issued before the
     # fused update) needs kernels launched in program order; Megatron refuses TP > 1 without it.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -40,16 +40,6 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg = model_config(args)
     with exit_on_configuration_error():  # refusals met while building the model or checkpointing
         train(args, model_cfg)
-
-
-def _world_of_one_unless_launched() -> None:
-    """A plain process (not under torchrun) is a world of one on this machine."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def parse_arguments(argv: list[str] | None):

@@ -27,9 +27,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_megatron_model(ckpt_dir: str, config: dict | None = None, iteration: int | None = None,
                         vocab_size: int | None = None):
     """(Hugging Face config, Megatron TP=1 model filled from the checkpoint, Checkpoint)."""
-    from forge_megatron.hf.model import build_gpt, ensure_process_group
+    from forge_megatron.hf.model import build_gpt
+    from forge_megatron.megatron.world import init_world_of_one
 
-    ensure_process_group()
+    init_world_of_one()
     ckpt = Checkpoint(resolve(ckpt_dir, iteration))
     if config is None:
         if ckpt.args is None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 import sys
 
 import torch
+
+from forge_megatron.megatron.world import init_world_of_one
 
 # Flags every conversion adds: build on the CPU without a random initialization (every weight is
 # then written), and the kernels that need Transformer Engine or CUDA off (no weight depends on them).
@@ -38,7 +39,7 @@ def build_gpt(flags: list[str]):
     from forge_megatron.cli.pretrain_gpt import model_config
     from forge_megatron.megatron.args import add_forge_args
 
-    ensure_process_group()
+    init_world_of_one()  # torch.distributed as dist_checkpointing needs it, unless the caller's
     if not torch.cuda.is_available():
         from forge_megatron.megatron.cpu import adapt_args_to_cpu, enable_megatron_on_cpu
 
@@ -74,14 +75,3 @@ def build_gpt(flags: list[str]):
                                 post_process=True)
     return args, model
 
-
-def ensure_process_group() -> None:
-    """torch.distributed as dist_checkpointing needs it: the caller's, or a gloo world of one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

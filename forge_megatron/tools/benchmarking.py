@@ -144,11 +144,14 @@ def pretrain_peaks(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = F
     """Each rank's peak allocated bytes over a forge-pretrain-gpt run (`nproc` ranks under torchrun),
     from the memory report Megatron prints on every data-parallel rank 0 (`--log-memory-interval`:
     torch.cuda.max_memory_allocated, live tensor bytes under `measure_cpu_memory`), in rank order
-    (MB to two decimals); None if the run failed."""
+    (MB to two decimals); None if the run ran out of device memory. Any other failure raises: it
+    is not a measurement."""
     proc = run_pretrain([*argv, "--log-interval", "1", "--log-memory-interval", "1"], nproc=nproc,
                         measure_cpu_memory=measure_cpu_memory)
     if proc.returncode != 0:
-        return None
+        if "OutOfMemoryError" in proc.stdout + proc.stderr:
+            return None
+        raise RuntimeError(f"the run failed (exit {proc.returncode}):\n" + proc.stdout[-2000:] + proc.stderr[-3000:])
     peaks: dict[int, float] = {}
     for rank, megabytes in MEMORY_REPORT.findall(proc.stdout):
         peaks[int(rank)] = max(peaks.get(int(rank), 0.0), float(megabytes))
@@ -164,8 +167,8 @@ def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = Fal
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *argv]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(_free_port()), "-m", module, *argv]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", module, *argv]  # --standalone: the agent binds its store's port, none is raced for
     environment = dict(os.environ, **(env or {}))
     environment.pop("TRITON_INTERPRET", None)
     return subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout)
@@ -205,14 +208,6 @@ def median_iteration_ms(records: list[dict], skip: int = 2) -> float:
     if not times:
         raise ValueError("no iteration times in the records: run with more iterations")
     return 1000 * statistics.median(times)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_report(path: str | None, report: dict) -> None:
