@@ -125,26 +125,27 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
                         help="every run is repeated per seed (initialization and data order); gaps are taken "
                              "against the reference of the same seed, then averaged")
+    parser.add_argument("--reference", default=REFERENCE, choices=list(RUNS),
+                        help="the run every gap is taken against (one of --runs)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "convergence_cpu.json"))
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "convergence.png"))
     args = parser.parse_args(argv)
+    if args.reference not in args.runs:
+        parser.error(f"the reference run {args.reference} is not among --runs; add it, or choose another --reference")
     by_seed = {seed: {} for seed in args.seeds}
     for seed in args.seeds:
         for name in args.runs:
             r = by_seed[seed][name] = train(name, args.iters, seed)
             print(f"seed {seed} {name:24s} validation {r['validation']:.4f}  train (last 50) "
                   f"{r['final_train_loss']:.4f}  {r['wall_s']:.0f}s", flush=True)
-        reference = by_seed[seed].get(REFERENCE)
+        reference = by_seed[seed][args.reference]
         for r in by_seed[seed].values():
-            if reference is not None:
-                r["gap_vs_reference"] = r["validation"] / reference["validation"] - 1
+            r["gap_vs_reference"] = r["validation"] / reference["validation"] - 1
     results = by_seed[args.seeds[0]]  # the curves plotted and kept in full
-    reference = results.get(REFERENCE)
-    controls = [abs(runs[c]["gap_vs_reference"]) for runs in by_seed.values() for c in CONTROLS
-                if c in runs and reference is not None]
+    controls = [abs(runs[c]["gap_vs_reference"]) for runs in by_seed.values() for c in CONTROLS if c in runs]
     noise = max(controls) if controls else None
     gaps = {name: summarize([by_seed[seed][name]["gap_vs_reference"] for seed in args.seeds])
-            for name in args.runs if reference is not None}
+            for name in args.runs}
     if "standard-fp32" in results and "forge-fp32" in results:  # where the two fp32 runs part
         pairs = zip(results["forge-fp32"]["loss"], results["standard-fp32"]["loss"])
         results["forge-fp32"]["steps_within_1e-4_of_standard"] = next(
@@ -152,7 +153,7 @@ def main(argv=None):
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "python": sys.version.split()[0], "torch": torch.__version__},
-        "config": "configs/tiny_gpt_cpu.sh with --clip-grad 0", "iters": args.iters, "reference": REFERENCE,
+        "config": "configs/tiny_gpt_cpu.sh with --clip-grad 0", "iters": args.iters, "reference": args.reference,
         "metric": "validation loss after the last step (16 batches of held-out stdlib files); "
                   "final_train_loss = mean training loss of the last 50 steps",
         "noise_floor_relative": noise, "seeds": args.seeds,
@@ -165,13 +166,12 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     plot(results, args.plot)
-    if reference is not None:
-        if noise is not None:
-            print(f"noise floor (largest control gap): {100 * noise:.2f}%")
-        print(f"validation-loss gap to {REFERENCE}, over seeds {args.seeds}: mean, standard error, each seed")
-        for name, gap in gaps.items():
-            print(f"{RUNS[name][0]:48s} {100 * gap['mean']:+.2f}%  +- {100 * gap['stderr']:.2f}%  "
-                  f"[{', '.join(f'{100 * g:+.2f}' for g in gap['each'])}]")
+    if noise is not None:
+        print(f"noise floor (largest control gap): {100 * noise:.2f}%")
+    print(f"validation-loss gap to {args.reference}, over seeds {args.seeds}: mean, standard error, each seed")
+    for name, gap in gaps.items():
+        print(f"{RUNS[name][0]:48s} {100 * gap['mean']:+.2f}%  +- {100 * gap['stderr']:.2f}%  "
+              f"[{', '.join(f'{100 * g:+.2f}' for g in gap['each'])}]")
 
 
 def summarize(values: list[float]) -> dict:

@@ -55,13 +55,14 @@ def test_bench_e2e_smoke(tmp_path):
 def test_convergence_study_smoke(tmp_path):
     out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
     study = load("convergence_study")
-    study.main(["--iters", "12", "--seeds", "7", "8", "--runs", "standard-fp32", "forge-fp32", study.REFERENCE,
-                "--out", str(out), "--plot", str(plot)])
+    study.main(["--iters", "12", "--seeds", "7", "8", "--runs", "standard-fp32", "forge-fp32", "--reference",
+                "standard-fp32", "--out", str(out), "--plot", str(plot)])
     report = json.loads(out.read_text())
-    assert set(report["runs"]) == {"standard-fp32", "forge-fp32", study.REFERENCE} and plot.stat().st_size > 0
+    assert set(report["runs"]) == {"standard-fp32", "forge-fp32"} and plot.stat().st_size > 0
+    assert report["reference"] == "standard-fp32"
     assert report["runs"]["forge-fp32"]["steps_within_1e-4_of_standard"] == 12
     assert set(report["by_seed"]) == {"7", "8"}
-    reference_gap = report["gap_vs_reference_over_seeds"][study.REFERENCE]
+    reference_gap = report["gap_vs_reference_over_seeds"]["standard-fp32"]
     assert reference_gap["each"] == [0.0, 0.0] and reference_gap["n"] == 2
     fp32 = report["gap_vs_reference_over_seeds"]["forge-fp32"]
     assert fp32["mean"] == pytest.approx(sum(fp32["each"]) / 2) and fp32["stderr"] >= 0
