@@ -73,7 +73,9 @@ def test_tiny_cpu_config(monkeypatch):
 
 
 REFUSALS = [
-    (["--global-batch-size", "16"], 2, "data-parallel size 2.*--tensor-model-parallel-size"),
+    (["--global-batch-size", "16", "--clip-grad", "1", "--forge-clip-grad-mode", "two-pass"], 2,
+     "two-pass at data-parallel size 2.*use --forge-clip-grad-mode stale"),
+    (["--global-batch-size", "16", "--data-parallel-random-init"], 2, "drop the flag"),
     (["--fp16"], 1, "--fp16 needs a loss scaler.*use --bf16"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 1"),
     (["--transformer-impl", "transformer_engine"], 1, "add --transformer-impl local"),

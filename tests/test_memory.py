@@ -107,8 +107,29 @@ def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
     assert not args.gradient_accumulation_fusion
     assert held.activations == standard.activations
     assert held.logits == standard.logits - (output_grad if args.forge_cover_output_layer else 0)
-    with pytest.raises(ValueError, match="data-parallel size 1"):
-        memory.rank_memory(memory.replace_args(args, data_parallel_size=2), 1)
+
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_window(llama, micro_batches):
+    """At D = 4 each rank holds 1/4 of FORGE's master and states; its gradient is one weight's
+    local gradient at a time plus the block reduce-scattered to it (at k = 1), or the per-weight
+    accumulation buffers plus that block (k > 1); the uncovered parameters keep Megatron's bytes."""
+    args = forge(llama)  # bf16 + fp32 master + fp32 states
+    dp4 = memory.replace_args(args, data_parallel_size=4, world_size=4 * args.world_size)
+    batch = {"global_batch_size": micro_batches, "micro_batch_size": 1}
+    one, four = (memory.rank_memory(memory.replace_args(a, **batch), 1) for a in (args, dp4))
+    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    four_steps = memory.replace_args(dp4, global_batch_size=4 * micro_batches)  # k micro-batches per rank
+    four = memory.rank_memory(four_steps, 1)
+    assert memory.micro_batches_per_step(four_steps, 1) == micro_batches
+    assert four.master == pytest.approx(one.master - 3 / 4 * 4 * covered, abs=1)
+    assert four.states == pytest.approx(one.states - 3 / 4 * 8 * covered, abs=1)
+    largest = memory.largest_covered_weight(args, args.forge_cover_output_layer)
+    # the output layer's shard if covered, else linear_fc1's (SwiGLU), at TP = 8
+    assert largest == max(2 * 4096 * 14336, args.padded_vocab_size * 4096 * args.forge_cover_output_layer) // 8
+    window = 4 * (largest if micro_batches == 1 else 0) + 4 * largest / 4
+    assert four.grads == one.grads + round(window)
 
 
 @pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])

@@ -28,10 +28,10 @@ SDPA = ["--forge-core-attention", "sdpa"]  # applied to standard runs too: both 
 class Run:
     """One forge-pretrain-gpt run in its own folder: tensorboard log, checkpoints, output."""
 
-    def __init__(self, work, name, *flags, tp=1, pp=1, expect_ok=True):
+    def __init__(self, work, name, *flags, tp=1, pp=1, dp=1, expect_ok=True):
         self.dir = os.path.join(work, name)
         self.save = os.path.join(self.dir, "checkpoints")
-        self.name, self.flags, self.tp, self.pp, self.expect_ok = name, list(flags), tp, pp, expect_ok
+        self.name, self.flags, self.tp, self.pp, self.dp, self.expect_ok = name, list(flags), tp, pp, dp, expect_ok
 
     def __call__(self, data):
         tb = os.path.join(self.dir, "tensorboard")
@@ -41,7 +41,7 @@ class Run:
             argv += ["--tensor-model-parallel-size", str(self.tp), "--sequence-parallel"]
         if self.pp > 1:
             argv += ["--pipeline-model-parallel-size", str(self.pp)]
-        proc = run_pretrain(argv, nproc=self.tp * self.pp, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+        proc = run_pretrain(argv, nproc=self.tp * self.pp * self.dp, env={"OMP_NUM_THREADS": "1"}, timeout=900)
         self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
         if self.expect_ok:
             assert proc.returncode == 0, f"run {self.name}:\n" + proc.stdout[-3000:] + proc.stderr[-5000:]

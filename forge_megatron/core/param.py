@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from forge_megatron.core.owner import OwnerRows
 from forge_megatron.core.plan import TileConfig
 from forge_megatron.core.state import ForgeState
 from forge_megatron.core.table import StepSlots
@@ -69,7 +70,47 @@ class ForgeParam:
         self.micro_batches = 1  # in this iteration (bound only)
         self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
+        self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
+        self._gradient_state: ForgeState | None = None  # data-parallel: keys the gradient pass
         weight._forge_param = self
+
+    def own_rows(self, weight: torch.Tensor, group) -> None:
+        """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
+        of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
+        owners, who update them, and all-gathered back (core/owner.py)."""
+        owner = OwnerRows.of(weight.shape[0], group)
+        # The gradient pass computes the whole shard's gradient without a rule: a state with no
+        # tensors but the weight's ids and placement, which key the bf16 buffer's rounding.
+        gradient_state = ForgeState(weight, "sgd", weight_store="sr", seed=self.state.seed,
+                                    weight_id=self.state.weight_id, momentum=0.0)
+        gradient_state.placement = self.state.placement
+        self.state, self.owner, self._gradient_state = self.state.rows(owner.start, owner.stop), owner, gradient_state
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows of `weight` this rank updates (all of them without data parallelism)."""
+        return weight if self.owner is None else weight[self.owner.start:self.owner.stop]
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        """The state tensors of the whole (tensor-parallel) shard, by checkpoint name: this rank's,
+        or with data parallelism every owner's rows gathered (so that a checkpoint loads at any
+        data-parallel size)."""
+        tensors = self.state.named_tensors()
+        if self.owner is None:
+            return tensors
+        return {name: self.owner.gather(t) for name, t in tensors.items()}
+
+    def own(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole-shard state tensor (`shard_tensors`); a tensor of this rank's
+        block only is returned as it is."""
+        if self.owner is None or tensor.shape[0] != self.owner.size * (self.owner.stop - self.owner.start):
+            return tensor
+        return tensor[self.owner.start:self.owner.stop]
+
+    def adopt(self, weight: torch.Tensor, previous: torch.Tensor | None = None) -> None:
+        """The state follows a module conversion of the weight (ForgeState.adopt), on its rows."""
+        self.state.adopt(self.rows(weight), previous=None if previous is None else self.rows(previous))
+        if self._gradient_state is not None:
+            self._gradient_state.adopt(weight)
 
     def bind(self, slots: StepSlots) -> None:
         self.slots = slots
@@ -84,6 +125,8 @@ class ForgeParam:
             raise RuntimeError(f"FORGE: a covered weight's backward ran {self.backwards + 1} times in an iteration of "
                                f"{self.micro_batches} micro-batches (a second update would be applied); each "
                                "iteration must run one backward per micro-batch")
+        if self.owner is not None:
+            return self._data_parallel_step(x, dy, weight)
         accumulate = None
         if bound and self.micro_batches > 1:
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
@@ -97,12 +140,34 @@ class ForgeParam:
             self.grad, self.result = result.grad, result
             self.updates += self.apply
 
+    def _data_parallel_step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add this micro-batch's gradient of the whole shard into the buffer; after the last, the
+        owners' update: reduce-scatter, the rule on this rank's rows, all-gather. The buffer is
+        freed then (it lives from a weight's first backward of the step to its last)."""
+        if self.slots is None or not self.apply:
+            raise RuntimeError("FORGE: a data-parallel weight steps only within a training loop's iteration "
+                               "(bound to a StepTable), and only with its update applied")
+        accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
+        self._gradient_state.step = self.state.step  # the bf16 buffer's rounding is keyed by the step
+        fused_update(x, dy, weight, self._gradient_state, apply=False, backend=self.config.backend,
+                     config=self.config.tile_config, accumulate=accumulate)
+        self.backwards += 1
+        if accumulate.last:
+            block = self.owner.reduce_scatter(self.buffer)
+            self.buffer = None
+            self.result = apply_accumulated(self.rows(weight), self.state, block, materialize=self.materialize,
+                                            backend=self.config.backend, config=self.config.tile_config,
+                                            slots=self.slots)
+            self.grad = self.result.grad
+            self.owner.all_gather(weight)
+            self.updates += 1
+
     def apply_accumulated(self, weight: torch.Tensor) -> None:
         """The update from the gradient a norms-only pass left in the buffer (two-pass clipping
         over several micro-batches)."""
         if self.updates:
             raise RuntimeError("FORGE: this iteration's update was already applied")
-        self.result = apply_accumulated(weight, self.state, self.buffer, materialize=self.materialize,
+        self.result = apply_accumulated(self.rows(weight), self.state, self.buffer, materialize=self.materialize,
                                         backend=self.config.backend, config=self.config.tile_config, slots=self.slots)
         self.grad = self.result.grad
         self.updates += 1

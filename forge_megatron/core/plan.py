@@ -8,6 +8,7 @@ loads the Triton kernel module.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,16 @@ class ShardPlacement:
     @classmethod
     def whole(cls, shape) -> "ShardPlacement":
         return cls(global_cols=shape[1])
+
+    def rows(self, start: int, stop: int) -> "ShardPlacement":
+        """The placement of local rows [start, stop) of this shard (a data-parallel owner block)."""
+        split = self.row_split - start
+        if split <= 0:  # the block lies past the jump
+            return dataclasses.replace(self, row_offset=self.row_offset + start + self.row_jump,
+                                       row_split=ROW_SPLIT_NONE, row_jump=0)
+        if split >= stop - start:  # the block lies before it
+            return dataclasses.replace(self, row_offset=self.row_offset + start, row_split=ROW_SPLIT_NONE, row_jump=0)
+        return dataclasses.replace(self, row_offset=self.row_offset + start, row_split=split)
 
     def global_rows(self, local_rows: int) -> int:
         """Rows of the unsharded weight spanned (for the 2^32-element check)."""

@@ -14,6 +14,7 @@ Memory per parameter is `bytes_per_parameter()`; docs/numerics.md has the table.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -103,6 +104,20 @@ class ForgeState:
             self.master = source.detach().to(device=weight.device, dtype=torch.float32, copy=True)
         else:
             self.master = self.master.to(weight.device)
+
+    def rows(self, start: int, stop: int) -> "ForgeState":
+        """The state of rows [start, stop) only (copies: the rest can be freed), its placement and
+        ids those of the rows in the whole weight, so that its updates are the whole state's there
+        (a data-parallel owner block)."""
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) are not rows of a state of shape {self.shape}")
+        block = copy.copy(self)
+        block.shape = (stop - start, self.shape[1])
+        block.placement = self.placement.rows(start, stop)
+        block.tensors = {name: t[start:stop].clone() for name, t in self.tensors.items()}
+        block.master = None if self.master is None else self.master[start:stop].clone()
+        block.hyperparameters = dict(self.hyperparameters)
+        return block
 
     def set_hyperparameters(self, **changes: Any) -> None:
         """Change hyperparameters between steps (e.g. lr and weight decay from a schedule)."""

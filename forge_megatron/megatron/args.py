@@ -108,10 +108,12 @@ def validate_forge_args(args) -> ForgeConfig:
 def _refusals(args):
     """Each refusal, or None; the first that applies is reported."""
     dp = args.data_parallel_size
-    yield (dp > 1) and (
-        f"data-parallel size {dp}: each data-parallel rank would update the weights with its own gradient "
-        "before DDP's all-reduce could average them; spread the model with --tensor-model-parallel-size "
-        "(and --sequence-parallel) so that data-parallel size is 1")
+    yield (dp > 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0) and (
+        f"--forge-clip-grad-mode two-pass at data-parallel size {dp}: the norms-only pass is not implemented with "
+        "data parallelism yet; use --forge-clip-grad-mode stale (or --clip-grad 0)")
+    yield (dp > 1 and getattr(args, "data_parallel_random_init", False)) and (
+        "--data-parallel-random-init initializes each data-parallel rank differently and broadcasts rank 0's "
+        "weights after FORGE has taken its masters from its own; drop the flag")
     yield (getattr(args, "context_parallel_size", 1) > 1) and (
         "context parallelism splits each weight gradient across ranks, which would need an all-reduce before "
         "the update; set --context-parallel-size 1")

@@ -2,12 +2,13 @@
 --no-load-optim and --finetune treat it as Megatron treats optimizer state).
 
 torch_dist: every state tensor (and fp32 master) is a ShardedTensor sharded exactly like its
-weight, so a checkpoint saved at one tensor- or pipeline-parallel layout loads at another; each
+weight, so a checkpoint saved at one tensor-, pipeline- or data-parallel layout loads at another
+(with data parallelism the owners' rows are gathered on save, and each rank keeps its own on load); each
 weight's step count is a one-element ShardedTensor under the weight's global name (kept by the
 ranks that hold the weight, whatever the pipeline stage); the controller's scalars (the norm stale
 clipping uses next) are common state, the same on every rank.
-torch: the same entries as plain tensors, in each rank's own file (as Megatron's torch format
-saves everything: no resharding).
+torch: the same entries as plain tensors, each rank's own (its owned rows with data
+parallelism), in each rank's own file (as Megatron's torch format saves everything: no resharding).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
         if sharded_weight is None:
             raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
         entry = {state_name: _sharded_like(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}", name)
-                 for state_name, tensor in param.state.named_tensors().items()}
+                 for state_name, tensor in param.shard_tensors().items()}
         step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
         entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
                                                         replica_id=replica)
@@ -65,13 +66,13 @@ def load_state_dict(controller: ForgeController, loaded: dict) -> None:
         if entry is None:
             raise KeyError(f"the checkpoint's FORGE state has no entry for covered weight {name}")
         for state_name, tensor in param.state.named_tensors().items():
-            if tuple(entry[state_name].shape) != tuple(tensor.shape):
+            if tuple(param.own(entry[state_name]).shape) != tuple(tensor.shape):
                 raise ValueError(f"FORGE state {name}.{state_name}: checkpoint has shape "
                                  f"{tuple(entry[state_name].shape)}, this run {tuple(tensor.shape)}")
     for name, param in zip(controller.global_names, controller.params):
         entry = loaded[name]
         for state_name, tensor in param.state.named_tensors().items():
-            tensor.copy_(entry[state_name])
+            tensor.copy_(param.own(entry[state_name]))
         step = entry["step"]
         param.state.step = int(step.reshape(-1)[0]) if isinstance(step, torch.Tensor) else int(step)
     controller.load_scalars(loaded.get(SCALARS, {}))

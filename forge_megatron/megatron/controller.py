@@ -28,6 +28,7 @@ from forge_megatron.core.param import ForgeParam
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
 from forge_megatron.megatron.args import CLIP_MODES
+from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
-                 model_parallel_group=None, free_accumulation_buffers: bool = False):
+                 model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         self.chunks = model_chunks
@@ -54,6 +55,19 @@ class ForgeController:
         self.max_nonfinite_iterations = max_nonfinite_iterations
         self.free_accumulation_buffers = free_accumulation_buffers
         self.group = model_parallel_group
+        # Data parallelism: each rank owns a block of every covered weight's rows (core/owner.py).
+        self.dp_group = data_parallel_group if data_parallel_group is not None and dist.get_world_size(
+            data_parallel_group) > 1 else None
+        if self.dp_group is not None:
+            for (name, weight), param in zip(self.named, self.params):
+                try:
+                    param.own_rows(weight, self.dp_group)
+                except ValueError as error:
+                    raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
+                                             "size that divides every covered weight's rows") from None
+        # Whether Megatron's optimizer sums grad-norm contributions over the data-parallel ranks
+        # (its distributed optimizer does); else FORGE sums its owners' blocks itself.
+        self.optimizer_sums_over_data_parallel = False
         self.grad_norm: float | None = None  # the last step's global norm (checkpointed: stale clipping)
         self.nonfinite = 0  # the last backward's non-finite gradient values in covered weights (all ranks)
         self.nonfinite_streak = 0  # consecutive iterations with non-finite values
@@ -175,7 +189,7 @@ class ForgeController:
     def _step_table(self) -> StepTable:
         """The covered weights' shared per-step memory (core/table.py), each weight bound to its slots."""
         if self.table is None:
-            tiles = [step_tiles(w, p.state, p.config.backend, p.config.tile_config)
+            tiles = [step_tiles(p.rows(w), p.state, p.config.backend, p.config.tile_config)
                      for (_, w), p in zip(self.named, self.params)]
             self.table = StepTable([p.state for p in self.params], tiles, self.named[0][1].device)
             for param, slots in zip(self.params, self.table.slots):
@@ -231,14 +245,21 @@ class ForgeController:
     # -- norms --------------------------------------------------------------------------------------
 
     def local_sumsq(self) -> torch.Tensor:
-        """This rank's sum of squares of the covered weights' raw gradients in the last backward."""
-        return self._step_table().totals()[0]
+        """This rank's sum of squares of the covered weights' raw gradients in the last backward,
+        for Megatron's grad norm: with data parallelism, of the rows this rank owns, summed over
+        the data-parallel ranks unless Megatron's optimizer sums over them."""
+        local = self._step_table().totals()[0]
+        if self.dp_group is not None and not self.optimizer_sums_over_data_parallel:
+            dist.all_reduce(local, group=self.dp_group)
+        return local
 
     def _global_norm_and_nonfinite(self, other_sumsq) -> tuple[float, int]:
         """The L2 norm of all of the step's gradients (FORGE's raw ones plus `other_sumsq`, the
         other parameters' local sum of squares) and FORGE's non-finite count, over the
-        model-parallel group."""
+        model-parallel group (and FORGE's over the data-parallel owners of their rows)."""
         local = self._step_table().totals()
+        if self.dp_group is not None:
+            dist.all_reduce(local, group=self.dp_group)
         local[0] += other_sumsq
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(local, group=self.group)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
+from megatron.core import parallel_state
 from megatron.core.utils import log_single_rank
 
 from forge_megatron.megatron import checkpoint
@@ -64,7 +66,6 @@ def controller() -> ForgeController | None:
 
 def _pre_wrap_hook(model_chunks):
     """After the model is built, before DDP: cover the output layer, create the controller."""
-    from megatron.core import parallel_state
     from megatron.training.training import get_megatron_optimizer_config
 
     args, forge = _STATE["args"], _STATE["config"]
@@ -76,7 +77,8 @@ def _pre_wrap_hook(model_chunks):
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,
         max_nonfinite_iterations=args.forge_max_nonfinite_iterations,
         model_parallel_group=parallel_state.get_model_parallel_group(),
-        free_accumulation_buffers=args.forge_free_accumulation_buffers)
+        free_accumulation_buffers=args.forge_free_accumulation_buffers,
+        data_parallel_group=parallel_state.get_data_parallel_group())
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
@@ -108,6 +110,12 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
         return [*grads_for_norm(*a, **kw), controller.local_sumsq().float().sqrt().reshape(1)]
 
     first.get_grads_for_grad_norm = get_grads_for_grad_norm
+    # Megatron's distributed optimizer reduces grad-norm contributions over its data-parallel
+    # ranks too, where FORGE's owners hold one block each; its other optimizers over the
+    # model-parallel ranks only, where FORGE contributes the owners' sum.
+    controller.optimizer_sums_over_data_parallel = (
+        torch.distributed.get_world_size(first.get_grad_stats_parallel_group())
+        > torch.distributed.get_world_size(parallel_state.get_model_parallel_group()))
 
     step = optimizer.step
 

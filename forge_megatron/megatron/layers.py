@@ -74,7 +74,7 @@ class _ForgeLinear:
         weight but keep it fp32; a weight turned bf16 gets its fp32 master from its pre-cast value."""
         previous = self.weight.data
         super()._apply(fn, recurse)
-        self.forge.state.adopt(self.weight.data, previous=previous)
+        self.forge.adopt(self.weight.data, previous=previous)
         return self
 
 

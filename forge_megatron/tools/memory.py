@@ -54,7 +54,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1,
 # (forge_megatron.core.numerics.QBLOCK; this module imports only torch and megatron, the test checks both
 # against ForgeState's allocations).
 FORGE_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1 + 4 / 32}
-FORGE_ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2}  # --forge-accumulation-dtype, only while k > 1
+FORGE_ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2}  # --forge-accumulation-dtype: k > 1, and the D > 1 window
 FORGE_WEIGHT_STORES = ("master", "sr", "rne")
 
 
@@ -166,15 +166,26 @@ def covered_parameters_per_rank(args, cover_output_layer: bool, stage: int = 0) 
     """Weights FORGE covers on one rank of pipeline stage `stage`: linear_qkv, linear_proj,
     linear_fc1 and linear_fc2 of each of its layers, and on the last stage the output layer if
     covered. Weights only: biases stay with the standard optimizer."""
+    layer, output = _covered_weights(args, cover_output_layer, stage)
+    return (stage_layers(args) * sum(layer) + output) // args.tensor_model_parallel_size
+
+
+def largest_covered_weight(args, cover_output_layer: bool, stage: int = 0) -> int:
+    """Elements of the largest covered weight on one rank of stage `stage` (its local shard)."""
+    layer, output = _covered_weights(args, cover_output_layer, stage)
+    return max(*layer, output) // args.tensor_model_parallel_size
+
+
+def _covered_weights(args, cover_output_layer: bool, stage: int) -> tuple[tuple[int, ...], int]:
+    """(elements of a layer's linear_qkv, linear_proj, linear_fc1, linear_fc2; of the output layer
+    if covered on this stage, else 0), unsharded."""
     hidden, ffn = args.hidden_size, args.ffn_hidden_size
     query = args.num_attention_heads * args.kv_channels
     qkv = hidden * (query + 2 * args.num_query_groups * args.kv_channels)
-    proj = query * hidden
     fc1 = hidden * ffn * (2 if args.swiglu else 1)
-    fc2 = ffn * hidden
     last = stage == args.pipeline_model_parallel_size - 1
     output = args.padded_vocab_size * hidden if cover_output_layer and last else 0
-    return (stage_layers(args) * (qkv + proj + fc1 + fc2) + output) // args.tensor_model_parallel_size
+    return (qkv, query * hidden, fc1, ffn * hidden), output
 
 
 def standard_bytes_per_parameter(args) -> ParameterBytes:
@@ -198,13 +209,27 @@ def standard_bytes_per_parameter(args) -> ParameterBytes:
 def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
     """A FORGE-covered weight: no gradient at one micro-batch per step, the accumulation buffer
     (--forge-accumulation-dtype) at several; the weight, an fp32 master for bf16 weights under
-    --forge-weight-store master, and Adam's two states in --forge-state-dtype (docs/numerics.md)."""
+    --forge-weight-store master, and Adam's two states in --forge-state-dtype (docs/numerics.md),
+    master and states held by one data-parallel owner per block of rows (1/D each)."""
     if args.forge_weight_store not in FORGE_WEIGHT_STORES:
         raise ValueError(f"unknown --forge-weight-store {args.forge_weight_store!r}")
+    owners = args.data_parallel_size
     master = FP32 if args.bf16 and args.forge_weight_store == "master" else 0
     buffer = FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype] if micro_batches > 1 else 0
-    return ParameterBytes(2 if args.bf16 else FP32, buffer, master,
-                          ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype])
+    return ParameterBytes(2 if args.bf16 else FP32, buffer, master / owners,
+                          ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype] / owners)
+
+
+def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
+    """FORGE's data-parallel gradient window on one rank: one weight's local gradient (at one
+    micro-batch per step; with several it is the weight's accumulation buffer, counted per
+    parameter) and the block of it reduce-scattered to this rank; nothing at D = 1."""
+    owners = args.data_parallel_size
+    if owners == 1:
+        return 0
+    largest = largest_covered_weight(args, args.forge_cover_output_layer, stage)
+    window = largest if micro_batches == 1 else 0
+    return round((window + largest / owners) * FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype])
 
 
 def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB,
@@ -224,6 +249,8 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
         groups.append((covered, forge_bytes_per_parameter(args, k)))
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
+    if forge:
+        held["grad"] += forge_window_bytes(args, k, stage)
     activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
@@ -334,8 +361,8 @@ def _refuse_unmodelled(args) -> None:
     if args.use_precision_aware_optimizer and not args.use_distributed_optimizer:
         refuse("--use-precision-aware-optimizer needs --use-distributed-optimizer (Megatron refuses it otherwise)")
     if getattr(args, "use_forge", False):
-        if args.data_parallel_size != 1:
-            refuse(f"FORGE needs data-parallel size 1, not {args.data_parallel_size}")
+        if args.data_parallel_size > 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
+            refuse("FORGE refuses two-pass clipping at data-parallel size > 1; use --forge-clip-grad-mode stale")
         if args.multi_latent_attention:
             refuse("FORGE does not cover multi-latent attention")
         if args.forge_cover_output_layer and not args.untie_embeddings_and_output_weights:
