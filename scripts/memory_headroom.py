@@ -56,12 +56,13 @@ def config_argv(path: str, array: str) -> list[str]:
     return out.stdout.split()
 
 
-def parse_config(argv: list[str]):
-    """Megatron's parser with FORGE's flags, so that --use-forge and --forge-* in a config are understood."""
+def parse_config(argv: list[str], data_parallel_size: int = 1):
+    """Megatron's parser with FORGE's flags, so that --use-forge and --forge-* in a config are
+    understood; the data-parallel size is the launcher's (world size over TP x PP), not a flag."""
     from forge_megatron.megatron.args import add_forge_args
     from forge_megatron.tools.memory import parse_megatron_args
 
-    return parse_megatron_args(argv, extra_args_provider=add_forge_args)
+    return parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=data_parallel_size)
 
 
 def study(args, gpu_gib: list[float], seq_lengths: list[int], sweep_gib: list[float], reserve_gib: float) -> dict:
@@ -137,7 +138,8 @@ def report(info: dict, result: dict, verdict: dict, ranges: dict) -> str:
              f"{info['covered_parameters_per_rank'] / 1e9:.3f} B of them FORGE-covered "
              f"({'with' if info['cover_output_layer'] else 'without'} the output layer; "
              f"{info['layer_linears_per_rank'] / 1e9:.3f} B in linear_qkv/proj/fc1/fc2); "
-             f"TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP=1, padded vocab "
+             f"TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP={info['data_parallel']}"
+             f"{' (distributed optimizer)' if info['distributed_optimizer'] else ''}, padded vocab "
              f"{info['padded_vocab_size']}; global batch {info['global_batch_size'] or 'one micro-batch'}"
              + (" (FORGE accumulates below it)" if info["global_batch_size"] else ""),
              f"  attention: {info['attention']}; reserve {info['reserve_gib']:g} GiB (CUDA context, fragmentation)", ""]
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "llama3_8b_tp8.sh"))
     parser.add_argument("--array", default="LLAMA3_8B_TP8_ARGS", help="the bash array of flags in --config")
+    parser.add_argument("--data-parallel-size", type=int, default=1,
+                        help="data-parallel ranks (the launch's world size over TP x PP)")
     parser.add_argument("--gpu-gib", type=float, nargs="+", default=[40, 80, 94, 141])
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--sweep-gib", type=float, nargs=2, default=[16, 160], metavar=("LOW", "HIGH"),
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reserve = memory.DEFAULT_RESERVE_GIB if options.reserve_gib is None else options.reserve_gib
     flags = config_argv(options.config, options.array) + options.megatron_flags
-    args = parse_config(flags)
+    args = parse_config(flags, options.data_parallel_size)
     low, high = options.sweep_gib
     sweep_gib = [low + i for i in range(int(high - low) + 1)]
     info = {
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "covered_parameters_per_rank": memory.covered_parameters_per_rank(args, args.forge_cover_output_layer),
         "layer_linears_per_rank": memory.covered_parameters_per_rank(args, False),
         "cover_output_layer": args.forge_cover_output_layer, "tensor_parallel": args.tensor_model_parallel_size,
+        "data_parallel": args.data_parallel_size, "distributed_optimizer": args.use_distributed_optimizer,
         "pipeline_parallel": args.pipeline_model_parallel_size, "global_batch_size": args.global_batch_size,
         "padded_vocab_size": args.padded_vocab_size, "attention": attention_path(args), "sweep_gib": sweep_gib,
         "runs": {key: {"label": label, "changes": changes} for key, (label, changes) in RUNS.items()},

@@ -34,3 +34,18 @@ def data(tmp_path_factory):
     from forge_megatron.megatron.data import write_stdlib_dataset
 
     return write_stdlib_dataset(str(tmp_path_factory.mktemp("data") / "stdlib"), max_bytes=1 << 20)
+
+
+# The files that run Megatron's loop in subprocesses, longest first (minutes each on the 2-core CI
+# machine). pytest-xdist's loadfile hands files to the workers in collection order, so these go
+# first and the short files fill in behind them: both workers finish together.
+LONG_FILES = ("test_pretrain_gpt.py", "test_accumulation_pp.py", "test_memory_measured.py", "test_scripts.py",
+              "test_data_parallel.py", "test_hf.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file, and among the short files, is kept

@@ -66,6 +66,20 @@ def test_accumulating_llama3_configs(script, array, world, shape, accumulation, 
         "adamw", "sr", "int8", accumulation)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_llama3_8b_data_parallel_config(tp, monkeypatch):
+    """One node of 8 ranks: TP x DP = 8, Megatron's distributed optimizer for the uncovered
+    parameters, FORGE's owners for the covered ones, 64 / (8 / TP) micro-batches per rank."""
+    argv = subprocess.run(["bash", "-c", 'source configs/llama3_8b_dp.sh; printf "%s\\n" "${LLAMA3_8B_DP_ARGS[@]}"'],
+                          cwd=ROOT, env={**os.environ, "TP": str(tp)}, capture_output=True, text=True,
+                          check=True).stdout.split()
+    args = parse([*argv, "--mock-data", "--use-forge"], 8, monkeypatch)
+    assert (args.tensor_model_parallel_size, args.data_parallel_size) == (tp, 8 // tp)
+    assert args.use_distributed_optimizer and (args.micro_batch_size, args.global_batch_size) == (1, 64)
+    forge = validate_forge_args(args)
+    assert (args.forge_clip_grad_mode, forge.weight_store, forge.state_dtype) == ("stale", "sr", "int8")
+
+
 def test_tiny_cpu_config(monkeypatch):
     args = parse(tiny(), 1, monkeypatch)
     assert args.data_path == ["data/stdlib_text_document"] and args.num_layers == 4 and args.vocab_size == 257

@@ -1,0 +1,17 @@
+# Llama-3 8B on one node of 8 GPUs with data parallelism (pretrain_gpt.py flags): tensor parallel
+# TP (default 2, with sequence parallelism), data parallel 8 / TP, launched as
+#   torchrun --nproc-per-node 8 pretrain_gpt.py "${LLAMA3_8B_DP_ARGS[@]}" --use-forge ...
+# FORGE's owners hold 1/DP of the covered weights' states; Megatron's distributed optimizer
+# shards the other parameters' (docs/megatron.md, "Data parallelism"). The model and training
+# flags are configs/llama3_8b_tp8.sh's; the flags after them override (Megatron's parser keeps the
+# last value): TP, a global batch of GBS sequences (GBS / (MBS x DP) micro-batches per rank and
+# step), SR weights, int8 states, stale clipping (two-pass is refused at DP > 1).
+TP=${TP:-2}
+MBS=${MBS:-1}
+GBS=${GBS:-64}
+source "$(dirname "${BASH_SOURCE[0]}")/llama3_8b_tp8.sh"
+LLAMA3_8B_DP_ARGS=(
+    "${LLAMA3_8B_TP8_ARGS[@]}"
+    --tensor-model-parallel-size "$TP" --global-batch-size "$GBS" --use-distributed-optimizer
+    --forge-weight-store sr --forge-state-dtype int8 --forge-clip-grad-mode stale
+)
