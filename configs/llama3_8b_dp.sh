@@ -5,6 +5,8 @@
 # shards the other parameters' (docs/megatron.md, "Data parallelism"). The model and training
 # flags are configs/llama3_8b_tp8.sh's; the flags after them override (Megatron's parser keeps the
 # last value): TP, a global batch of GBS sequences (GBS / (MBS x DP) micro-batches per rank and
+# step) summed in the owners' rows (--forge-dp-accumulation owner: 4 / DP bytes per covered
+# parameter instead of a whole local buffer, one reduce-scatter per micro-batch instead of one per
 # step), SR weights, int8 states, stale clipping (two-pass is refused at DP > 1).
 TP=${TP:-2}
 MBS=${MBS:-1}
@@ -13,5 +15,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/llama3_8b_tp8.sh"
 LLAMA3_8B_DP_ARGS=(
     "${LLAMA3_8B_TP8_ARGS[@]}"
     --tensor-model-parallel-size "$TP" --global-batch-size "$GBS" --use-distributed-optimizer
-    --forge-weight-store sr --forge-state-dtype int8 --forge-clip-grad-mode stale
+    --forge-weight-store sr --forge-state-dtype int8 --forge-clip-grad-mode stale --forge-dp-accumulation owner
 )

@@ -4,12 +4,13 @@ blocks all-gathered (core/owner.py).
 
 Core, on 2 gloo ranks: the owner's update is the unfused rule applied to the reduce-scattered
 gradient (each rank's kernel gradient scaled by 1/2, then summed, as Megatron's data-parallel
-reduction takes it) bit for bit, with one and two micro-batches, and both ranks end with the same
-weight. In Megatron's loop (forge-pretrain-gpt on CPU, fp32, 20 steps): DP = 2 and DP = 2 x TP = 2
+reduction takes it) bit for bit, with one and two micro-batches summed locally or in the owner's
+rows, and both ranks end with the same weight. In Megatron's loop (forge-pretrain-gpt on CPU,
+fp32, 20 steps): DP = 2, and DP = 2 x TP = 2 with two micro-batches summed in the owners' rows,
 against standard Megatron with --use-distributed-optimizer and the same layout within 1e-5 in loss,
-grad norm and weights; stale clipping under Megatron's non-distributed optimizer; a checkpoint
-saved at DP = 2 resumed at DP = 1 and one saved at DP = 1 resumed at DP = 2, against the
-uninterrupted run."""
+grad norm and weights; stale clipping with two micro-batches summed locally under Megatron's
+non-distributed optimizer; a checkpoint saved at DP = 2 resumed at DP = 1 and one saved at DP = 1
+resumed at DP = 2, against the uninterrupted run."""
 
 import pytest
 import torch
@@ -38,6 +39,12 @@ def test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard():
 
 
 def scenario_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
+    for owner_sums in (False, True):
+        _owner_update_case(owner_sums)
+    return True
+
+
+def _owner_update_case(owner_sums: bool):
     import torch.distributed as dist
 
     from forge_megatron import ForgeConfig, ForgeParam, fused_update
@@ -49,35 +56,51 @@ def scenario_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
     for rule, hp in (("adamw", dict(lr=1e-2, weight_decay=0.1)), ("sgd", dict(lr=0.1, momentum=0.9))):
         weight = randn(torch.Generator().manual_seed(1), 38, 70)  # the same on both ranks
         param = ForgeParam(weight, ForgeConfig(rule=rule, hyperparameters=hp, backend="torch"))
-        param.own_rows(weight, dist.group.WORLD)
+        param.own_rows(weight, dist.group.WORLD, owner_sums=owner_sums)
         assert param.state.shape == (19, 70) and all(t.shape[0] == 19 for t in param.state.tensors.values())
         table = StepTable([param.state], [step_tiles(param.rows(weight), param.state)], weight.device)
         param.bind(table.slots[0])
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         for step, k in ((1, 1), (2, 2)):
             batches = [(randn(gen, 13, 70), randn(gen, 13, 38)) for _ in range(k)]
-            local = None
-            for x, dy in batches:  # the kernel's fp32 GEMM, summed in micro-batch order
+            grads = []  # the kernel's fp32 GEMM of each micro-batch
+            for x, dy in batches:
                 copy = weight.clone()
-                g = fused_update(x, dy, copy, ForgeState(copy, "sgd"), materialize=True, backend="torch").grad
-                local = g if local is None else local + g
-            scaled = [torch.empty_like(local) for _ in range(2)]
-            dist.all_gather(scaled, local * 0.5)
-            expected_grad = (scaled[0] + scaled[1])[param.owner.start:param.owner.stop]
+                grads.append(fused_update(x, dy, copy, ForgeState(copy, "sgd"), materialize=True,
+                                          backend="torch").grad)
+            if owner_sums:  # each micro-batch reduce-scattered, the owner's rows summed in micro-batch order
+                expected_grad = _reduce_scatter(grads[0], param.owner)
+                for g in grads[1:]:
+                    expected_grad = expected_grad + _reduce_scatter(g, param.owner)
+            else:  # summed locally in micro-batch order (Megatron's main_grad), reduce-scattered once
+                local = grads[0]
+                for g in grads[1:]:
+                    local = local + g
+                expected_grad = _reduce_scatter(local, param.owner)
             w0, s0 = snapshot(param.rows(weight).clone(), param.state)
             table.write(1.0)  # this step's coefficients, as the controller writes them
             param.begin_iteration(k)
             for x, dy in batches:
                 param.step(x, dy, weight)
             expected_w, expected_s = reference_step(w0, s0, param.state, expected_grad, step)
-            assert_bits_equal(param.rows(weight), expected_w, f"{rule} rows, step {step}")
+            what = f"{rule}, owner_sums={owner_sums}, step {step}"
+            assert_bits_equal(param.rows(weight), expected_w, f"rows, {what}")
             for name, tensor in param.state.tensors.items():
-                assert_bits_equal(tensor, expected_s[name], f"{rule} {name}, step {step}")
+                assert_bits_equal(tensor, expected_s[name], f"{name}, {what}")
             gathered = [torch.empty_like(weight) for _ in range(2)]
             dist.all_gather(gathered, weight)
             assert torch.equal(gathered[0], gathered[1])  # every rank holds every owner's update
-            assert param.buffer is None  # the gradient lives from the first backward to the reduce-scatter
-    return True
+            assert param.buffer is None  # the gradient lives from the first backward to the update
+
+
+def _reduce_scatter(local, owner):
+    """The owner's rows of every rank's gradient scaled by 1/2, then summed (independently of
+    core/owner.py: an all-gather and a sum)."""
+    import torch.distributed as dist
+
+    scaled = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(scaled, local * 0.5)
+    return (scaled[0] + scaled[1])[owner.start:owner.stop]
 
 
 def test_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
@@ -91,11 +114,11 @@ def runs(tmp_path_factory, data):
     first = run_all(data, {
         "standard-dp2": Run(work, "standard-dp2", *DP2, *DISTRIBUTED, "--clip-grad", "0", dp=2),
         "forge-dp2": Run(work, "forge-dp2", *DP2, *DISTRIBUTED, "--use-forge", "--clip-grad", "0", dp=2),
-        "forge-stale-dp2": Run(work, "forge-stale-dp2", *DP2, *STALE, "--save-interval", "10", dp=2),
+        "forge-stale-dp2": Run(work, "forge-stale-dp2", *DP2_K2, *STALE, "--save-interval", "10", dp=2),
         "standard-dp2-tp2-k2": Run(work, "standard-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, "--clip-grad", "0",
                                    tp=2, dp=2),
         "forge-dp2-tp2-k2": Run(work, "forge-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, "--use-forge", "--clip-grad",
-                                "1e9", tp=2, dp=2),
+                                "1e9", "--forge-dp-accumulation", "owner", tp=2, dp=2),
     })
     # Resumes under Megatron's plain optimizer: its distributed optimizer cannot load without
     # Apex or Transformer Engine (DistributedOptimizer.state_dict asserts one step count).
@@ -114,7 +137,7 @@ def test_data_parallel_matches_megatrons_distributed_optimizer(runs):
     assert all(abs(norms[i] - reference[i]) <= TOL * reference[i] for i in reference) and len(norms) == 20
 
 
-def test_data_and_tensor_parallel_with_accumulation_match_megatron(runs):
+def test_data_and_tensor_parallel_with_accumulation_in_the_owners_rows_match_megatron(runs):
     forge, standard = runs["forge-dp2-tp2-k2"], runs["standard-dp2-tp2-k2"]
     assert set(forge.record("forge/grad-scale").values()) == {1.0}  # stale clipping that never triggers
     assert_same_training(forge, standard)
@@ -125,7 +148,8 @@ def test_data_and_tensor_parallel_with_accumulation_match_megatron(runs):
 def test_stale_clipping_under_megatrons_non_distributed_optimizer(runs):
     """Megatron's plain optimizer sums the grad norm over model-parallel ranks only: FORGE adds its
     owners' blocks summed over the data-parallel ranks. The first step (no previous norm, no
-    clipping) has standard Megatron's norm; each later step clips with the previous one's."""
+    clipping; two micro-batches summed in the local buffer) has standard Megatron's norm (one
+    micro-batch of two sequences per rank); each later step clips with the previous one's."""
     forge = runs["forge-stale-dp2"]
     scale, norm = forge.record("forge/grad-scale"), forge.record("grad-norm")
     assert norm[1] == pytest.approx(runs["standard-dp2"].record("grad-norm")[1], rel=TOL)

@@ -130,6 +130,11 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     assert largest == max(2 * 4096 * 14336, args.padded_vocab_size * 4096 * args.forge_cover_output_layer) // 8
     window = 4 * (largest if micro_batches == 1 else 0) + 4 * largest / 4
     assert four.grads == one.grads + round(window)
+    # --forge-dp-accumulation owner: the step's gradient summed in the owner's rows (fp32, 1/4 of
+    # the buffer), each micro-batch's local gradient through an fp32 window
+    owner = memory.rank_memory(memory.replace_args(four_steps, forge_dp_accumulation="owner"), 1)
+    buffers = 4 * covered if micro_batches > 1 else 0
+    assert owner.grads == one.grads - buffers + round(buffers / 4 + 4 * largest + 4 * largest / 4)
 
 
 @pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])

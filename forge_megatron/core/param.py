@@ -66,18 +66,21 @@ class ForgeParam:
         self.grad: torch.Tensor | None = None
         self.result: UpdateResult | None = None  # the last step's by-products
         self.slots: StepSlots | None = None
-        self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches only)
+        self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
         self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
         self._gradient_state: ForgeState | None = None  # data-parallel: keys the gradient pass
+        self.owner_sums = False  # data-parallel: micro-batches summed in the owner's rows (`own_rows`)
         weight._forge_param = self
 
-    def own_rows(self, weight: torch.Tensor, group) -> None:
+    def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False) -> None:
         """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
         of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
-        owners, who update them, and all-gathered back (core/owner.py)."""
+        owners, who update them, and all-gathered back (core/owner.py). `owner_sums`: over several
+        micro-batches, reduce-scatter each one's gradient and sum the owner's rows (1/D of the
+        buffer, one reduce-scatter per micro-batch) instead of summing a whole local buffer."""
         owner = OwnerRows.of(weight.shape[0], group)
         # The gradient pass computes the whole shard's gradient without a rule: a state with no
         # tensors but the weight's ids and placement, which key the bf16 buffer's rounding.
@@ -85,6 +88,7 @@ class ForgeParam:
                                     weight_id=self.state.weight_id, momentum=0.0)
         gradient_state.placement = self.state.placement
         self.state, self.owner, self._gradient_state = self.state.rows(owner.start, owner.stop), owner, gradient_state
+        self.owner_sums = owner_sums
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The rows of `weight` this rank updates (all of them without data parallelism)."""
@@ -141,20 +145,30 @@ class ForgeParam:
             self.updates += self.apply
 
     def _data_parallel_step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add this micro-batch's gradient of the whole shard into the buffer; after the last, the
-        owners' update: reduce-scatter, the rule on this rank's rows, all-gather. The buffer is
-        freed then (it lives from a weight's first backward of the step to its last)."""
+        """This micro-batch's gradient of the whole shard, from a gradient-only kernel pass, summed
+        over the step's micro-batches either in a whole local buffer that is reduce-scattered after
+        the last (`owner_sums` False) or, reduce-scattered at once, in the owner's rows (fp32); after
+        the last, the rule on this rank's rows and the all-gather. Nothing outlives the step."""
         if self.slots is None or not self.apply:
             raise RuntimeError("FORGE: a data-parallel weight steps only within a training loop's iteration "
                                "(bound to a StepTable), and only with its update applied")
-        accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         self._gradient_state.step = self.state.step  # the bf16 buffer's rounding is keyed by the step
+        if self.owner_sums:
+            window = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+            accumulate = Accumulation(window, 0, 1)
+        else:
+            accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         fused_update(x, dy, weight, self._gradient_state, apply=False, backend=self.config.backend,
                      config=self.config.tile_config, accumulate=accumulate)
         self.backwards += 1
-        if accumulate.last:
-            block = self.owner.reduce_scatter(self.buffer)
-            self.buffer = None
+        last = self.backwards == self.micro_batches
+        if self.owner_sums:
+            block = self.owner.reduce_scatter(accumulate.buffer)
+            self.buffer = block if self.buffer is None else self.buffer.add_(block)
+        elif last:
+            self.buffer = self.owner.reduce_scatter(self.buffer)
+        if last:
+            block, self.buffer = self.buffer, None
             self.result = apply_accumulated(self.rows(weight), self.state, block, materialize=self.materialize,
                                             backend=self.config.backend, config=self.config.tile_config,
                                             slots=self.slots)

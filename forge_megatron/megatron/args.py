@@ -18,6 +18,7 @@ from forge_megatron.megatron.attention import CORE_ATTENTIONS
 from forge_megatron.megatron.errors import ConfigurationError
 
 CLIP_MODES = ("stale", "two-pass", "off")
+DP_ACCUMULATIONS = ("local", "owner")  # where a data-parallel step sums its micro-batches (--forge-dp-accumulation)
 RULE_FOR_OPTIMIZER = {"adam": "adamw", "sgd": "sgd"}  # Megatron's "adam" is AdamW (decoupled decay)
 CHECKPOINT_FORMATS = ("torch_dist", "torch")  # the formats FORGE's state travels in
 
@@ -46,6 +47,12 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--forge-free-accumulation-buffers", action="store_true",
                        help="Free the accumulation buffers after every step (they are allocated again at the next "
                             "step's first backward) instead of keeping them.")
+    group.add_argument("--forge-dp-accumulation", default="local", choices=DP_ACCUMULATIONS,
+                       help="With data parallelism and several micro-batches per step: 'local' sums each covered "
+                            "weight's gradient in a whole local buffer and reduce-scatters it once per step "
+                            "(Megatron's traffic; --forge-accumulation-dtype bytes per parameter); 'owner' "
+                            "reduce-scatters every micro-batch's gradient and sums the owner's rows in fp32 "
+                            "(4 / data-parallel-size bytes per parameter, a reduce-scatter per micro-batch).")
     group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
                        help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' runs a norms-only backward first (exact, ~2x "

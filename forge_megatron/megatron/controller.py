@@ -27,7 +27,7 @@ import torch.distributed as dist
 from forge_megatron.core.param import ForgeParam
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
-from forge_megatron.megatron.args import CLIP_MODES
+from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS
 from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,12 @@ logger = logging.getLogger(__name__)
 class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
-                 model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None):
+                 model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
+                 dp_accumulation: str = "local"):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
+        if dp_accumulation not in DP_ACCUMULATIONS:
+            raise ValueError(f"unknown data-parallel accumulation {dp_accumulation!r}; choose one of {DP_ACCUMULATIONS}")
         self.chunks = model_chunks
         self.named = covered_params(model_chunks)
         if not self.named:
@@ -61,7 +64,7 @@ class ForgeController:
         if self.dp_group is not None:
             for (name, weight), param in zip(self.named, self.params):
                 try:
-                    param.own_rows(weight, self.dp_group)
+                    param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner")
                 except ValueError as error:
                     raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
                                              "size that divides every covered weight's rows") from None

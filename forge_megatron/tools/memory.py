@@ -216,18 +216,23 @@ def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
     owners = args.data_parallel_size
     master = FP32 if args.bf16 and args.forge_weight_store == "master" else 0
     buffer = FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype] if micro_batches > 1 else 0
+    if owners > 1 and micro_batches > 1 and args.forge_dp_accumulation == "owner":
+        buffer = FP32 / owners  # the owner's rows of the step's gradient, summed in fp32
     return ParameterBytes(2 if args.bf16 else FP32, buffer, master / owners,
                           ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype] / owners)
 
 
 def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
     """FORGE's data-parallel gradient window on one rank: one weight's local gradient (at one
-    micro-batch per step; with several it is the weight's accumulation buffer, counted per
-    parameter) and the block of it reduce-scattered to this rank; nothing at D = 1."""
+    micro-batch per step, or at every micro-batch with --forge-dp-accumulation owner, in fp32;
+    with several under 'local' it is the weight's accumulation buffer, counted per parameter) and
+    the block of it reduce-scattered to this rank; nothing at D = 1."""
     owners = args.data_parallel_size
     if owners == 1:
         return 0
     largest = largest_covered_weight(args, args.forge_cover_output_layer, stage)
+    if args.forge_dp_accumulation == "owner":
+        return round(FP32 * (largest + largest / owners))
     window = largest if micro_batches == 1 else 0
     return round((window + largest / owners) * FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype])
 
