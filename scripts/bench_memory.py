@@ -12,7 +12,8 @@ each rank's) at micro-batch 1 and 2, its model value (reserve 0: the CUDA contex
 max_memory_allocated) and the relative error; then the largest micro-batch that runs, found by
 doubling, against the model's answer for the GPU's memory. `--micro-batches K` runs K micro-batches
 per step (FORGE's accumulation buffer); `--pipeline P` runs P pipeline stages (P ranks), each
-stage's peak against the model's for that stage (1F1B: stage s holds min(K, P - s) micro-batches).
+stage's peak against the model's for that stage (1F1B: stage s holds min(K, P - s) micro-batches);
+`--data-parallel D` runs D data-parallel ranks (FORGE's owners hold 1/D of its states).
 
 On CPU (the torch backend) the same runs are measured with LiveTensorMemory (forge_megatron.tools.
 measured_pretrain): the peak bytes of live tensor storage, which is what max_memory_allocated counts
@@ -63,20 +64,22 @@ PIPELINE_SMOKE = [*emulated_rank(2, 1024, hidden=256, ffn=512, kv_channels=64, v
                   "--no-create-attention-mask-in-dataloader"]
 
 
-def _batch(argv: list[str], micro_batch: int, micro_batches: int) -> list[str]:
-    return [*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size", str(micro_batch * micro_batches)]
+def _batch(argv: list[str], micro_batch: int, micro_batches: int, data_parallel: int = 1) -> list[str]:
+    return [*argv, "--micro-batch-size", str(micro_batch), "--global-batch-size",
+            str(micro_batch * micro_batches * data_parallel)]
 
 
-def measure(argv: list[str], micro_batch: int, micro_batches: int = 1, pipeline: int = 1) -> list[int] | None:
+def measure(argv: list[str], micro_batch: int, micro_batches: int = 1, pipeline: int = 1,
+            data_parallel: int = 1) -> list[int] | None:
     """Each rank's (pipeline stage's) peak allocated bytes from Megatron's memory report
     (max_memory_allocated on a GPU, live tensor bytes under LiveTensorMemory on CPU), or None if
     the run did not fit."""
-    return pretrain_peaks(_batch(argv, micro_batch, micro_batches), nproc=pipeline,
+    return pretrain_peaks(_batch(argv, micro_batch, micro_batches, data_parallel), nproc=pipeline * data_parallel,
                           measure_cpu_memory=not torch.cuda.is_available())
 
 
 def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int, micro_batches: int = 1,
-            pipeline: int = 1, regimes: dict = REGIMES, micro_batch_sizes=(1, 2)) -> dict:
+            pipeline: int = 1, regimes: dict = REGIMES, micro_batch_sizes=(1, 2), data_parallel: int = 1) -> dict:
     """Per regime and micro-batch b: measured and modelled peak of the most loaded stage and their
     relative error, and with pipeline stages each stage's; the largest power-of-two micro-batch that
     ran (up to `max_micro_batch`; 0 skips the search) and the model's largest micro-batch for `gib`
@@ -86,15 +89,15 @@ def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int
     for name, flags in regimes.items():
         argv = base + flags + parallel
 
-        parsed = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
+        parsed = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=data_parallel)
 
         def model(b: int, stage=None, reserve_gib=0.0, parsed=parsed) -> memory.MemoryBreakdown:
-            args = memory.replace_args(parsed, micro_batch_size=b, global_batch_size=b * micro_batches)
+            args = memory.replace_args(parsed, micro_batch_size=b, global_batch_size=b * micro_batches * data_parallel)
             return memory.rank_memory(args, b, reserve_gib=reserve_gib, stage=stage)
 
         entry = {}
         for b in micro_batch_sizes:
-            measured = measure_fn(argv, b, micro_batches, pipeline)
+            measured = measure_fn(argv, b, micro_batches, pipeline, data_parallel)
             entry[f"measured_peak_bytes_mb{b}"] = None if measured is None else max(measured)
             entry[f"model_peak_bytes_mb{b}"] = model(b).total
             entry[f"relative_error_mb{b}"] = None if measured is None else model(b).total / max(measured) - 1
@@ -104,7 +107,7 @@ def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int
                 entry[f"stage_relative_error_mb{b}"] = None if measured is None else [
                     m / peak - 1 for m, peak in zip(stages, measured)]
         largest, b = 0, 1
-        while b <= max_micro_batch and measure_fn(argv, b, micro_batches, pipeline) is not None:
+        while b <= max_micro_batch and measure_fn(argv, b, micro_batches, pipeline, data_parallel) is not None:
             largest, b = b, 2 * b
         out[name] = {**entry, "largest_power_of_two_micro_batch": largest if max_micro_batch else None,
                      "model_max_micro_batch": None if gib is None else memory.max_micro_batch(
@@ -125,6 +128,9 @@ def main(argv=None):
                         help="a tiny two-layer model on two pipeline stages, four micro-batches per step")
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--pipeline", type=int, default=1, help="pipeline stages (ranks)")
+    parser.add_argument("--data-parallel", type=int, default=1,
+                        help="data-parallel ranks (each with the micro-batches of one rank; Megatron reports "
+                             "data-parallel rank 0's memory)")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -135,10 +141,11 @@ def main(argv=None):
     model = PIPELINE_SMOKE if args.pipeline_smoke else SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)
     base = [*model, "--forge-core-attention", args.core_attention, "--train-iters", str(args.iters)]
     regimes = compare(base, measure, gib, args.max_micro_batch if gpu else 0, args.micro_batches, args.pipeline,
-                      {name: REGIMES[name] for name in args.regimes})
+                      {name: REGIMES[name] for name in args.regimes}, data_parallel=args.data_parallel)
     report = {"device": device_name(torch.device("cuda" if gpu else "cpu")), "gpu_gib": gib,
               "measure": "torch.cuda.max_memory_allocated" if gpu else "LiveTensorMemory (live tensor bytes, CPU)",
               "flags": base, "micro_batches_per_step": args.micro_batches, "pipeline_stages": args.pipeline,
+              "data_parallel": args.data_parallel,
               "torch": torch.__version__,
               "regimes": regimes}
     for name, entry in regimes.items():

@@ -10,20 +10,22 @@ import torch
 from test_scripts import load
 
 
-def test_bench_memory_compares_measurements_with_the_model():
+@pytest.mark.parametrize("data_parallel", [1, 2])
+def test_bench_memory_compares_measurements_with_the_model(data_parallel):
     bench = load("bench_memory")
     budget = 24 * 2**30
 
-    def fake_measure(flags, micro_batch, micro_batches, pipeline):  # a device where the model is exact, 24 GiB fit
+    def fake_measure(flags, micro_batch, micro_batches, pipeline, data_parallel):  # the model exact, 24 GiB fit
         from forge_megatron.megatron.args import add_forge_args
         from forge_megatron.tools import memory
 
-        args = memory.parse_megatron_args(bench._batch(flags, micro_batch, micro_batches),
-                                          extra_args_provider=add_forge_args)
+        args = memory.parse_megatron_args(bench._batch(flags, micro_batch, micro_batches, data_parallel),
+                                          extra_args_provider=add_forge_args, data_parallel_size=data_parallel)
         peaks = [memory.rank_memory(args, micro_batch, reserve_gib=0, stage=s).total for s in range(pipeline)]
         return peaks if max(peaks) <= budget else None
 
-    regimes = bench.compare(bench.emulated_rank(2, 1024), fake_measure, gib=24, max_micro_batch=64)
+    regimes = bench.compare(bench.emulated_rank(2, 1024), fake_measure, gib=24, max_micro_batch=64,
+                            data_parallel=data_parallel)
     assert set(regimes) == set(bench.REGIMES)
     for entry in regimes.values():
         assert entry["relative_error_mb1"] == pytest.approx(0.0) and entry["relative_error_mb2"] == pytest.approx(0.0)
@@ -33,17 +35,35 @@ def test_bench_memory_compares_measurements_with_the_model():
 
 def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
     """The CPU measurement end to end (a tiny model; three of the four regimes, to keep CI short):
-    FORGE holds less than the standard run, 8-bit states less than fp32 ones, and the model is within 25 % of the measurement (the tiny model's fixed costs, the
-    CPU twin's block buffers and the launcher's own tensors weigh more here than on the 8B rank)."""
+    FORGE holds less than the standard run, 8-bit states less than fp32 ones, and the model is
+    within 25 % of the measurement (the tiny model's fixed costs, the CPU twin's block buffers and
+    the launcher's own tensors weigh more here than on the 8B rank).
+
+    Data parallelism, measured against that run (FORGE bf16 + fp32 master and states, the same
+    micro-batch per rank at DP = 2): the rank's peak falls by at most the master and states its
+    owner block sheds (1/2 of 12 bytes per covered parameter) and grows back by at most the model's
+    gradient window (the largest covered weight's fp32 gradient plus the block reduce-scattered to
+    it): the states are halved, and no gradient beyond the window is held."""
+    from forge_megatron.megatron.args import add_forge_args
+    from forge_megatron.tools import memory
+
+    bench = load("bench_memory")
     out = tmp_path / "memory.json"
-    regimes = load("bench_memory").main(["--smoke", "--iters", "2", "--regimes", "standard", "forge-master",
-                                         "forge-sr-int8", "--out", str(out)])["regimes"]
+    regimes = bench.main(["--smoke", "--iters", "2", "--regimes", "standard", "forge-master",
+                          "forge-sr-int8", "--out", str(out)])["regimes"]
     assert json.loads(out.read_text())["regimes"] == json.loads(json.dumps(regimes))
     assert set(regimes) == {"standard", "forge-master", "forge-sr-int8"}
     for b in (1, 2):
         peaks = {name: entry[f"measured_peak_bytes_mb{b}"] for name, entry in regimes.items()}
         assert peaks["forge-sr-int8"] < peaks["forge-master"] < peaks["standard"], peaks
         assert all(abs(entry[f"relative_error_mb{b}"]) <= 0.25 for entry in regimes.values()), regimes
+    argv = [*bench.SMOKE, *bench.REGIMES["forge-master"], "--forge-core-attention", "sdpa", "--train-iters", "2"]
+    dp2 = bench.measure(argv, 1, 1, data_parallel=2)[0]
+    args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=2)
+    shed = (4 + 8) / 2 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    window = memory.forge_window_bytes(args, 1)
+    assert window > 0
+    assert -shed <= dp2 - regimes["forge-master"]["measured_peak_bytes_mb1"] <= window - shed, (dp2, shed, window)
 
 
 def test_accumulation_allocates_only_its_buffer_on_cpu():
