@@ -13,9 +13,10 @@ from forge_megatron.megatron.errors import ConfigurationError
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def config_args(script: str, array: str) -> list[str]:
+def config_args(script: str, array: str, **env: str) -> list[str]:
+    """The config's flags as a launcher expands them, with `env` set (e.g. TP=1)."""
     out = subprocess.run(["bash", "-c", f'source "{script}"; printf "%s\\n" "${{{array}[@]}}"'], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return out.stdout.split()
 
 
@@ -70,9 +71,7 @@ def test_accumulating_llama3_configs(script, array, world, shape, accumulation, 
 def test_llama3_8b_data_parallel_config(tp, monkeypatch):
     """One node of 8 ranks: TP x DP = 8, Megatron's distributed optimizer for the uncovered
     parameters, FORGE's owners for the covered ones, 64 / (8 / TP) micro-batches per rank."""
-    argv = subprocess.run(["bash", "-c", 'source configs/llama3_8b_dp.sh; printf "%s\\n" "${LLAMA3_8B_DP_ARGS[@]}"'],
-                          cwd=ROOT, env={**os.environ, "TP": str(tp)}, capture_output=True, text=True,
-                          check=True).stdout.split()
+    argv = config_args("configs/llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", TP=str(tp))
     args = parse([*argv, "--mock-data", "--use-forge"], 8, monkeypatch)
     assert (args.tensor_model_parallel_size, args.data_parallel_size) == (tp, 8 // tp)
     assert args.use_distributed_optimizer and (args.micro_batch_size, args.global_batch_size) == (1, 64)

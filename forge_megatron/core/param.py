@@ -94,13 +94,16 @@ class ForgeParam:
         """The rows of `weight` this rank updates (all of them without data parallelism)."""
         return weight if self.owner is None else weight[self.owner.start:self.owner.stop]
 
-    def shard_tensors(self) -> dict[str, torch.Tensor]:
+    def shard_tensors(self, gather: bool = True) -> dict[str, torch.Tensor]:
         """The state tensors of the whole (tensor-parallel) shard, by checkpoint name: this rank's,
         or with data parallelism every owner's rows gathered (so that a checkpoint loads at any
-        data-parallel size)."""
+        data-parallel size); with gather=False, uninitialized tensors of those shapes for a load
+        to fill (`own` then takes this rank's rows)."""
         tensors = self.state.named_tensors()
         if self.owner is None:
             return tensors
+        if not gather:
+            return {name: t.new_empty((self.owner.size * t.shape[0], *t.shape[1:])) for name, t in tensors.items()}
         return {name: self.owner.gather(t) for name, t in tensors.items()}
 
     def own(self, tensor: torch.Tensor) -> torch.Tensor:

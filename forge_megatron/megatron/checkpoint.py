@@ -25,8 +25,9 @@ CHECKPOINT_PREFIX = "optimizer.forge"  # the sharded keys of FORGE's state tenso
 SCALARS = "__controller__"  # the entry holding ForgeController.scalars()
 
 
-def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: dict) -> dict:
-    """FORGE state for torch_dist: each tensor sharded like its weight."""
+def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+    """FORGE state for torch_dist: each tensor sharded like its weight (when loading, the tensors
+    the load fills: with data parallelism the owners' rows are not gathered for it)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
@@ -43,7 +44,7 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
         if sharded_weight is None:
             raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
         entry = {state_name: _sharded_like(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}", name)
-                 for state_name, tensor in param.shard_tensors().items()}
+                 for state_name, tensor in param.shard_tensors(gather=not is_loading).items()}
         step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
         entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
                                                         replica_id=replica)

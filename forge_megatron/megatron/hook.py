@@ -135,7 +135,7 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
     def sharded_state_dict_with_forge(model_sharded_state_dict, is_loading: bool = False, **kw):
         state = sharded_state_dict(model_sharded_state_dict, is_loading, **kw)
         if not is_loading or checkpoint.checkpoint_has_forge_state(args):
-            state["forge"] = checkpoint.sharded_state_dict(controller, model_sharded_state_dict)
+            state["forge"] = checkpoint.sharded_state_dict(controller, model_sharded_state_dict, is_loading)
         else:
             logger.warning("FORGE: the checkpoint holds no FORGE state; FORGE state starts fresh")
         return state
