@@ -7,7 +7,9 @@
 # last value): TP, a global batch of GBS sequences (GBS / (MBS x DP) micro-batches per rank and
 # step) summed in the owners' rows (--forge-dp-accumulation owner: 4 / DP bytes per covered
 # parameter instead of a whole local buffer, one reduce-scatter per micro-batch instead of one per
-# step), SR weights, int8 states, stale clipping (two-pass is refused at DP > 1).
+# step), SR weights, int8 states, and exact (two-pass) clipping, which costs nothing here: the
+# step's gradient is in the owners' rows until Megatron's optimizer step computes the global norm,
+# and FORGE then updates from it with Megatron's clip coefficient (no second pass, no more memory).
 TP=${TP:-2}
 MBS=${MBS:-1}
 GBS=${GBS:-64}
@@ -15,5 +17,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/llama3_8b_tp8.sh"
 LLAMA3_8B_DP_ARGS=(
     "${LLAMA3_8B_TP8_ARGS[@]}"
     --tensor-model-parallel-size "$TP" --global-batch-size "$GBS" --use-distributed-optimizer
-    --forge-weight-store sr --forge-state-dtype int8 --forge-clip-grad-mode stale --forge-dp-accumulation owner
+    --forge-weight-store sr --forge-state-dtype int8 --forge-clip-grad-mode two-pass --forge-dp-accumulation owner
 )

@@ -9,7 +9,9 @@ evaluated on the same emulated configuration, so measurement and model compare l
 For standard Megatron and each FORGE regime: the peak of torch.cuda.max_memory_allocated over a few
 steps of forge-pretrain-gpt (Megatron's loop and optimizer, mock data; Megatron's own memory report,
 each rank's) at micro-batch 1 and 2, its model value (reserve 0: the CUDA context is not in
-max_memory_allocated) and the relative error; then the largest micro-batch that runs, found by
+max_memory_allocated) and the relative error, and the same for what a rank holds between steps
+(Megatron's "allocated" after the last step against the model's weights, gradient buffers, master
+and states: no activations, no data-parallel window); then the largest micro-batch that runs, found by
 doubling, against the model's answer for the GPU's memory. `--micro-batches K` runs K micro-batches
 per step (FORGE's accumulation buffer); `--pipeline P` runs P pipeline stages (P ranks), each
 stage's peak against the model's for that stage (1F1B: stage s holds min(K, P - s) micro-batches);
@@ -33,7 +35,7 @@ import torch
 
 from forge_megatron.megatron.args import add_forge_args
 from forge_megatron.tools import memory
-from forge_megatron.tools.benchmarking import device_name, pretrain_peaks, write_report
+from forge_megatron.tools.benchmarking import RankMemory, device_name, pretrain_memory, write_report
 
 REGIMES = {
     "standard": [],
@@ -70,12 +72,12 @@ def _batch(argv: list[str], micro_batch: int, micro_batches: int, data_parallel:
 
 
 def measure(argv: list[str], micro_batch: int, micro_batches: int = 1, pipeline: int = 1,
-            data_parallel: int = 1) -> list[int] | None:
-    """Each rank's (pipeline stage's) peak allocated bytes from Megatron's memory report
-    (max_memory_allocated on a GPU, live tensor bytes under LiveTensorMemory on CPU), or None if
-    the run did not fit."""
-    return pretrain_peaks(_batch(argv, micro_batch, micro_batches, data_parallel), nproc=pipeline * data_parallel,
-                          measure_cpu_memory=not torch.cuda.is_available())
+            data_parallel: int = 1) -> list[RankMemory] | None:
+    """Each rank's (pipeline stage's) peak and between-steps allocated bytes from Megatron's
+    memory report (on a GPU torch.cuda's counters, live tensor bytes under LiveTensorMemory on
+    CPU), or None if the run did not fit."""
+    return pretrain_memory(_batch(argv, micro_batch, micro_batches, data_parallel), nproc=pipeline * data_parallel,
+                           measure_cpu_memory=not torch.cuda.is_available())
 
 
 def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int, micro_batches: int = 1,
@@ -97,15 +99,22 @@ def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int
 
         entry = {}
         for b in micro_batch_sizes:
-            measured = measure_fn(argv, b, micro_batches, pipeline, data_parallel)
-            entry[f"measured_peak_bytes_mb{b}"] = None if measured is None else max(measured)
-            entry[f"model_peak_bytes_mb{b}"] = model(b).total
-            entry[f"relative_error_mb{b}"] = None if measured is None else model(b).total / max(measured) - 1
+            ranks = measure_fn(argv, b, micro_batches, pipeline, data_parallel)
+            peaks = None if ranks is None else [r.peak for r in ranks]
+            predicted = model(b)
+            entry[f"measured_peak_bytes_mb{b}"] = None if ranks is None else max(peaks)
+            entry[f"model_peak_bytes_mb{b}"] = predicted.total
+            entry[f"relative_error_mb{b}"] = None if ranks is None else predicted.total / max(peaks) - 1
+            # Between steps (no activations, no window): the weights, gradient buffers, master and states.
+            entry[f"measured_held_bytes_mb{b}"] = None if ranks is None else max(r.held for r in ranks)
+            entry[f"model_held_bytes_mb{b}"] = predicted.held
+            entry[f"held_relative_error_mb{b}"] = None if ranks is None else predicted.held / max(
+                r.held for r in ranks) - 1
             if pipeline > 1:
                 stages = [model(b, stage).total for stage in range(pipeline)]
-                entry[f"stage_measured_peak_bytes_mb{b}"], entry[f"stage_model_peak_bytes_mb{b}"] = measured, stages
-                entry[f"stage_relative_error_mb{b}"] = None if measured is None else [
-                    m / peak - 1 for m, peak in zip(stages, measured)]
+                entry[f"stage_measured_peak_bytes_mb{b}"], entry[f"stage_model_peak_bytes_mb{b}"] = peaks, stages
+                entry[f"stage_relative_error_mb{b}"] = None if ranks is None else [
+                    m / peak - 1 for m, peak in zip(stages, peaks)]
         largest, b = 0, 1
         while b <= max_micro_batch and measure_fn(argv, b, micro_batches, pipeline, data_parallel) is not None:
             largest, b = b, 2 * b
@@ -158,7 +167,8 @@ def main(argv=None):
                                                                           entry[f"stage_measured_peak_bytes_mb{b}"]))
             line += (f"  mbs {b}: measured {measured / 2**20 if measured else float('nan'):.1f} MiB, model "
                      f"{entry[f'model_peak_bytes_mb{b}'] / 2**20:.1f} MiB "
-                     f"({100 * entry[f'relative_error_mb{b}'] if measured else float('nan'):+.1f}%)")
+                     f"({100 * entry[f'relative_error_mb{b}'] if measured else float('nan'):+.1f}%; between steps "
+                     f"{100 * entry[f'held_relative_error_mb{b}'] if measured else float('nan'):+.2f}%)")
         print(f"{line}  largest mbs (2^k) {entry['largest_power_of_two_micro_batch']}  model max mbs "
               f"{entry['model_max_micro_batch']}", flush=True)
     write_report(args.out, report)

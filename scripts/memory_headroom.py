@@ -46,7 +46,7 @@ RUNS = {
 }
 BASELINE = "standard"
 FORGE_RUNS = [key for key, (_, changes) in RUNS.items() if changes["use_forge"]]
-BREAKDOWN = ("weights", "grads", "master", "states", "activations", "logits", "attention_workspace")
+BREAKDOWN = ("weights", "grads", "master", "states", "window", "activations", "logits", "attention_workspace")
 
 
 def config_argv(path: str, array: str) -> list[str]:

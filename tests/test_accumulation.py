@@ -89,9 +89,30 @@ def test_the_two_pass_route_gives_the_same_bits(backend, gen, device):
             apply_accumulated(weight, state, buffer, grad_scale=0.25, backend=backend)
         results.append((weight, state))
     (w_a, s_a), (w_b, s_b) = results
-    assert_bits_equal(w_b, w_a, "weight") and s_a.step == s_b.step == 1
+    assert_bits_equal(w_b, w_a, "weight")
+    assert s_a.step == s_b.step == 1
     for name in s_a.tensors:
         assert_bits_equal(s_b.tensors[name], s_a.tensors[name], name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_held_gradients_by_products_come_before_its_update(backend, gen, device):
+    """apply_accumulated(apply=False) (a held gradient's norm, before the coefficient is known)
+    writes the by-products the update writes (a non-finite value included) and nothing else."""
+    weight = randn(gen, 130, 70, device=device)
+    buffer = randn(gen, 130, 70, device=device)
+    buffer[7, 3] = float("inf")
+    state = ForgeState(weight, "adamw", lr=1e-2, weight_decay=0.1)
+    w0, s0 = snapshot(weight, state)
+    held = apply_accumulated(weight, state, buffer, apply=False, backend=backend).stats.clone()
+    assert_bits_equal(weight, w0, "weight")
+    assert state.step == 0
+    for name, tensor in state.tensors.items():
+        assert_bits_equal(tensor, s0[name], name)
+    applied = apply_accumulated(weight, state, buffer, backend=backend)
+    assert_bits_equal(held, applied.stats, "by-products")
+    assert state.step == 1
+    assert int(applied.nonfinite) == 1 and not torch.equal(weight, w0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

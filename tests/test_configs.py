@@ -76,7 +76,8 @@ def test_llama3_8b_data_parallel_config(tp, monkeypatch):
     assert (args.tensor_model_parallel_size, args.data_parallel_size) == (tp, 8 // tp)
     assert args.use_distributed_optimizer and (args.micro_batch_size, args.global_batch_size) == (1, 64)
     forge = validate_forge_args(args)
-    assert (args.forge_clip_grad_mode, forge.weight_store, forge.state_dtype) == ("stale", "sr", "int8")
+    assert (args.forge_clip_grad_mode, forge.weight_store, forge.state_dtype) == ("two-pass", "sr", "int8")
+    assert args.forge_dp_accumulation == "owner" and args.clip_grad > 0
 
 
 def test_tiny_cpu_config(monkeypatch):
@@ -86,9 +87,9 @@ def test_tiny_cpu_config(monkeypatch):
 
 
 REFUSALS = [
-    (["--global-batch-size", "16", "--clip-grad", "1", "--forge-clip-grad-mode", "two-pass"], 2,
-     "two-pass at data-parallel size 2.*use --forge-clip-grad-mode stale"),
     (["--global-batch-size", "16", "--data-parallel-random-init"], 2, "drop the flag"),
+    (["--global-batch-size", "32", "--forge-dp-grad-dtype", "bf16"], 2,
+     "dp-grad-dtype bf16 with several micro-batches summed locally.*add --forge-dp-accumulation owner"),
     (["--fp16"], 1, "--fp16 needs a loss scaler.*use --bf16"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 1"),
     (["--transformer-impl", "transformer_engine"], 1, "add --transformer-impl local"),
@@ -110,9 +111,13 @@ def test_each_refusal_names_the_flag(flags, world_size, message, monkeypatch):
 
 def test_refusals_on_flags_megatron_sets_together(monkeypatch):
     """Flags whose Megatron validation needs company: experts, tied output covered, gradient
-    accumulation fusion, --rerun-mode disabled lifting the spiky-loss refusal; accumulation and
-    pipeline parallelism are accepted."""
-    for flags, world in ((("--global-batch-size", "32"), 1), (("--pipeline-model-parallel-size", "2"), 2)):
+    accumulation fusion, --rerun-mode disabled lifting the spiky-loss refusal; accumulation,
+    pipeline parallelism and a bf16 data-parallel gradient (one micro-batch, or summed in the
+    owners' rows) are accepted."""
+    for flags, world in ((("--global-batch-size", "32"), 1), (("--pipeline-model-parallel-size", "2"), 2),
+                         (("--global-batch-size", "16", "--forge-dp-grad-dtype", "bf16"), 2),
+                         (("--global-batch-size", "32", "--forge-dp-grad-dtype", "bf16", "--forge-dp-accumulation",
+                           "owner"), 2)):
         assert validate_forge_args(parse(tiny(*flags), world, monkeypatch)).rule == "adamw"
     args = parse([a for a in tiny("--forge-cover-output-layer") if a != "--untie-embeddings-and-output-weights"], 1,
                  monkeypatch)

@@ -5,11 +5,12 @@ blocks all-gathered (core/owner.py).
 Core, on 2 gloo ranks: the owner's update is the unfused rule applied to the reduce-scattered
 gradient (each rank's kernel gradient scaled by 1/2, then summed, as Megatron's data-parallel
 reduction takes it) bit for bit, with one and two micro-batches summed locally or in the owner's
-rows, and both ranks end with the same weight. In Megatron's loop (forge-pretrain-gpt on CPU,
-fp32, 20 steps): DP = 2, and DP = 2 x TP = 2 with two micro-batches summed in the owners' rows,
-against standard Megatron with --use-distributed-optimizer and the same layout within 1e-5 in loss,
-grad norm and weights; stale clipping with two micro-batches summed locally under Megatron's
-non-distributed optimizer; a checkpoint saved at DP = 2 resumed at DP = 1 and one saved at DP = 1
+rows, and held (two-pass clipping) until the coefficient is known, and both ranks end with the
+same weight. In Megatron's loop (forge-pretrain-gpt on CPU, fp32, 20 steps), against standard
+Megatron with --use-distributed-optimizer and the same layout within 1e-5 in loss, grad norm and
+weights: DP = 2 without clipping; two-pass clipping, active at every step, at DP = 2 and at
+DP = 2 x TP = 2 with two micro-batches summed in the owners' rows; stale clipping with two
+micro-batches summed locally under Megatron's non-distributed optimizer; a checkpoint saved at DP = 2 resumed at DP = 1 and one saved at DP = 1
 resumed at DP = 2, against the uninterrupted run."""
 
 import pytest
@@ -25,6 +26,8 @@ DP2_K2 = ["--micro-batch-size", "1", "--global-batch-size", "4"]  # two
 DP1_K2 = DP2  # the same 4 samples per step on one rank: two micro-batches of 2
 DISTRIBUTED = ["--use-distributed-optimizer"]
 STALE = ["--use-forge", "--clip-grad", "0.05"]  # stale clipping (the default mode), active
+CLIP = ["--clip-grad", "0.05"]  # active at every step
+TWO_PASS = ["--use-forge", "--forge-clip-grad-mode", "two-pass"]
 
 
 def test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard():
@@ -39,12 +42,14 @@ def test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard():
 
 
 def scenario_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
-    for owner_sums in (False, True):
-        _owner_update_case(owner_sums)
+    for owner_sums, grad_dtype in ((False, "fp32"), (True, "fp32"), (True, "bf16"), (False, "bf16")):
+        _owner_update_case(owner_sums, grad_dtype)
     return True
 
 
-def _owner_update_case(owner_sums: bool):
+def _owner_update_case(owner_sums: bool, grad_dtype: str):
+    """`grad_dtype` bf16: each local gradient (or local sum) is rounded stochastically to bf16
+    (numerics.py's rounding, keyed by the step and micro-batch) and reduce-scattered in bf16."""
     import torch.distributed as dist
 
     from forge_megatron import ForgeConfig, ForgeParam, fused_update
@@ -55,35 +60,53 @@ def _owner_update_case(owner_sums: bool):
     rank = dist.get_rank()
     for rule, hp in (("adamw", dict(lr=1e-2, weight_decay=0.1)), ("sgd", dict(lr=0.1, momentum=0.9))):
         weight = randn(torch.Generator().manual_seed(1), 38, 70)  # the same on both ranks
-        param = ForgeParam(weight, ForgeConfig(rule=rule, hyperparameters=hp, backend="torch"))
-        param.own_rows(weight, dist.group.WORLD, owner_sums=owner_sums)
+        param = ForgeParam(weight, ForgeConfig(rule=rule, hyperparameters=hp, backend="torch",
+                                               accumulation_dtype="fp32" if owner_sums else grad_dtype))
+        shard = param.state.placement  # the whole shard's, which keys the gradient's rounding
+        param.own_rows(weight, dist.group.WORLD, owner_sums=owner_sums, grad_dtype=grad_dtype)
         assert param.state.shape == (19, 70) and all(t.shape[0] == 19 for t in param.state.tensors.values())
         table = StepTable([param.state], [step_tiles(param.rows(weight), param.state)], weight.device)
         param.bind(table.slots[0])
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-        for step, k in ((1, 1), (2, 2)):
+        # Steps 3 and 4: two-pass clipping, the owner's rows held until the coefficient is known.
+        for step, k, coefficient in ((1, 1, None), (2, 2, None), (3, 1, 0.5), (4, 2, 0.25)):
             batches = [(randn(gen, 13, 70), randn(gen, 13, 38)) for _ in range(k)]
             grads = []  # the kernel's fp32 GEMM of each micro-batch
             for x, dy in batches:
                 copy = weight.clone()
                 grads.append(fused_update(x, dy, copy, ForgeState(copy, "sgd"), materialize=True,
                                           backend="torch").grad)
-            if owner_sums:  # each micro-batch reduce-scattered, the owner's rows summed in micro-batch order
-                expected_grad = _reduce_scatter(grads[0], param.owner)
-                for g in grads[1:]:
-                    expected_grad = expected_grad + _reduce_scatter(g, param.owner)
+
+            def stored(g, micro, step=step, state=param.state, shard=shard):  # as it is reduce-scattered
+                return g if grad_dtype == "fp32" else _rounded_to_bf16(g, shard, state, step, micro)
+
+            if owner_sums:  # each micro-batch reduce-scattered, the owner's rows summed in fp32 in micro-batch order
+                blocks = [_reduce_scatter(stored(g, j), param.owner) for j, g in enumerate(grads)]
+                expected_grad = blocks[0] if k == 1 else blocks[0].float()
+                for block in blocks[1:]:
+                    expected_grad = expected_grad + block.float()
             else:  # summed locally in micro-batch order (Megatron's main_grad), reduce-scattered once
-                local = grads[0]
-                for g in grads[1:]:
-                    local = local + g
+                local = stored(grads[0], 0)
+                for j, g in enumerate(grads[1:], 1):
+                    local = stored(local.float() + g, j)
                 expected_grad = _reduce_scatter(local, param.owner)
+            expected_grad = expected_grad.float()
             w0, s0 = snapshot(param.rows(weight).clone(), param.state)
             table.write(1.0)  # this step's coefficients, as the controller writes them
             param.begin_iteration(k)
+            param.apply = coefficient is None
             for x, dy in batches:
                 param.step(x, dy, weight)
+            what = f"{rule}, owner_sums={owner_sums}, {grad_dtype}, step {step}"
+            if coefficient is not None:  # held: the by-products of the reduced rows, nothing written
+                assert_bits_equal(param.rows(weight), w0, f"held rows, {what}")
+                assert param.state.step == step - 1
+                assert float(table.totals()[0]) == pytest.approx(float(expected_grad.double().square().sum()),
+                                                                 rel=1e-6)
+                table.set_scale(coefficient)
+                param.apply_accumulated(weight)
+                expected_grad = expected_grad * coefficient
             expected_w, expected_s = reference_step(w0, s0, param.state, expected_grad, step)
-            what = f"{rule}, owner_sums={owner_sums}, step {step}"
             assert_bits_equal(param.rows(weight), expected_w, f"rows, {what}")
             for name, tensor in param.state.tensors.items():
                 assert_bits_equal(tensor, expected_s[name], f"{name}, {what}")
@@ -91,6 +114,15 @@ def _owner_update_case(owner_sums: bool):
             dist.all_gather(gathered, weight)
             assert torch.equal(gathered[0], gathered[1])  # every rank holds every owner's update
             assert param.buffer is None  # the gradient lives from the first backward to the update
+
+
+def _rounded_to_bf16(g, placement, state, step, micro):
+    """numerics.py's stochastic rounding of a whole-shard gradient, keyed as a bf16 buffer's is."""
+    from forge_megatron.core import numerics
+
+    index = numerics.global_index_torch(torch.arange(g.shape[0]), torch.arange(g.shape[1]), placement)
+    keys = numerics.stream_keys_int(state.seed, state.weight_id, step, numerics.ACCUMULATION_STREAM, micro)
+    return numerics.stochastic_round_to_bf16_torch(g, numerics.random_bits_torch(index, *keys))
 
 
 def _reduce_scatter(local, owner):
@@ -115,10 +147,11 @@ def runs(tmp_path_factory, data):
         "standard-dp2": Run(work, "standard-dp2", *DP2, *DISTRIBUTED, "--clip-grad", "0", dp=2),
         "forge-dp2": Run(work, "forge-dp2", *DP2, *DISTRIBUTED, "--use-forge", "--clip-grad", "0", dp=2),
         "forge-stale-dp2": Run(work, "forge-stale-dp2", *DP2_K2, *STALE, "--save-interval", "10", dp=2),
-        "standard-dp2-tp2-k2": Run(work, "standard-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, "--clip-grad", "0",
-                                   tp=2, dp=2),
-        "forge-dp2-tp2-k2": Run(work, "forge-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, "--use-forge", "--clip-grad",
-                                "1e9", "--forge-dp-accumulation", "owner", tp=2, dp=2),
+        "standard-clip-dp2": Run(work, "standard-clip-dp2", *DP2, *DISTRIBUTED, *CLIP, dp=2),
+        "forge-two-pass-dp2": Run(work, "forge-two-pass-dp2", *DP2, *DISTRIBUTED, *CLIP, *TWO_PASS, dp=2),
+        "standard-clip-dp2-tp2-k2": Run(work, "standard-clip-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, *CLIP, tp=2, dp=2),
+        "forge-two-pass-dp2-tp2-k2": Run(work, "forge-two-pass-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, *CLIP, *TWO_PASS,
+                                         "--forge-dp-accumulation", "owner", tp=2, dp=2),
     })
     # Resumes under Megatron's plain optimizer: its distributed optimizer cannot load without
     # Apex or Transformer Engine (DistributedOptimizer.state_dict asserts one step count).
@@ -137,12 +170,17 @@ def test_data_parallel_matches_megatrons_distributed_optimizer(runs):
     assert all(abs(norms[i] - reference[i]) <= TOL * reference[i] for i in reference) and len(norms) == 20
 
 
-def test_data_and_tensor_parallel_with_accumulation_in_the_owners_rows_match_megatron(runs):
-    forge, standard = runs["forge-dp2-tp2-k2"], runs["standard-dp2-tp2-k2"]
-    assert set(forge.record("forge/grad-scale").values()) == {1.0}  # stale clipping that never triggers
+@pytest.mark.parametrize("layout", ["dp2", "dp2-tp2-k2"])
+def test_two_pass_clipping_matches_megatrons_clipped_distributed_optimizer(runs, layout):
+    """The owners' rows held until Megatron's optimizer step: every step clipped with its own
+    global norm, as Megatron clips its parameters (DP = 2; DP = 2 x TP = 2 with two micro-batches
+    summed in the owners' rows)."""
+    forge, standard = runs[f"forge-two-pass-{layout}"], runs[f"standard-clip-{layout}"]
     assert_same_training(forge, standard)
-    norms, reference = forge.record("grad-norm"), standard.record("grad-norm")
-    assert all(abs(norms[i] - reference[i]) <= TOL * reference[i] for i in reference)
+    norms, reference, scale = forge.record("grad-norm"), standard.record("grad-norm"), forge.record("forge/grad-scale")
+    assert all(abs(norms[i] - reference[i]) <= TOL * reference[i] for i in reference) and len(norms) == 20
+    for i in range(1, 21):
+        assert scale[i] == pytest.approx(min(1.0, 0.05 / (norms[i] + 1e-6)), rel=1e-6) and scale[i] < 1.0, i
 
 
 def test_stale_clipping_under_megatrons_non_distributed_optimizer(runs):

@@ -114,7 +114,8 @@ def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
 def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_window(llama, micro_batches):
     """At D = 4 each rank holds 1/4 of FORGE's master and states; its gradient is one weight's
     local gradient at a time plus the block reduce-scattered to it (at k = 1), or the per-weight
-    accumulation buffers plus that block (k > 1); the uncovered parameters keep Megatron's bytes."""
+    accumulation buffers plus that block (k > 1), a window that counts at the step's peak and not
+    between steps; the uncovered parameters keep Megatron's bytes."""
     args = forge(llama)  # bf16 + fp32 master + fp32 states
     dp4 = memory.replace_args(args, data_parallel_size=4, world_size=4 * args.world_size)
     batch = {"global_batch_size": micro_batches, "micro_batch_size": 1}
@@ -129,12 +130,19 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     # the output layer's shard if covered, else linear_fc1's (SwiGLU), at TP = 8
     assert largest == max(2 * 4096 * 14336, args.padded_vocab_size * 4096 * args.forge_cover_output_layer) // 8
     window = 4 * (largest if micro_batches == 1 else 0) + 4 * largest / 4
-    assert four.grads == one.grads + round(window)
+    assert (four.grads, four.window, one.window) == (one.grads, round(window), 0)
+    assert four.total - four.held == one.total - one.held + four.window  # the window counts at the peak only
     # --forge-dp-accumulation owner: the step's gradient summed in the owner's rows (fp32, 1/4 of
-    # the buffer), each micro-batch's local gradient through an fp32 window
-    owner = memory.rank_memory(memory.replace_args(four_steps, forge_dp_accumulation="owner"), 1)
+    # the buffer), each micro-batch's local gradient through an fp32 window (bf16: half of it)
+    owner_args = memory.replace_args(four_steps, forge_dp_accumulation="owner")
+    owner = memory.rank_memory(owner_args, 1)
     buffers = 4 * covered if micro_batches > 1 else 0
-    assert owner.grads == one.grads - buffers + round(buffers / 4 + 4 * largest + 4 * largest / 4)
+    assert (owner.grads, owner.window) == (one.grads - buffers + round(buffers / 4), round(4 * largest + 4 * largest / 4))
+    bf16 = memory.rank_memory(memory.replace_args(owner_args, forge_dp_grad_dtype="bf16"), 1)
+    assert (bf16.grads, bf16.window) == (owner.grads, round(2 * largest + 2 * largest / 4))
+    # two-pass clipping at one micro-batch: every weight's reduce-scattered rows held until the step
+    two_pass = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="two-pass", clip_grad=1.0), 1)
+    assert two_pass.window == round(window + (4 * covered / 4 if micro_batches == 1 else 0))
 
 
 @pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])

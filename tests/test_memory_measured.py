@@ -18,32 +18,37 @@ def test_bench_memory_compares_measurements_with_the_model(data_parallel):
     def fake_measure(flags, micro_batch, micro_batches, pipeline, data_parallel):  # the model exact, 24 GiB fit
         from forge_megatron.megatron.args import add_forge_args
         from forge_megatron.tools import memory
+        from forge_megatron.tools.benchmarking import RankMemory
 
         args = memory.parse_megatron_args(bench._batch(flags, micro_batch, micro_batches, data_parallel),
                                           extra_args_provider=add_forge_args, data_parallel_size=data_parallel)
-        peaks = [memory.rank_memory(args, micro_batch, reserve_gib=0, stage=s).total for s in range(pipeline)]
-        return peaks if max(peaks) <= budget else None
+        stages = [memory.rank_memory(args, micro_batch, reserve_gib=0, stage=s) for s in range(pipeline)]
+        ranks = [RankMemory(stage.total, stage.held) for stage in stages]
+        return ranks if max(r.peak for r in ranks) <= budget else None
 
     regimes = bench.compare(bench.emulated_rank(2, 1024), fake_measure, gib=24, max_micro_batch=64,
                             data_parallel=data_parallel)
     assert set(regimes) == set(bench.REGIMES)
     for entry in regimes.values():
         assert entry["relative_error_mb1"] == pytest.approx(0.0) and entry["relative_error_mb2"] == pytest.approx(0.0)
+        assert entry["held_relative_error_mb1"] == pytest.approx(0.0)
         assert entry["largest_power_of_two_micro_batch"] >= 1
     assert regimes["forge-sr-int8"]["model_max_micro_batch"] >= regimes["standard"]["model_max_micro_batch"]
 
 
 def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
     """The CPU measurement end to end (a tiny model; three of the four regimes, to keep CI short):
-    FORGE holds less than the standard run, 8-bit states less than fp32 ones, and the model is
+    FORGE holds less than the standard run, 8-bit states less than fp32 ones; the model's peak is
     within 25 % of the measurement (the tiny model's fixed costs, the CPU twin's block buffers and
-    the launcher's own tensors weigh more here than on the 8B rank).
+    the launcher's own tensors weigh more here than on the 8B rank), and what a rank holds
+    between steps (weights, gradient buffers, master, states) within 1 %.
 
     Data parallelism, measured against that run (FORGE bf16 + fp32 master and states, the same
-    micro-batch per rank at DP = 2): the rank's peak falls by at most the master and states its
-    owner block sheds (1/2 of 12 bytes per covered parameter) and grows back by at most the model's
-    gradient window (the largest covered weight's fp32 gradient plus the block reduce-scattered to
-    it): the states are halved, and no gradient beyond the window is held."""
+    micro-batch per rank at DP = 2, the gradient reduce-scattered in bf16): between steps the
+    rank holds the master and states its owner block sheds (1/2 of 12 bytes per covered
+    parameter) less, as the model says within 1 %; its peak falls by at most that and grows back
+    by at most the model's gradient window (the largest covered weight's bf16 gradient plus the
+    block reduce-scattered to it): no gradient beyond the window is held."""
     from forge_megatron.megatron.args import add_forge_args
     from forge_megatron.tools import memory
 
@@ -57,13 +62,19 @@ def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
         peaks = {name: entry[f"measured_peak_bytes_mb{b}"] for name, entry in regimes.items()}
         assert peaks["forge-sr-int8"] < peaks["forge-master"] < peaks["standard"], peaks
         assert all(abs(entry[f"relative_error_mb{b}"]) <= 0.25 for entry in regimes.values()), regimes
-    argv = [*bench.SMOKE, *bench.REGIMES["forge-master"], "--forge-core-attention", "sdpa", "--train-iters", "2"]
+        assert all(abs(entry[f"held_relative_error_mb{b}"]) <= 0.01 for entry in regimes.values()), regimes
+    argv = [*bench.SMOKE, *bench.REGIMES["forge-master"], "--forge-core-attention", "sdpa", "--train-iters", "2",
+            "--forge-dp-grad-dtype", "bf16"]
     dp2 = bench.measure(argv, 1, 1, data_parallel=2)[0]
-    args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=2)
+    args = memory.parse_megatron_args(bench._batch(argv, 1, 1, 2), extra_args_provider=add_forge_args,
+                                      data_parallel_size=2)
+    model = memory.rank_memory(args, 1, reserve_gib=0)
+    assert abs(model.held / dp2.held - 1) <= 0.01, (model.held, dp2.held)
     shed = (4 + 8) / 2 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
-    window = memory.forge_window_bytes(args, 1)
-    assert window > 0
-    assert -shed <= dp2 - regimes["forge-master"]["measured_peak_bytes_mb1"] <= window - shed, (dp2, shed, window)
+    one = regimes["forge-master"]
+    assert abs((one["measured_held_bytes_mb1"] - dp2.held) / shed - 1) <= 0.01, (one["measured_held_bytes_mb1"], dp2)
+    assert model.window == memory.forge_window_bytes(args, 1) > 0
+    assert -shed <= dp2.peak - one["measured_peak_bytes_mb1"] <= model.window - shed, (dp2, shed, model.window)
 
 
 def test_accumulation_allocates_only_its_buffer_on_cpu():
@@ -78,9 +89,9 @@ def test_accumulation_allocates_only_its_buffer_on_cpu():
     argv = [*bench.SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-core-attention", "sdpa", "--train-iters", "2"]
     args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
     covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
-    one = bench.measure(argv, 1, 1)[0]
+    one = bench.measure(argv, 1, 1)[0].peak
     for accumulation, width in (("fp32", 4), ("bf16", 2)):
-        two = bench.measure([*argv, "--forge-accumulation-dtype", accumulation], 1, 2)[0]
+        two = bench.measure([*argv, "--forge-accumulation-dtype", accumulation], 1, 2)[0].peak
         assert two - one == pytest.approx(width * covered, rel=0.02), (accumulation, one, two, width * covered)
 
 
@@ -95,7 +106,7 @@ def test_pipeline_stages_hold_1f1b_micro_batches_and_the_accumulation_buffer_on_
     bench = load("bench_memory")
     argv = [*bench.PIPELINE_SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-core-attention", "sdpa",
             "--train-iters", "2", "--pipeline-model-parallel-size", "2"]
-    peaks = {k: bench.measure(argv, 1, k, pipeline=2) for k in (1, 2, 4)}
+    peaks = {k: [rank.peak for rank in bench.measure(argv, 1, k, pipeline=2)] for k in (1, 2, 4)}
     args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
     buffers = [4 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) for stage in (0, 1)]
     # Up to two [s, b, h] bf16 tensors: 1F1B's steady state receives the next micro-batch's input

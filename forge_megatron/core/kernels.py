@@ -160,11 +160,12 @@ def apply_buffer_kernel(
     STATE_SIGNED: tl.constexpr,
     STATE_FORMAT: tl.constexpr,
     NUM_COEFS: tl.constexpr,
-    MATERIALIZE: tl.constexpr,
+    MATERIALIZE: tl.constexpr, APPLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The update from a gradient already in memory (an accumulation buffer, fp32 or bf16): the
-    fused kernel's tile finish without its GEMM, the same by-products and the same epilogue."""
+    fused kernel's tile finish without its GEMM, the same by-products and the same epilogue
+    (without APPLY, the by-products only)."""
     pid_m, pid_n, num_n = _tile_coordinates(N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,7 +174,7 @@ def apply_buffer_kernel(
     _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
                  w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
                  ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
-                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, True, True,
+                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, True, APPLY,
                  BLOCK_M, BLOCK_N)
 
 
@@ -327,7 +328,7 @@ def apply_buffer(weight, plan: StepPlan, config: TileConfig) -> None:
     """Launch apply_buffer_kernel: the update from `plan.buffer`, one program per tile."""
     fused = _constexprs(plan, torch.float32, config)
     constexprs = {k: fused[k] for k in ("UPDATE", "WEIGHT_STORE", "STATE_STORED", "STATE_SIGNED", "STATE_FORMAT",
-                                        "NUM_COEFS", "MATERIALIZE", "BLOCK_M", "BLOCK_N", "GROUP_M")}
+                                        "NUM_COEFS", "MATERIALIZE", "APPLY", "BLOCK_M", "BLOCK_N", "GROUP_M")}
     apply_buffer_kernel[(num_tiles(weight.shape, config),)](
         plan.buffer, *_update_pointers(weight, plan), *weight.shape, *_placement_args(weight, plan), **constexprs,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)

@@ -73,14 +73,22 @@ class ForgeParam:
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
         self._gradient_state: ForgeState | None = None  # data-parallel: keys the gradient pass
         self.owner_sums = False  # data-parallel: micro-batches summed in the owner's rows (`own_rows`)
+        self.grad_dtype = config.accumulation_dtype  # data-parallel: the reduce-scattered gradient's (`own_rows`)
         weight._forge_param = self
 
-    def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False) -> None:
+    def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None) -> None:
         """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
         of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
         owners, who update them, and all-gathered back (core/owner.py). `owner_sums`: over several
-        micro-batches, reduce-scatter each one's gradient and sum the owner's rows (1/D of the
-        buffer, one reduce-scatter per micro-batch) instead of summing a whole local buffer."""
+        micro-batches, reduce-scatter each one's gradient and sum the owner's rows in fp32 (1/D of
+        the buffer, one reduce-scatter per micro-batch) instead of summing a whole local buffer.
+        `grad_dtype` (fp32 or bf16, stochastically rounded; by default the accumulation dtype):
+        the local gradient's, as it is reduce-scattered; a local sum over several micro-batches is
+        the accumulation buffer itself, which must then have that dtype."""
+        grad_dtype = grad_dtype or self.config.accumulation_dtype
+        if grad_dtype not in ACCUMULATION_DTYPES:
+            raise ValueError(f"unknown data-parallel gradient dtype {grad_dtype!r}; choose one of "
+                             f"{tuple(ACCUMULATION_DTYPES)}")
         owner = OwnerRows.of(weight.shape[0], group)
         # The gradient pass computes the whole shard's gradient without a rule: a state with no
         # tensors but the weight's ids and placement, which key the bf16 buffer's rounding.
@@ -88,7 +96,7 @@ class ForgeParam:
                                     weight_id=self.state.weight_id, momentum=0.0)
         gradient_state.placement = self.state.placement
         self.state, self.owner, self._gradient_state = self.state.rows(owner.start, owner.stop), owner, gradient_state
-        self.owner_sums = owner_sums
+        self.owner_sums, self.grad_dtype = owner_sums, grad_dtype
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The rows of `weight` this rank updates (all of them without data parallelism)."""
@@ -123,7 +131,14 @@ class ForgeParam:
         self.slots = slots
 
     def begin_iteration(self, micro_batches: int = 1) -> None:
+        if (self.owner is not None and not self.owner_sums and micro_batches > 1
+                and self.grad_dtype != self.config.accumulation_dtype):
+            raise ValueError(f"a data-parallel step summed in a local buffer reduce-scatters that buffer: the "
+                             f"accumulation dtype ({self.config.accumulation_dtype}) must be the data-parallel "
+                             f"gradient dtype ({self.grad_dtype}), or sum in the owner's rows")
         self.micro_batches, self.backwards, self.updates = micro_batches, 0, 0
+        if self.owner is not None:
+            self.buffer = None  # an owner's rows held for an update that was skipped
 
     def step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
         """This weight's part of one backward pass: accumulate, or the fused wgrad + optimizer step."""
@@ -151,14 +166,16 @@ class ForgeParam:
         """This micro-batch's gradient of the whole shard, from a gradient-only kernel pass, summed
         over the step's micro-batches either in a whole local buffer that is reduce-scattered after
         the last (`owner_sums` False) or, reduce-scattered at once, in the owner's rows (fp32); after
-        the last, the rule on this rank's rows and the all-gather. Nothing outlives the step."""
-        if self.slots is None or not self.apply:
+        the last, the rule on this rank's rows and the all-gather. With apply=False (two-pass
+        clipping) the owner's rows are held, their by-products written, until `apply_accumulated`.
+        Nothing else outlives the step."""
+        if self.slots is None:
             raise RuntimeError("FORGE: a data-parallel weight steps only within a training loop's iteration "
-                               "(bound to a StepTable), and only with its update applied")
+                               "(bound to a StepTable)")
         self._gradient_state.step = self.state.step  # the bf16 buffer's rounding is keyed by the step
-        if self.owner_sums:
-            window = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-            accumulate = Accumulation(window, 0, 1)
+        if self.owner_sums:  # one micro-batch's gradient at a time (its bf16 rounding keyed by its index)
+            window = torch.empty(weight.shape, dtype=ACCUMULATION_DTYPES[self.grad_dtype], device=weight.device)
+            accumulate = Accumulation(window, 0, 1, micro=self.backwards)
         else:
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         fused_update(x, dy, weight, self._gradient_state, apply=False, backend=self.config.backend,
@@ -167,33 +184,41 @@ class ForgeParam:
         last = self.backwards == self.micro_batches
         if self.owner_sums:
             block = self.owner.reduce_scatter(accumulate.buffer)
-            self.buffer = block if self.buffer is None else self.buffer.add_(block)
+            if self.buffer is None:
+                self.buffer = block if self.micro_batches == 1 else block.float()
+            else:
+                self.buffer.add_(block)
         elif last:
             self.buffer = self.owner.reduce_scatter(self.buffer)
-        if last:
-            block, self.buffer = self.buffer, None
-            self.result = apply_accumulated(self.rows(weight), self.state, block, materialize=self.materialize,
-                                            backend=self.config.backend, config=self.config.tile_config,
-                                            slots=self.slots)
-            self.grad = self.result.grad
-            self.owner.all_gather(weight)
-            self.updates += 1
+        del accumulate
+        if not last:
+            return
+        if self.apply:
+            return self.apply_accumulated(weight)
+        self.result = apply_accumulated(self.rows(weight), self.state, self.buffer, apply=False,
+                                        backend=self.config.backend, config=self.config.tile_config, slots=self.slots)
 
     def apply_accumulated(self, weight: torch.Tensor) -> None:
-        """The update from the gradient a norms-only pass left in the buffer (two-pass clipping
-        over several micro-batches)."""
+        """The update from the gradient held in the buffer: a norms-only pass's sum over several
+        micro-batches (two-pass clipping), or the owner's rows of the step's reduced gradient, which
+        are then freed and all-gathered."""
         if self.updates:
             raise RuntimeError("FORGE: this iteration's update was already applied")
         self.result = apply_accumulated(self.rows(weight), self.state, self.buffer, materialize=self.materialize,
                                         backend=self.config.backend, config=self.config.tile_config, slots=self.slots)
         self.grad = self.result.grad
         self.updates += 1
+        if self.owner is not None:
+            self.buffer = None
+            self.owner.all_gather(weight)
 
     def free_buffer(self) -> None:
         self.buffer = None
 
     def _buffer(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.buffer is None or self.buffer.shape != weight.shape or self.buffer.device != weight.device:
-            self.buffer = torch.empty(weight.shape, dtype=ACCUMULATION_DTYPES[self.config.accumulation_dtype],
-                                      device=weight.device)
+        """The local sum's buffer (the local gradient's, with data parallelism at one micro-batch)."""
+        dtype = ACCUMULATION_DTYPES[self.grad_dtype if self.owner is not None else self.config.accumulation_dtype]
+        if (self.buffer is None or self.buffer.shape != weight.shape or self.buffer.device != weight.device
+                or self.buffer.dtype != dtype):
+            self.buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device)
         return self.buffer

@@ -69,11 +69,13 @@ class Accumulation:
     ([out, in], fp32 or bf16, contiguous, on the weight's device) holds the sum of the earlier
     ones; `index` counts from 0. Micro-batches before the last add their gradient into the buffer
     and update nothing; the last adds it to the buffer's sum and runs the rule on the total (or,
-    with apply=False, stores the total for `apply_accumulated`)."""
+    with apply=False, stores the total for `apply_accumulated`). `micro` keys a bf16 buffer's
+    stochastic rounding when it is not `index` (a buffer that holds one micro-batch at a time)."""
 
     buffer: torch.Tensor
     index: int
     count: int
+    micro: int | None = None
 
     @property
     def last(self) -> bool:
@@ -143,7 +145,7 @@ def fused_update(
     plan = _plan(state, weight, which, slots, grad, apply)
     if accumulate is not None:
         last = accumulate.last
-        plan.buffer, plan.micro = accumulate.buffer, accumulate.index
+        plan.buffer, plan.micro = accumulate.buffer, accumulate.index if accumulate.micro is None else accumulate.micro
         plan.read_buffer, plan.write_buffer = accumulate.index > 0, not (last and apply)
         plan.stats_on, plan.apply = last, apply and last
     if which == "triton":
@@ -158,12 +160,17 @@ def fused_update(
 
 
 def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Tensor, *,
-                      grad_scale: float | torch.Tensor = 1.0, materialize: bool = False, backend: str | None = None,
-                      config: TileConfig | None = None, slots: StepSlots | None = None) -> UpdateResult:
+                      grad_scale: float | torch.Tensor = 1.0, materialize: bool = False, apply: bool = True,
+                      backend: str | None = None, config: TileConfig | None = None,
+                      slots: StepSlots | None = None) -> UpdateResult:
     """Apply `state`'s rule to `weight` with the gradient in `buffer` (fp32 or bf16, [out, in]):
     the fused kernel's tile finish (scale, by-products, non-finite skip, rule) without its GEMM.
     For a step whose gradient was accumulated with apply=False (two-pass clipping over several
-    micro-batches). Increments state.step; checks everything before writing anything."""
+    micro-batches), or reduce-scattered to a data-parallel owner. Increments state.step; checks
+    everything before writing anything. With apply=False only the by-products are written (a
+    held gradient's norm, before its update) and the step is not counted."""
+    if materialize and not apply:
+        raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
     x = torch.empty(0, weight.shape[1], dtype=torch.float32, device=weight.device)
     dy = torch.empty(0, weight.shape[0], dtype=torch.float32, device=weight.device)
     _check_inputs(x, dy, weight, state, grad_scale)
@@ -174,7 +181,7 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     step = state.step + 1
     slots = slots if slots is not None else _own_slots(state, grad_scale, step, n_tiles, weight.device)
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
-    plan = _plan(state, weight, which, slots, grad, True)
+    plan = _plan(state, weight, which, slots, grad, apply)
     plan.buffer = buffer
     if which == "triton":
         from forge_megatron.core import kernels
@@ -182,7 +189,8 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
         kernels.apply_buffer(weight, plan, config)
     else:
         tiled.apply_buffer(weight, plan, config)
-    state.step = step
+    if apply:
+        state.step = step
     return UpdateResult(stats=slots.stats, grad=grad)
 
 

@@ -53,10 +53,18 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "(Megatron's traffic; --forge-accumulation-dtype bytes per parameter); 'owner' "
                             "reduce-scatters every micro-batch's gradient and sums the owner's rows in fp32 "
                             "(4 / data-parallel-size bytes per parameter, a reduce-scatter per micro-batch).")
+    group.add_argument("--forge-dp-grad-dtype", default=None, choices=tuple(ACCUMULATION_DTYPES),
+                       help="With data parallelism: the dtype each covered weight's local gradient is written and "
+                            "reduce-scattered in (fp32, or bf16 rounded stochastically: half the traffic and "
+                            "window; Megatron's counterpart is --grad-reduce-in-bf16). Default: "
+                            "--forge-accumulation-dtype, which it must equal with --forge-dp-accumulation local "
+                            "and several micro-batches (the local sum is what is reduce-scattered).")
     group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
                        help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
-                            "norm (no extra cost), 'two-pass' runs a norms-only backward first (exact, ~2x "
-                            "forward+backward), 'off' does not clip them. The logged norm always covers both.")
+                            "norm (no extra cost), 'two-pass' clips with this step's exact norm (a norms-only backward first, "
+                            "~2x forward+backward; with several micro-batches or data parallelism the step's "
+                            "gradient is held instead, see docs/megatron.md), 'off' does not clip them. The "
+                            "logged norm always covers both.")
     group.add_argument("--forge-max-nonfinite-iterations", type=int, default=3,
                        help="Stop after this many consecutive iterations with non-finite gradients in covered "
                             "weights (each such iteration is skipped or partly skipped, see docs/megatron.md).")
@@ -115,9 +123,12 @@ def validate_forge_args(args) -> ForgeConfig:
 def _refusals(args):
     """Each refusal, or None; the first that applies is reported."""
     dp = args.data_parallel_size
-    yield (dp > 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0) and (
-        f"--forge-clip-grad-mode two-pass at data-parallel size {dp}: the norms-only pass is not implemented with "
-        "data parallelism yet; use --forge-clip-grad-mode stale (or --clip-grad 0)")
+    grad_dtype = args.forge_dp_grad_dtype or args.forge_accumulation_dtype
+    yield (dp > 1 and args.forge_dp_accumulation == "local" and grad_dtype != args.forge_accumulation_dtype
+           and (args.global_batch_size > args.micro_batch_size * dp or getattr(args, "rampup_batch_size", None))) and (
+        f"--forge-dp-grad-dtype {grad_dtype} with several micro-batches summed locally: the local sum (in "
+        f"--forge-accumulation-dtype {args.forge_accumulation_dtype}) is what is reduce-scattered; set both to the "
+        "same dtype, or add --forge-dp-accumulation owner")
     yield (dp > 1 and getattr(args, "data_parallel_random_init", False)) and (
         "--data-parallel-random-init initializes each data-parallel rank differently and broadcasts rank 0's "
         "weights after FORGE has taken its masters from its own; drop the flag")

@@ -37,7 +37,7 @@ class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
-                 dp_accumulation: str = "local"):
+                 dp_accumulation: str = "local", dp_grad_dtype: str | None = None):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         if dp_accumulation not in DP_ACCUMULATIONS:
@@ -64,7 +64,8 @@ class ForgeController:
         if self.dp_group is not None:
             for (name, weight), param in zip(self.named, self.params):
                 try:
-                    param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner")
+                    param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner",
+                                   grad_dtype=dp_grad_dtype)
                 except ValueError as error:
                     raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
                                              "size that divides every covered weight's rows") from None
@@ -77,6 +78,7 @@ class ForgeController:
         self.skip = False  # this iteration's updates are skipped (two-pass: nothing was written)
         self.grad_scale = 1.0  # the gradient scale of the last step's updates
         self._iteration = None  # the iteration whose backward FORGE last ran
+        self.held = False  # two-pass: the step's gradients are held for the optimizer step's norm
 
     def num_parameters(self) -> int:
         return sum(p.numel() for _, p in self.named)
@@ -121,13 +123,19 @@ class ForgeController:
         its last backward, whose dgrad uses the old weight).
 
         'stale' and 'off': one pass; the clip coefficient comes from the previous step's norm
-        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing but, over several
-        micro-batches, the accumulated gradient; the other parameters' gradients are computed),
-        the global norm and the exact coefficient; then with one micro-batch `zero_grads()`, the
-        first pass's micro-batch and RNG state replayed, and the real pass; with several, each
-        weight's update from its accumulated gradient (no second pass). A non-finite first pass
+        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing; the other
+        parameters' gradients are computed). Where that pass leaves the step's gradient held
+        (summed over several micro-batches, or reduce-scattered to the data-parallel owners'
+        rows), nothing more runs here: Megatron's optimizer step computes the global norm, FORGE's
+        sums of squares included, and `after_step` updates each weight from its held gradient
+        with that norm's coefficient. Otherwise (one micro-batch, no data parallelism) the
+        global norm and the exact coefficient are computed here, `zero_grads()` is called and the
+        first pass's micro-batch and RNG state replayed in the real pass. A non-finite first pass
         skips the rest (nothing is written this iteration).
         """
+        if self.held:
+            raise RuntimeError("FORGE: the previous iteration's two-pass update is still held: its optimizer step did "
+                               "not run (the update is applied with Megatron's grad norm, in optimizer.step)")
         if iteration == self._iteration:
             raise RuntimeError(
                 f"FORGE: iteration {iteration} ran its forward and backward a second time (Megatron's rerun state "
@@ -145,10 +153,15 @@ class ForgeController:
             losses = forward_backward_func(**kwargs)
             self._end()
             return losses
-        rng = _rng_states()
-        recorder = _Recorder(kwargs.get("data_iterator"))
         table.write(1.0)
         self._set(apply=False)
+        if micro_batches > 1 or self.dp_group is not None:  # the gradient is held until the optimizer step
+            losses = forward_backward_func(**kwargs)
+            self._check_backwards()
+            self.held = True
+            return losses
+        rng = _rng_states()
+        recorder = _Recorder(kwargs.get("data_iterator"))
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
         self._check_backwards()
         norm, nonfinite = self._global_norm_and_nonfinite(sumsq(counted_grads(self.chunks)))
@@ -158,11 +171,6 @@ class ForgeController:
             return losses
         self.grad_scale = self._coefficient(norm)
         table.set_scale(self.grad_scale)
-        if micro_batches > 1:  # the sum is in the buffers: update from it
-            for (_, weight), param in zip(self.named, self.params):
-                param.apply_accumulated(weight)
-            self._end()
-            return losses
         zero_grads()
         _restore_rng_states(rng)
         self._begin(micro_batches)
@@ -230,8 +238,12 @@ class ForgeController:
                 "the last checkpoint; --forge-max-nonfinite-iterations sets how many are tolerated")
         return False
 
-    def after_step(self, grad_norm: float | None, iteration: int) -> None:
-        """Record Megatron's global norm of this step and log FORGE's scalars."""
+    def after_step(self, grad_norm: float | None, iteration: int, stepped: bool = True) -> None:
+        """After Megatron's optimizer step (`stepped`: it updated its parameters), whose global
+        norm `grad_norm` was: apply the held two-pass updates with that norm's coefficient, record
+        the norm (stale clipping's next coefficient) and log FORGE's scalars."""
+        if self.held:
+            self._apply_held(grad_norm if stepped and not self.skip else None, iteration)
         if grad_norm is not None and not self.skip:
             self.grad_norm = float(grad_norm)
         from megatron.training.global_vars import get_tensorboard_writer
@@ -244,6 +256,22 @@ class ForgeController:
             writer.add_scalar("forge/learning-rate", hyperparameters["lr"], iteration)
             if "weight_decay" in hyperparameters:
                 writer.add_scalar("forge/weight-decay", hyperparameters["weight_decay"], iteration)
+
+    def _apply_held(self, grad_norm: float | None, iteration: int) -> None:
+        """Each weight's update from its held gradient with Megatron's norm's coefficient (the
+        coefficient Megatron clipped its own parameters with), unless its step did not run."""
+        self.held = False
+        if grad_norm is None or not math.isfinite(grad_norm):
+            if not self.skip:
+                logger.warning("FORGE: iteration %d: Megatron's optimizer step did not run or its grad norm is %s; "
+                               "no covered weight was updated", iteration, grad_norm)
+            self._end()
+            return
+        self.grad_scale = self._coefficient(grad_norm)
+        self._step_table().set_scale(self.grad_scale)
+        for (_, weight), param in zip(self.named, self.params):
+            param.apply_accumulated(weight)
+        self._end()
 
     # -- norms --------------------------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ hooks Megatron's loop without copying it:
   weights do not require grad, so DDP and the (distributed) optimizer never see them;
 * `get_megatron_optimizer`'s optimizer counts FORGE's gradients in its grad norm (so Megatron's
   clipping and logging use the global norm), skips its step when FORGE found non-finite
-  gradients, reports its norm to FORGE (stale clipping) and carries FORGE state in its state
-  dict, so --save/--load/--no-save-optim/--no-load-optim/--finetune treat it as optimizer state;
+  gradients, reports its norm to FORGE (stale clipping, and the held two-pass updates) and
+  carries FORGE state in its state dict, so --save/--load/--no-save-optim/--no-load-optim/
+  --finetune treat it as optimizer state;
 * `get_optimizer_param_scheduler`'s scheduler drives FORGE's lr and weight decay;
 * `get_forward_backward_func`'s function sets FORGE's clip coefficient and, with
   --forge-clip-grad-mode two-pass, runs the norms-only pass first.
@@ -78,7 +79,8 @@ def _pre_wrap_hook(model_chunks):
         max_nonfinite_iterations=args.forge_max_nonfinite_iterations,
         model_parallel_group=parallel_state.get_model_parallel_group(),
         free_accumulation_buffers=args.forge_free_accumulation_buffers,
-        data_parallel_group=parallel_state.get_data_parallel_group(), dp_accumulation=args.forge_dp_accumulation)
+        data_parallel_group=parallel_state.get_data_parallel_group(), dp_accumulation=args.forge_dp_accumulation,
+        dp_grad_dtype=args.forge_dp_grad_dtype)
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
@@ -125,7 +127,8 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
             result = (False, float("nan"), None)  # Megatron counts it as a skipped iteration
         else:
             result = step(*a, **kw)
-        controller.after_step(result[1] if isinstance(result, tuple) else None, iteration)
+        stepped, grad_norm = (bool(result[0]), result[1]) if isinstance(result, tuple) else (True, None)
+        controller.after_step(grad_norm, iteration, stepped=stepped)
         return result
 
     optimizer.step = step_with_forge

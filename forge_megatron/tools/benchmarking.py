@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -136,16 +137,23 @@ def pretrain_records(argv: list[str], nproc: int = 1, env: dict | None = None) -
         return tensorboard_records(tmp)
 
 
-MEMORY_REPORT = re.compile(r"^\[Rank (\d+)\] \(after \d+ iterations\) memory \(MB\).*\| max allocated: ([0-9.]+)",
-                           re.MULTILINE)
+MEMORY_REPORT = re.compile(r"^\[Rank (\d+)\] \(after \d+ iterations\) memory \(MB\) \| allocated: ([0-9.]+) "
+                           r"\| max allocated: ([0-9.]+)", re.MULTILINE)
 
 
-def pretrain_peaks(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False) -> list[int] | None:
-    """Each rank's peak allocated bytes over a forge-pretrain-gpt run (`nproc` ranks under torchrun),
-    from the memory report Megatron prints on every data-parallel rank 0 (`--log-memory-interval`:
-    torch.cuda.max_memory_allocated, live tensor bytes under `measure_cpu_memory`), in rank order
-    (MB to two decimals); None if the run ran out of device memory. Any other failure raises: it
-    is not a measurement."""
+class RankMemory(NamedTuple):
+    """One rank's measured memory over a run, in bytes (MB to two decimals)."""
+
+    peak: int  # max_memory_allocated over the run
+    held: int  # allocated after the last step: what the rank holds between steps
+
+
+def pretrain_memory(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False) -> list[RankMemory] | None:
+    """Each rank's memory over a forge-pretrain-gpt run (`nproc` ranks under torchrun), from the
+    memory report Megatron prints on every data-parallel rank 0 after each step
+    (`--log-memory-interval`: torch.cuda.memory_allocated and max_memory_allocated, live tensor
+    bytes under `measure_cpu_memory`), in rank order; None if the run ran out of device memory.
+    Any other failure raises: it is not a measurement."""
     proc = run_pretrain([*argv, "--log-interval", "1", "--log-memory-interval", "1"], nproc=nproc,
                         measure_cpu_memory=measure_cpu_memory)
     if proc.returncode != 0:
@@ -153,11 +161,13 @@ def pretrain_peaks(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = F
             return None
         raise RuntimeError(f"the run failed (exit {proc.returncode}):\n" + proc.stdout[-2000:] + proc.stderr[-3000:])
     peaks: dict[int, float] = {}
-    for rank, megabytes in MEMORY_REPORT.findall(proc.stdout):
-        peaks[int(rank)] = max(peaks.get(int(rank), 0.0), float(megabytes))
+    held: dict[int, float] = {}
+    for rank, allocated, max_allocated in MEMORY_REPORT.findall(proc.stdout):
+        peaks[int(rank)] = max(peaks.get(int(rank), 0.0), float(max_allocated))
+        held[int(rank)] = float(allocated)  # the reports come in step order
     if not peaks:
         raise RuntimeError("Megatron printed no memory report; the run's output:\n" + proc.stdout[-2000:])
-    return [round(peaks[rank] * 2**20) for rank in sorted(peaks)]
+    return [RankMemory(round(peaks[rank] * 2**20), round(held[rank] * 2**20)) for rank in sorted(peaks)]
 
 
 def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False, env: dict | None = None,

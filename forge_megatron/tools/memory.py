@@ -77,9 +77,10 @@ class MemoryBreakdown:
     """Bytes one rank holds at the peak of a step."""
 
     weights: int
-    grads: int
+    grads: int  # gradient buffers kept between steps (Megatron's main_grad; FORGE's accumulation buffers)
     master: int
     states: int
+    window: int  # gradient memory of the step only: FORGE's data-parallel window and two-pass held rows
     activations: int  # held from forward until backward
     logits: int  # loss stage: 16-bit logits, cross entropy's fp32 copy, the output layer's weight gradient
     attention_workspace: int  # one layer's attention backward: gradients of its score matrices
@@ -87,10 +88,15 @@ class MemoryBreakdown:
     stage: int = 0  # the pipeline stage these bytes are for
 
     @property
+    def held(self) -> int:
+        """What the rank holds between steps (Megatron's "allocated" after a step)."""
+        return self.weights + self.grads + self.master + self.states
+
+    @property
     def total(self) -> int:
         """The loss stage ends before the first layer's backward starts, so only the larger counts."""
-        return (self.weights + self.grads + self.master + self.states + self.activations
-                + max(self.logits, self.attention_workspace) + self.reserve)
+        return (self.held + self.window + self.activations + max(self.logits, self.attention_workspace)
+                + self.reserve)
 
 
 def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel_size: int = 1) -> argparse.Namespace:
@@ -223,18 +229,28 @@ def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
 
 
 def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
-    """FORGE's data-parallel gradient window on one rank: one weight's local gradient (at one
-    micro-batch per step, or at every micro-batch with --forge-dp-accumulation owner, in fp32;
-    with several under 'local' it is the weight's accumulation buffer, counted per parameter) and
-    the block of it reduce-scattered to this rank; nothing at D = 1."""
+    """FORGE's data-parallel gradient memory of a step on one rank, in --forge-dp-grad-dtype:
+    one weight's local gradient (at one micro-batch per step, or at every micro-batch with
+    --forge-dp-accumulation owner; with several under 'local' it is the weight's accumulation
+    buffer, counted per parameter) and the block of it reduce-scattered to this rank; with
+    two-pass clipping at one micro-batch, every weight's reduce-scattered rows, held until the
+    optimizer step. Nothing at D = 1."""
     owners = args.data_parallel_size
     if owners == 1:
         return 0
     largest = largest_covered_weight(args, args.forge_cover_output_layer, stage)
-    if args.forge_dp_accumulation == "owner":
-        return round(FP32 * (largest + largest / owners))
-    window = largest if micro_batches == 1 else 0
-    return round((window + largest / owners) * FORGE_ACCUMULATION_BYTES[args.forge_accumulation_dtype])
+    window = largest if micro_batches == 1 or args.forge_dp_accumulation == "owner" else 0
+    held = 0
+    if micro_batches == 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
+        held = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) / owners
+    return round((window + largest / owners + held) * _window_bytes(args))
+
+
+def _window_bytes(args) -> int:
+    """Bytes per element of the data-parallel gradient window and of the rows it is reduce-
+    scattered to (--forge-dp-grad-dtype, by default the accumulation buffer's)."""
+    return FORGE_ACCUMULATION_BYTES[getattr(args, "forge_dp_grad_dtype", None) or args.forge_accumulation_dtype]
+
 
 
 def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB,
@@ -254,13 +270,12 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
         groups.append((covered, forge_bytes_per_parameter(args, k)))
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
-    if forge:
-        held["grad"] += forge_window_bytes(args, k, stage)
+    window = forge_window_bytes(args, k, stage) if forge else 0
     activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
             max(2 * args.ffn_hidden_size, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
-    return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], activations, logits,
+    return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], window, activations, logits,
                            workspace, round(reserve_gib * GIB), stage)
 
 
@@ -366,8 +381,6 @@ def _refuse_unmodelled(args) -> None:
     if args.use_precision_aware_optimizer and not args.use_distributed_optimizer:
         refuse("--use-precision-aware-optimizer needs --use-distributed-optimizer (Megatron refuses it otherwise)")
     if getattr(args, "use_forge", False):
-        if args.data_parallel_size > 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
-            refuse("FORGE refuses two-pass clipping at data-parallel size > 1; use --forge-clip-grad-mode stale")
         if args.multi_latent_attention:
             refuse("FORGE does not cover multi-latent attention")
         if args.forge_cover_output_layer and not args.untie_embeddings_and_output_weights:
