@@ -8,10 +8,12 @@ reduction takes it) bit for bit, with one and two micro-batches summed locally o
 rows, and held (two-pass clipping) until the coefficient is known, and both ranks end with the
 same weight. In Megatron's loop (forge-pretrain-gpt on CPU, fp32, 20 steps), against standard
 Megatron with --use-distributed-optimizer and the same layout within 1e-5 in loss, grad norm and
-weights: DP = 2 without clipping; two-pass clipping, active at every step, at DP = 2 and at
+weights: DP = 2 without clipping, with the collectives overlapping backward (Megatron's
+--overlap-grad-reduce); two-pass clipping, active at every step, at DP = 2 and at
 DP = 2 x TP = 2 with two micro-batches summed in the owners' rows; stale clipping with two
-micro-batches summed locally under Megatron's non-distributed optimizer; a checkpoint saved at DP = 2 resumed at DP = 1 and one saved at DP = 1
-resumed at DP = 2, against the uninterrupted run."""
+micro-batches summed locally under Megatron's non-distributed optimizer; a checkpoint saved at
+DP = 2 resumed at DP = 1 and one saved at DP = 1 resumed at DP = 2, against the uninterrupted
+run."""
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ DP2 = ["--micro-batch-size", "2", "--global-batch-size", "4"]  # one micro-batch
 DP2_K2 = ["--micro-batch-size", "1", "--global-batch-size", "4"]  # two
 DP1_K2 = DP2  # the same 4 samples per step on one rank: two micro-batches of 2
 DISTRIBUTED = ["--use-distributed-optimizer"]
+OVERLAP = ["--overlap-grad-reduce"]  # Megatron's buckets and FORGE's weights reduce-scatter asynchronously
 STALE = ["--use-forge", "--clip-grad", "0.05"]  # stale clipping (the default mode), active
 CLIP = ["--clip-grad", "0.05"]  # active at every step
 TWO_PASS = ["--use-forge", "--forge-clip-grad-mode", "two-pass"]
@@ -42,17 +45,20 @@ def test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard():
 
 
 def scenario_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
-    for owner_sums, grad_dtype in ((False, "fp32"), (True, "fp32"), (True, "bf16"), (False, "bf16")):
-        _owner_update_case(owner_sums, grad_dtype)
+    for owner_sums, grad_dtype, overlap in ((False, "fp32", False), (True, "fp32", False), (True, "bf16", True),
+                                            (False, "bf16", True)):
+        _owner_update_case(owner_sums, grad_dtype, overlap)
     return True
 
 
-def _owner_update_case(owner_sums: bool, grad_dtype: str):
+def _owner_update_case(owner_sums: bool, grad_dtype: str, overlap: bool):
     """`grad_dtype` bf16: each local gradient (or local sum) is rounded stochastically to bf16
-    (numerics.py's rounding, keyed by the step and micro-batch) and reduce-scattered in bf16."""
+    (numerics.py's rounding, keyed by the step and micro-batch) and reduce-scattered in bf16.
+    `overlap`: the collectives are asynchronous and complete at `wait()`."""
     import torch.distributed as dist
 
     from forge_megatron import ForgeConfig, ForgeParam, fused_update
+    from forge_megatron.core.owner import Collectives
     from forge_megatron.core.state import ForgeState
     from forge_megatron.core.table import StepTable
     from forge_megatron.core.update import step_tiles
@@ -63,7 +69,8 @@ def _owner_update_case(owner_sums: bool, grad_dtype: str):
         param = ForgeParam(weight, ForgeConfig(rule=rule, hyperparameters=hp, backend="torch",
                                                accumulation_dtype="fp32" if owner_sums else grad_dtype))
         shard = param.state.placement  # the whole shard's, which keys the gradient's rounding
-        param.own_rows(weight, dist.group.WORLD, owner_sums=owner_sums, grad_dtype=grad_dtype)
+        param.own_rows(weight, dist.group.WORLD, owner_sums=owner_sums, grad_dtype=grad_dtype,
+                       collectives=Collectives(overlap=overlap))
         assert param.state.shape == (19, 70) and all(t.shape[0] == 19 for t in param.state.tensors.values())
         table = StepTable([param.state], [step_tiles(param.rows(weight), param.state)], weight.device)
         param.bind(table.slots[0])
@@ -97,7 +104,10 @@ def _owner_update_case(owner_sums: bool, grad_dtype: str):
             param.apply = coefficient is None
             for x, dy in batches:
                 param.step(x, dy, weight)
-            what = f"{rule}, owner_sums={owner_sums}, {grad_dtype}, step {step}"
+            if overlap:  # nothing has arrived yet: the training loop waits after its backward pass
+                assert param.state.step == step - 1 and param.updates == 0
+            param.collectives.wait()
+            what = f"{rule}, owner_sums={owner_sums}, {grad_dtype}, overlap={overlap}, step {step}"
             if coefficient is not None:  # held: the by-products of the reduced rows, nothing written
                 assert_bits_equal(param.rows(weight), w0, f"held rows, {what}")
                 assert param.state.step == step - 1
@@ -105,6 +115,7 @@ def _owner_update_case(owner_sums: bool, grad_dtype: str):
                                                                  rel=1e-6)
                 table.set_scale(coefficient)
                 param.apply_accumulated(weight)
+                param.collectives.wait()
                 expected_grad = expected_grad * coefficient
             expected_w, expected_s = reference_step(w0, s0, param.state, expected_grad, step)
             assert_bits_equal(param.rows(weight), expected_w, f"rows, {what}")
@@ -144,8 +155,8 @@ def test_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
 def runs(tmp_path_factory, data):
     work = str(tmp_path_factory.mktemp("data_parallel"))
     first = run_all(data, {
-        "standard-dp2": Run(work, "standard-dp2", *DP2, *DISTRIBUTED, "--clip-grad", "0", dp=2),
-        "forge-dp2": Run(work, "forge-dp2", *DP2, *DISTRIBUTED, "--use-forge", "--clip-grad", "0", dp=2),
+        "standard-dp2": Run(work, "standard-dp2", *DP2, *DISTRIBUTED, *OVERLAP, "--clip-grad", "0", dp=2),
+        "forge-dp2": Run(work, "forge-dp2", *DP2, *DISTRIBUTED, *OVERLAP, "--use-forge", "--clip-grad", "0", dp=2),
         "forge-stale-dp2": Run(work, "forge-stale-dp2", *DP2_K2, *STALE, "--save-interval", "10", dp=2),
         "standard-clip-dp2": Run(work, "standard-clip-dp2", *DP2, *DISTRIBUTED, *CLIP, dp=2),
         "forge-two-pass-dp2": Run(work, "forge-two-pass-dp2", *DP2, *DISTRIBUTED, *CLIP, *TWO_PASS, dp=2),

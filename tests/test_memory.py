@@ -140,6 +140,8 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     assert (owner.grads, owner.window) == (one.grads - buffers + round(buffers / 4), round(4 * largest + 4 * largest / 4))
     bf16 = memory.rank_memory(memory.replace_args(owner_args, forge_dp_grad_dtype="bf16"), 1)
     assert (bf16.grads, bf16.window) == (owner.grads, round(2 * largest + 2 * largest / 4))
+    overlap = memory.rank_memory(memory.replace_args(four_steps, overlap_grad_reduce=True), 1)
+    assert overlap.window == round(2 * window)  # two weights' collectives in flight
     # two-pass clipping at one micro-batch: every weight's reduce-scattered rows held until the step
     two_pass = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="two-pass", clip_grad=1.0), 1)
     assert two_pass.window == round(window + (4 * covered / 4 if micro_batches == 1 else 0))

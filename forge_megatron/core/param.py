@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from forge_megatron.core.owner import OwnerRows
+from forge_megatron.core.owner import Collectives, OwnerRows
 from forge_megatron.core.plan import TileConfig
 from forge_megatron.core.state import ForgeState
 from forge_megatron.core.table import StepSlots
@@ -73,10 +73,12 @@ class ForgeParam:
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
         self._gradient_state: ForgeState | None = None  # data-parallel: keys the gradient pass
         self.owner_sums = False  # data-parallel: micro-batches summed in the owner's rows (`own_rows`)
+        self.collectives: Collectives | None = None  # data-parallel: where its collectives are issued (`own_rows`)
         self.grad_dtype = config.accumulation_dtype  # data-parallel: the reduce-scattered gradient's (`own_rows`)
         weight._forge_param = self
 
-    def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None) -> None:
+    def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None,
+                 collectives: Collectives | None = None) -> None:
         """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
         of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
         owners, who update them, and all-gathered back (core/owner.py). `owner_sums`: over several
@@ -84,7 +86,9 @@ class ForgeParam:
         the buffer, one reduce-scatter per micro-batch) instead of summing a whole local buffer.
         `grad_dtype` (fp32 or bf16, stochastically rounded; by default the accumulation dtype):
         the local gradient's, as it is reduce-scattered; a local sum over several micro-batches is
-        the accumulation buffer itself, which must then have that dtype."""
+        the accumulation buffer itself, which must then have that dtype. `collectives`: the
+        model's (shared by its weights, to overlap one weight's reduce-scatter with the next
+        weight's gradient); by default this weight's own, synchronous."""
         grad_dtype = grad_dtype or self.config.accumulation_dtype
         if grad_dtype not in ACCUMULATION_DTYPES:
             raise ValueError(f"unknown data-parallel gradient dtype {grad_dtype!r}; choose one of "
@@ -97,6 +101,7 @@ class ForgeParam:
         gradient_state.placement = self.state.placement
         self.state, self.owner, self._gradient_state = self.state.rows(owner.start, owner.stop), owner, gradient_state
         self.owner_sums, self.grad_dtype = owner_sums, grad_dtype
+        self.collectives = collectives or Collectives()
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
         """The rows of `weight` this rank updates (all of them without data parallelism)."""
@@ -166,9 +171,10 @@ class ForgeParam:
         """This micro-batch's gradient of the whole shard, from a gradient-only kernel pass, summed
         over the step's micro-batches either in a whole local buffer that is reduce-scattered after
         the last (`owner_sums` False) or, reduce-scattered at once, in the owner's rows (fp32); after
-        the last, the rule on this rank's rows and the all-gather. With apply=False (two-pass
-        clipping) the owner's rows are held, their by-products written, until `apply_accumulated`.
-        Nothing else outlives the step."""
+        the last, the rule on this rank's rows and the all-gather (`_receive`, when the
+        reduce-scatter has arrived: at once, or with overlapping collectives later). With
+        apply=False (two-pass clipping) the owner's rows are held, their by-products written, until
+        `apply_accumulated`. Nothing else outlives the step."""
         if self.slots is None:
             raise RuntimeError("FORGE: a data-parallel weight steps only within a training loop's iteration "
                                "(bound to a StepTable)")
@@ -182,15 +188,19 @@ class ForgeParam:
                      config=self.config.tile_config, accumulate=accumulate)
         self.backwards += 1
         last = self.backwards == self.micro_batches
-        if self.owner_sums:
-            block = self.owner.reduce_scatter(accumulate.buffer)
-            if self.buffer is None:
-                self.buffer = block if self.micro_batches == 1 else block.float()
-            else:
-                self.buffer.add_(block)
-        elif last:
-            self.buffer = self.owner.reduce_scatter(self.buffer)
-        del accumulate
+        if self.owner_sums or last:
+            if not self.owner_sums:
+                self.buffer = None  # the local sum becomes the owner's rows
+            self.collectives.reduce_scatter(self.owner, accumulate.buffer,
+                                            lambda block: self._receive(block, weight, last))
+
+    def _receive(self, block: torch.Tensor, weight: torch.Tensor, last: bool) -> None:
+        """This rank's rows of a reduce-scattered gradient: summed with the step's earlier
+        micro-batches' (owner_sums), and after the last the update (or, held, its by-products)."""
+        if self.owner_sums and self.buffer is not None:
+            self.buffer.add_(block)
+        else:
+            self.buffer = block.float() if self.owner_sums and self.micro_batches > 1 else block
         if not last:
             return
         if self.apply:
@@ -201,7 +211,7 @@ class ForgeParam:
     def apply_accumulated(self, weight: torch.Tensor) -> None:
         """The update from the gradient held in the buffer: a norms-only pass's sum over several
         micro-batches (two-pass clipping), or the owner's rows of the step's reduced gradient, which
-        are then freed and all-gathered."""
+        are then freed and all-gathered (complete once `collectives.wait()` returns)."""
         if self.updates:
             raise RuntimeError("FORGE: this iteration's update was already applied")
         self.result = apply_accumulated(self.rows(weight), self.state, self.buffer, materialize=self.materialize,
@@ -210,7 +220,7 @@ class ForgeParam:
         self.updates += 1
         if self.owner is not None:
             self.buffer = None
-            self.owner.all_gather(weight)
+            self.collectives.all_gather(self.owner, weight)
 
     def free_buffer(self) -> None:
         self.buffer = None

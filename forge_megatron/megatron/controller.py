@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from forge_megatron.core.owner import Collectives
 from forge_megatron.core.param import ForgeParam
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
@@ -37,7 +38,7 @@ class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
-                 dp_accumulation: str = "local", dp_grad_dtype: str | None = None):
+                 dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         if dp_accumulation not in DP_ACCUMULATIONS:
@@ -61,11 +62,12 @@ class ForgeController:
         # Data parallelism: each rank owns a block of every covered weight's rows (core/owner.py).
         self.dp_group = data_parallel_group if data_parallel_group is not None and dist.get_world_size(
             data_parallel_group) > 1 else None
+        self.collectives = Collectives(overlap=dp_overlap)  # one weight's reduce-scatter overlaps the next's backward
         if self.dp_group is not None:
             for (name, weight), param in zip(self.named, self.params):
                 try:
                     param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner",
-                                   grad_dtype=dp_grad_dtype)
+                                   grad_dtype=dp_grad_dtype, collectives=self.collectives)
                 except ValueError as error:
                     raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
                                              "size that divides every covered weight's rows") from None
@@ -184,7 +186,9 @@ class ForgeController:
             p.begin_iteration(micro_batches)
 
     def _check_backwards(self) -> None:
-        """Every covered weight ran one backward per micro-batch (else its update never came)."""
+        """After a pass of Megatron's schedule: its data-parallel collectives have completed, and
+        every covered weight ran one backward per micro-batch (else its update never came)."""
+        self.collectives.wait()
         for (name, _), p in zip(self.named, self.params):
             if p.backwards != p.micro_batches:
                 raise RuntimeError(f"FORGE: covered weight {name} ran {p.backwards} backward passes in an iteration of "
@@ -271,6 +275,7 @@ class ForgeController:
         self._step_table().set_scale(self.grad_scale)
         for (_, weight), param in zip(self.named, self.params):
             param.apply_accumulated(weight)
+        self.collectives.wait()
         self._end()
 
     # -- norms --------------------------------------------------------------------------------------

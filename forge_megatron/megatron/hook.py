@@ -80,7 +80,7 @@ def _pre_wrap_hook(model_chunks):
         model_parallel_group=parallel_state.get_model_parallel_group(),
         free_accumulation_buffers=args.forge_free_accumulation_buffers,
         data_parallel_group=parallel_state.get_data_parallel_group(), dp_accumulation=args.forge_dp_accumulation,
-        dp_grad_dtype=args.forge_dp_grad_dtype)
+        dp_grad_dtype=args.forge_dp_grad_dtype, dp_overlap=args.overlap_grad_reduce)
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())

@@ -234,16 +234,18 @@ def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
     --forge-dp-accumulation owner; with several under 'local' it is the weight's accumulation
     buffer, counted per parameter) and the block of it reduce-scattered to this rank; with
     two-pass clipping at one micro-batch, every weight's reduce-scattered rows, held until the
-    optimizer step. Nothing at D = 1."""
+    optimizer step. With --overlap-grad-reduce two weights' windows are in flight. Nothing at
+    D = 1."""
     owners = args.data_parallel_size
     if owners == 1:
         return 0
     largest = largest_covered_weight(args, args.forge_cover_output_layer, stage)
     window = largest if micro_batches == 1 or args.forge_dp_accumulation == "owner" else 0
+    in_flight = 2 if args.overlap_grad_reduce else 1
     held = 0
     if micro_batches == 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
         held = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) / owners
-    return round((window + largest / owners + held) * _window_bytes(args))
+    return round((in_flight * (window + largest / owners) + held) * _window_bytes(args))
 
 
 def _window_bytes(args) -> int:
@@ -259,9 +261,11 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
     `micro_batch` sequences of args.seq_length tokens per micro-batch (args.global_batch_size per
     step): of pipeline stage `stage`, or of the most loaded stage."""
     _refuse_unmodelled(args)
-    if stage is None:
-        return max((rank_memory(args, micro_batch, reserve_gib, s) for s in range(args.pipeline_model_parallel_size)),
-                   key=lambda breakdown: breakdown.total)
+    stages = range(args.pipeline_model_parallel_size) if stage is None else [stage]
+    return max((_stage_memory(args, micro_batch, reserve_gib, s) for s in stages), key=lambda b: b.total)
+
+
+def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> MemoryBreakdown:
     forge = getattr(args, "use_forge", False)
     k = micro_batches_per_step(args, micro_batch)
     covered = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) if forge else 0
