@@ -141,6 +141,8 @@ def main(argv=None):
                         help="data-parallel ranks (each with the micro-batches of one rank; Megatron reports "
                              "data-parallel rank 0's memory)")
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2],
+                        help="the micro-batches measured against the model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
@@ -150,7 +152,8 @@ def main(argv=None):
     model = PIPELINE_SMOKE if args.pipeline_smoke else SMOKE if args.smoke else emulated_rank(args.layers, args.seq_length)
     base = [*model, "--forge-core-attention", args.core_attention, "--train-iters", str(args.iters)]
     regimes = compare(base, measure, gib, args.max_micro_batch if gpu else 0, args.micro_batches, args.pipeline,
-                      {name: REGIMES[name] for name in args.regimes}, data_parallel=args.data_parallel)
+                      {name: REGIMES[name] for name in args.regimes}, micro_batch_sizes=args.micro_batch_sizes,
+                      data_parallel=args.data_parallel)
     report = {"device": device_name(torch.device("cuda" if gpu else "cpu")), "gpu_gib": gib,
               "measure": "torch.cuda.max_memory_allocated" if gpu else "LiveTensorMemory (live tensor bytes, CPU)",
               "flags": base, "micro_batches_per_step": args.micro_batches, "pipeline_stages": args.pipeline,
@@ -159,7 +162,7 @@ def main(argv=None):
               "regimes": regimes}
     for name, entry in regimes.items():
         line = f"{name:14s}"
-        for b in (1, 2):
+        for b in args.micro_batch_sizes:
             measured = entry[f"measured_peak_bytes_mb{b}"]
             if args.pipeline > 1 and measured:
                 line += f"  mbs {b} stages: " + ", ".join(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
+
+RANK_0_GRACE_S = 10.0  # the other ranks' wait; rank 0 exits long before, and torchrun then stops them
 
 
 class ConfigurationError(ValueError):
@@ -25,6 +28,8 @@ def exit_on_configuration_error(validating: bool = False, prog: str = "forge-pre
             message = str(error).strip().splitlines()[0] if str(error).strip() else _where(error)
             sys.stderr.write(f"{prog}: error: {message}\n")  # one write: ranks share the stream
             sys.stderr.flush()
+        else:  # torchrun stops every rank when one exits: leave rank 0 the time to print first
+            time.sleep(RANK_0_GRACE_S)
         raise SystemExit(2) from None
 
 
