@@ -91,6 +91,35 @@ def scenario_two_pass_mode_skips_the_whole_iteration():
     return True
 
 
+def scenario_a_held_two_pass_gradient_is_applied_at_the_optimizer_step_or_never():
+    """Two micro-batches: the norms-only pass holds their sum and writes nothing; a next
+    iteration before the optimizer step is refused; `after_step` applies it with the coefficient
+    of Megatron's norm. Non-finite values skip the step, and a step Megatron did not run (its
+    update refused) writes nothing either: weight and state as they were."""
+    layer, controller = _layer_and_controller("two-pass")
+
+    def two(bad_row=None):
+        return lambda **unused: [_pass(layer, bad_row)() for _ in range(2)][-1]
+
+    start = layer.weight.detach().clone()
+    controller.forward_backward(two(), lambda: None, iteration=1, num_microbatches=2)
+    assert torch.equal(layer.weight, start) and layer.forge.state.step == 0 and controller.held
+    with pytest.raises(RuntimeError, match="two-pass update is still held.*optimizer step did not run"):
+        controller.forward_backward(two(), lambda: None, iteration=2, num_microbatches=2)
+    assert controller.step_decision(1)
+    controller.after_step(8.0, 1)  # Megatron's global norm, --clip-grad 1
+    assert controller.grad_scale == pytest.approx(1 / (8.0 + 1e-6)) and layer.forge.state.step == 1
+    assert not controller.held and not torch.equal(layer.weight, start)
+    for iteration, bad_row, norm in ((2, 100, float("nan")), (3, None, 8.0)):
+        before, exp_avg = layer.weight.detach().clone(), layer.forge.state.tensors["exp_avg"].clone()
+        controller.forward_backward(two(bad_row), lambda: None, iteration=iteration, num_microbatches=2)
+        assert controller.step_decision(iteration) == (bad_row is None)
+        controller.after_step(norm, iteration, stepped=False)
+        assert torch.equal(layer.weight, before) and torch.equal(layer.forge.state.tensors["exp_avg"], exp_avg)
+        assert layer.forge.state.step == 1 and not controller.held
+    return True
+
+
 def scenario_a_second_forward_backward_of_an_iteration_is_refused():
     layer, controller = _layer_and_controller("off")
     controller.forward_backward(_pass(layer), lambda: None, iteration=7)
@@ -162,6 +191,7 @@ SCENARIOS = [scenario_accumulation_keeps_one_buffer_and_one_micro_batch_keeps_no
              scenario_the_kernel_applies_the_stale_clip_coefficient,
              scenario_stale_mode_skips_bad_tiles_and_the_rest_of_the_step,
              scenario_two_pass_mode_skips_the_whole_iteration,
+             scenario_a_held_two_pass_gradient_is_applied_at_the_optimizer_step_or_never,
              scenario_a_second_forward_backward_of_an_iteration_is_refused]
 
 

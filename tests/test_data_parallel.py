@@ -53,7 +53,8 @@ def scenario_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient():
 
 def _owner_update_case(owner_sums: bool, grad_dtype: str, overlap: bool):
     """`grad_dtype` bf16: each local gradient (or local sum) is rounded stochastically to bf16
-    (numerics.py's rounding, keyed by the step and micro-batch) and reduce-scattered in bf16.
+    (numerics.py's rounding, keyed by the step, the micro-batch and the data-parallel rank) and
+    reduce-scattered in bf16.
     `overlap`: the collectives are asynchronous and complete at `wait()`."""
     import torch.distributed as dist
 
@@ -84,8 +85,9 @@ def _owner_update_case(owner_sums: bool, grad_dtype: str, overlap: bool):
                 grads.append(fused_update(x, dy, copy, ForgeState(copy, "sgd"), materialize=True,
                                           backend="torch").grad)
 
-            def stored(g, micro, step=step, state=param.state, shard=shard):  # as it is reduce-scattered
-                return g if grad_dtype == "fp32" else _rounded_to_bf16(g, shard, state, step, micro)
+            def stored(g, j, step=step, state=param.state, shard=shard, k=k):  # as it is reduce-scattered
+                # rounded with micro-batch j's stream on this rank (each rank its own streams)
+                return g if grad_dtype == "fp32" else _rounded_to_bf16(g, shard, state, step, rank * k + j)
 
             if owner_sums:  # each micro-batch reduce-scattered, the owner's rows summed in fp32 in micro-batch order
                 blocks = [_reduce_scatter(stored(g, j), param.owner) for j, g in enumerate(grads)]

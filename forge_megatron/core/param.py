@@ -16,8 +16,8 @@ import torch
 from forge_megatron.core.owner import Collectives, OwnerRows
 from forge_megatron.core.plan import TileConfig
 from forge_megatron.core.state import ForgeState
-from forge_megatron.core.table import StepSlots
-from forge_megatron.core.update import Accumulation, UpdateResult, apply_accumulated, fused_update
+from forge_megatron.core.table import WIDTH, StepSlots
+from forge_megatron.core.update import Accumulation, UpdateResult, apply_accumulated, fused_update, step_tiles
 
 ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,6 +72,7 @@ class ForgeParam:
         self.updates = 0  # updates applied in this iteration (bound only)
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
         self._gradient_state: ForgeState | None = None  # data-parallel: keys the gradient pass
+        self._gradient_slots: StepSlots | None = None  # data-parallel: the gradient pass's, on the device
         self.owner_sums = False  # data-parallel: micro-batches summed in the owner's rows (`own_rows`)
         self.collectives: Collectives | None = None  # data-parallel: where its collectives are issued (`own_rows`)
         self.grad_dtype = config.accumulation_dtype  # data-parallel: the reduce-scattered gradient's (`own_rows`)
@@ -178,14 +179,17 @@ class ForgeParam:
         if self.slots is None:
             raise RuntimeError("FORGE: a data-parallel weight steps only within a training loop's iteration "
                                "(bound to a StepTable)")
-        self._gradient_state.step = self.state.step  # the bf16 buffer's rounding is keyed by the step
-        if self.owner_sums:  # one micro-batch's gradient at a time (its bf16 rounding keyed by its index)
+        slots = self._gradient_pass_slots(weight)
+        # The bf16 buffer's rounding is keyed by the step and the micro-batch, a stream of its own
+        # on each data-parallel rank.
+        micro = self.owner.rank * self.micro_batches + self.backwards
+        if self.owner_sums:  # one micro-batch's gradient at a time
             window = torch.empty(weight.shape, dtype=ACCUMULATION_DTYPES[self.grad_dtype], device=weight.device)
-            accumulate = Accumulation(window, 0, 1, micro=self.backwards)
+            accumulate = Accumulation(window, 0, 1, micro=micro)
         else:
-            accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
+            accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches, micro=micro)
         fused_update(x, dy, weight, self._gradient_state, apply=False, backend=self.config.backend,
-                     config=self.config.tile_config, accumulate=accumulate)
+                     config=self.config.tile_config, slots=slots, accumulate=accumulate)
         self.backwards += 1
         last = self.backwards == self.micro_batches
         if self.owner_sums or last:
@@ -193,6 +197,17 @@ class ForgeParam:
                 self.buffer = None  # the local sum becomes the owner's rows
             self.collectives.reduce_scatter(self.owner, accumulate.buffer,
                                             lambda block: self._receive(block, weight, last))
+
+    def _gradient_pass_slots(self, weight: torch.Tensor) -> StepSlots:
+        """The gradient pass's scalars (scale 1, this step) and by-products, kept on the weight's
+        device and written there: no host-to-device copy in the backward pass."""
+        if self._gradient_slots is None or self._gradient_slots.coefs.device != weight.device:
+            tiles = step_tiles(weight, self._gradient_state, self.config.backend, self.config.tile_config)
+            coefs = torch.zeros(WIDTH, dtype=torch.float32, device=weight.device)
+            coefs[0] = 1.0
+            self._gradient_slots = StepSlots(coefs, torch.zeros(tiles, 2, dtype=torch.float32, device=weight.device))
+        self._gradient_slots.coefs[1].fill_(float(self.state.step + 1))
+        return self._gradient_slots
 
     def _receive(self, block: torch.Tensor, weight: torch.Tensor, last: bool) -> None:
         """This rank's rows of a reduce-scattered gradient: summed with the step's earlier

@@ -51,7 +51,8 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="With data parallelism and several micro-batches per step: 'local' sums each covered "
                             "weight's gradient in a whole local buffer and reduce-scatters it once per step "
                             "(Megatron's traffic; --forge-accumulation-dtype bytes per parameter); 'owner' "
-                            "reduce-scatters every micro-batch's gradient and sums the owner's rows in fp32 "
+                            "reduce-scatters every micro-batch's gradient (in --forge-dp-grad-dtype) and sums the "
+                            "owner's rows in fp32 "
                             "(4 / data-parallel-size bytes per parameter, a reduce-scatter per micro-batch).")
     group.add_argument("--forge-dp-grad-dtype", default=None, choices=tuple(ACCUMULATION_DTYPES),
                        help="With data parallelism: the dtype each covered weight's local gradient is written and "

@@ -135,14 +135,14 @@ class ForgeController:
         first pass's micro-batch and RNG state replayed in the real pass. A non-finite first pass
         skips the rest (nothing is written this iteration).
         """
-        if self.held:
-            raise RuntimeError("FORGE: the previous iteration's two-pass update is still held: its optimizer step did "
-                               "not run (the update is applied with Megatron's grad norm, in optimizer.step)")
         if iteration == self._iteration:
             raise RuntimeError(
                 f"FORGE: iteration {iteration} ran its forward and backward a second time (Megatron's rerun state "
                 "machine re-runs an iteration whose result failed validation, see the log above); FORGE has already "
                 "applied this iteration's update and cannot undo it: rerun with --rerun-mode disabled")
+        if self.held:
+            raise RuntimeError("FORGE: the previous iteration's two-pass update is still held: its optimizer step did "
+                               "not run (the update is applied with Megatron's grad norm, in optimizer.step)")
         self._iteration = iteration
         self.skip = False
         micro_batches = int(kwargs.get("num_microbatches", 1))
@@ -224,8 +224,9 @@ class ForgeController:
         stops with an error.
         """
         if not self.skip:
-            _, self.nonfinite = self._global_norm_and_nonfinite(0.0)
-            self.skip = self.nonfinite > 0
+            norm, self.nonfinite = self._global_norm_and_nonfinite(0.0)
+            # a held gradient whose sum of squares overflows has no clip coefficient either
+            self.skip = self.nonfinite > 0 or (self.held and not math.isfinite(norm))
         if not self.skip:
             self.nonfinite_streak = 0
             return True
@@ -233,8 +234,8 @@ class ForgeController:
         what = ("no weight was updated (two-pass clipping found them before the update)" if self.clip_mode ==
                 "two-pass" else "the tiles holding them were left unchanged, the other covered tiles were "
                 "updated, and the other parameters' step was skipped")
-        logger.warning("FORGE: iteration %d: %d non-finite gradient values in covered weights; %s (%d in a row)",
-                       iteration, self.nonfinite, what, self.nonfinite_streak)
+        logger.warning("FORGE: iteration %d: %d non-finite gradient values in covered weights (or a non-finite sum "
+                       "of their squares); %s (%d in a row)", iteration, self.nonfinite, what, self.nonfinite_streak)
         if self.nonfinite_streak >= self.max_nonfinite_iterations:
             raise RuntimeError(
                 f"FORGE: {self.nonfinite_streak} consecutive iterations with non-finite gradients in covered weights "
@@ -269,13 +270,19 @@ class ForgeController:
             if not self.skip:
                 logger.warning("FORGE: iteration %d: Megatron's optimizer step did not run or its grad norm is %s; "
                                "no covered weight was updated", iteration, grad_norm)
+            for p in self.params:
+                if p.owner is not None:
+                    p.free_buffer()  # the owners' rows of a gradient that is not applied
             self._end()
             return
+        missing = [name for (name, _), p in zip(self.named, self.params) if p.buffer is None or p.updates]
+        if missing:  # checked before any weight is written (data-parallel ranks all-gather in step)
+            raise RuntimeError(f"FORGE: no held gradient to apply for {missing[0]} (its update was applied already or "
+                               "its backward did not run)")
         self.grad_scale = self._coefficient(grad_norm)
         self._step_table().set_scale(self.grad_scale)
         for (_, weight), param in zip(self.named, self.params):
             param.apply_accumulated(weight)
-        self.collectives.wait()
         self._end()
 
     # -- norms --------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ class MemoryBreakdown:
     grads: int  # gradient buffers kept between steps (Megatron's main_grad; FORGE's accumulation buffers)
     master: int
     states: int
-    window: int  # gradient memory of the step only: FORGE's data-parallel window and two-pass held rows
+    window: int  # gradient memory of the step only: FORGE's data-parallel window, buffers and held rows
     activations: int  # held from forward until backward
     logits: int  # loss stage: 16-bit logits, cross entropy's fp32 copy, the output layer's weight gradient
     attention_workspace: int  # one layer's attention backward: gradients of its score matrices
@@ -275,6 +275,9 @@ def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> Mem
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
     window = forge_window_bytes(args, k, stage) if forge else 0
+    if forge and args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
+        buffers = round(covered * forge_bytes_per_parameter(args, k).grad)
+        held["grad"], window = held["grad"] - buffers, window + buffers
     activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
