@@ -101,15 +101,15 @@ def compare(base: list[str], measure_fn, gib: float | None, max_micro_batch: int
         for b in micro_batch_sizes:
             ranks = measure_fn(argv, b, micro_batches, pipeline, data_parallel)
             peaks = None if ranks is None else [r.peak for r in ranks]
+            held = None if ranks is None else max(r.held for r in ranks)
             predicted = model(b)
             entry[f"measured_peak_bytes_mb{b}"] = None if ranks is None else max(peaks)
             entry[f"model_peak_bytes_mb{b}"] = predicted.total
             entry[f"relative_error_mb{b}"] = None if ranks is None else predicted.total / max(peaks) - 1
             # Between steps (no activations, no window): the weights, gradient buffers, master and states.
-            entry[f"measured_held_bytes_mb{b}"] = None if ranks is None else max(r.held for r in ranks)
+            entry[f"measured_held_bytes_mb{b}"] = held
             entry[f"model_held_bytes_mb{b}"] = predicted.held
-            entry[f"held_relative_error_mb{b}"] = None if ranks is None else predicted.held / max(
-                r.held for r in ranks) - 1
+            entry[f"held_relative_error_mb{b}"] = None if ranks is None else predicted.held / held - 1
             if pipeline > 1:
                 stages = [model(b, stage).total for stage in range(pipeline)]
                 entry[f"stage_measured_peak_bytes_mb{b}"], entry[f"stage_model_peak_bytes_mb{b}"] = peaks, stages

@@ -270,14 +270,16 @@ def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> Mem
     k = micro_batches_per_step(args, micro_batch)
     covered = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) if forge else 0
     groups = [(parameters_per_rank(args, stage) - covered, standard_bytes_per_parameter(args))]
+    window = 0
     if forge:
-        groups.append((covered, forge_bytes_per_parameter(args, k)))
+        per = forge_bytes_per_parameter(args, k)
+        window = forge_window_bytes(args, k, stage)
+        if args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
+            window += round(covered * per.grad)
+            per = dataclasses.replace(per, grad=0)
+        groups.append((covered, per))
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
-    window = forge_window_bytes(args, k, stage) if forge else 0
-    if forge and args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
-        buffers = round(covered * forge_bytes_per_parameter(args, k).grad)
-        held["grad"], window = held["grad"] - buffers, window + buffers
     activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
