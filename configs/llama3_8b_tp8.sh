@@ -18,6 +18,6 @@ LLAMA3_8B_TP8_ARGS=(
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --adam-eps 1e-8 --clip-grad 1.0
     --init-method-std 0.02 --attention-dropout 0.0 --hidden-dropout 0.0
     --log-interval 10 --save-interval 1000 --eval-interval 1000 --eval-iters 10
-    --use-forge --forge-cover-output-layer
+    --use-forge
     --forge-core-attention sdpa --no-create-attention-mask-in-dataloader
 )

@@ -27,8 +27,8 @@ SMOKE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-
          "--no-rope-fusion --no-persist-layer-norm --eval-iters 1 --eval-interval 100000 "
          "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 "
          "--mock-data --tokenizer-type NullTokenizer").split()
-RUNS = {"standard": [], "forge-master": ["--use-forge", "--forge-cover-output-layer"],
-        "forge-sr-int8": ["--use-forge", "--forge-cover-output-layer", "--forge-weight-store", "sr",
+RUNS = {"standard": [], "forge-master": ["--use-forge"],
+        "forge-sr-int8": ["--use-forge", "--forge-weight-store", "sr",
                           "--forge-state-dtype", "int8"]}
 
 

@@ -56,13 +56,14 @@ def init_single_rank(device: torch.device) -> None:
 
 
 def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.device):
-    """A TransformerLayer from the local spec (standard) or FORGE's spec, torch's fused attention."""
+    """A TransformerLayer from the local spec, torch's fused attention, its linears covered by FORGE
+    (forge) or not."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from forge_megatron.megatron.attention import with_core_attention
-    from forge_megatron.megatron.spec import get_gpt_layer_forge_spec
+    from forge_megatron.megatron.attention import core_attention
+    from forge_megatron.megatron.cover import cover_model
 
     config = TransformerConfig(num_layers=1, **shape, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
                                normalization="RMSNorm", add_bias_linear=False, bf16=dtype == torch.bfloat16,
@@ -71,9 +72,11 @@ def build_layer(shape: dict, dtype: torch.dtype, forge: bool, device: torch.devi
                                masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
                                use_cpu_initialization=device.type == "cpu")
     torch.manual_seed(1234)
-    spec = (get_gpt_layer_forge_spec(ForgeConfig("adamw", HP), core_attention="sdpa", normalization="RMSNorm")
-            if forge else with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), "sdpa"))
-    return build_module(spec, config=config, layer_number=1).to(device)
+    with core_attention("sdpa"):
+        layer = build_module(get_gpt_layer_local_spec(normalization="RMSNorm"), config=config, layer_number=1)
+    if forge:
+        cover_model([layer], ForgeConfig("adamw", HP))
+    return layer.to(device)
 
 
 def wrap_and_optimizer(layer, dtype: torch.dtype):

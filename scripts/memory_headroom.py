@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra pretrain_gpt.py flags after --, appended to the config's")
     options = parser.parse_args(argv)
 
+    from forge_megatron.megatron.args import output_layer_covered
     from forge_megatron.tools import memory
 
     reserve = memory.DEFAULT_RESERVE_GIB if options.reserve_gib is None else options.reserve_gib
@@ -274,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": os.path.relpath(options.config, ROOT), "array": options.array, "flags": flags,
         "extra_flags": options.megatron_flags, "seq_length": args.seq_length, "reserve_gib": reserve,
         "parameters_per_rank": memory.parameters_per_rank(args),
-        "covered_parameters_per_rank": memory.covered_parameters_per_rank(args, args.forge_cover_output_layer),
+        "covered_parameters_per_rank": memory.covered_parameters_per_rank(args, output_layer_covered(args)),
         "layer_linears_per_rank": memory.covered_parameters_per_rank(args, False),
-        "cover_output_layer": args.forge_cover_output_layer, "tensor_parallel": args.tensor_model_parallel_size,
+        "cover_output_layer": output_layer_covered(args), "tensor_parallel": args.tensor_model_parallel_size,
         "data_parallel": args.data_parallel_size, "distributed_optimizer": args.use_distributed_optimizer,
         "pipeline_parallel": args.pipeline_model_parallel_size, "global_batch_size": args.global_batch_size,
         "padded_vocab_size": args.padded_vocab_size, "attention": attention_path(args), "sweep_gib": sweep_gib,

@@ -33,7 +33,7 @@ def runs(tmp_path_factory, data):
     })
     runs.update({
         "standard-pp2": Run(work, "standard-pp2", *k4, "--clip-grad", "0", pp=2),
-        "forge-pp2": Run(work, "forge-pp2", *k4, "--use-forge", "--forge-cover-output-layer", "--clip-grad", "0",
+        "forge-pp2": Run(work, "forge-pp2", *k4, "--use-forge", "--clip-grad", "0",
                          pp=2),
         "standard-clip-pp2": Run(work, "standard-clip-pp2", *k4, "--clip-grad", "0.05", pp=2),
         "forge-two-pass-pp2": Run(work, "forge-two-pass-pp2", *k4, "--use-forge", "--clip-grad", "0.05",
@@ -45,7 +45,7 @@ def runs(tmp_path_factory, data):
     })
     done = run_all(data, runs)
     done.update(run_all(data, {"pp2-to-pp1": Run(
-        work, "pp2-to-pp1", *k4, "--use-forge", "--forge-cover-output-layer", "--load", done["forge-pp2"].save,
+        work, "pp2-to-pp1", *k4, "--use-forge", "--load", done["forge-pp2"].save,
         "--ckpt-convert-format", "torch_dist", "--ckpt-convert-save", os.path.join(work, "pp2-to-pp1", "converted"))}))
     return done
 

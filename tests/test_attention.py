@@ -20,12 +20,10 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
-from test_models_tp import HP, _gpt, _gpt_batch, _train
+from test_models_tp import _gpt, _gpt_batch, _train
 
-from forge_megatron import ForgeConfig
 from forge_megatron.megatron import attention
-from forge_megatron.megatron.attention import SDPAttention, with_core_attention
-from forge_megatron.megatron.spec import get_gpt_layer_forge_spec
+from forge_megatron.megatron.attention import SDPAttention, core_attention
 
 WORLD = 2
 HEADS, GROUPS, D, S, B = 4, 2, 8, 24, 3
@@ -152,14 +150,19 @@ def test_gpt_trains_the_same_with_either_attention(results):
         assert diff <= 1e-5, (run, diff)
 
 
-def test_with_core_attention_swaps_only_the_core_attention():
-    spec = get_gpt_layer_forge_spec(ForgeConfig("adamw", HP))
-    swapped = with_core_attention(spec, "sdpa")
-    assert swapped.submodules.self_attention.submodules.core_attention is SDPAttention
-    assert with_core_attention(spec, "local") is spec
-    assert (swapped.submodules.self_attention.submodules.linear_qkv
-            is spec.submodules.self_attention.submodules.linear_qkv)
-    with pytest.raises(ValueError, match="choose one of"):
-        with_core_attention(spec, "flash")
-    with pytest.raises(TypeError, match="DotProductAttention"):
-        with_core_attention(swapped, "sdpa")
+def test_core_attention_swaps_only_the_local_specs_core_attention():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    def attention(**kwargs):
+        return get_gpt_layer_local_spec(**kwargs).submodules.self_attention.submodules
+
+    with core_attention("sdpa"):
+        swapped, mla = attention(), attention(multi_latent_attention=True)
+    assert swapped.core_attention is SDPAttention and mla.core_attention is SDPAttention
+    assert swapped.linear_qkv is attention().linear_qkv
+    assert attention().core_attention is DotProductAttention  # restored on exit
+    with core_attention("local"):
+        assert attention().core_attention is DotProductAttention
+    with pytest.raises(ValueError, match="choose one of"), core_attention("flash"):
+        pass

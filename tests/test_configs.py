@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from forge_megatron.megatron.args import add_forge_args, check_forge_args_before_megatron, validate_forge_args
+from forge_megatron.megatron.args import (
+    add_forge_args,
+    apply_defaults,
+    forge_argument_checks,
+    output_layer_covered,
+    validate_forge_args,
+)
 from forge_megatron.megatron.errors import ConfigurationError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -61,7 +67,7 @@ def test_accumulating_llama3_configs(script, array, world, shape, accumulation, 
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
             args.num_query_groups) == shape
     assert (args.micro_batch_size, args.global_batch_size) == (1, 64)
-    assert args.untie_embeddings_and_output_weights and args.forge_cover_output_layer
+    assert output_layer_covered(args)
     forge = validate_forge_args(args)
     assert (forge.rule, forge.weight_store, forge.state_dtype, forge.accumulation_dtype) == (
         "adamw", "sr", "int8", accumulation)
@@ -92,12 +98,13 @@ REFUSALS = [
      "dp-grad-dtype bf16 with several micro-batches summed locally.*add --forge-dp-accumulation owner"),
     (["--fp16"], 1, "--fp16 needs a loss scaler.*use --bf16"),
     (["--context-parallel-size", "2"], 2, "--context-parallel-size 1"),
-    (["--transformer-impl", "transformer_engine"], 1, "add --transformer-impl local"),
-    (["--calculate-per-token-loss"], 1, "drop --calculate-per-token-loss"),
+    (["--transformer-impl", "transformer_engine"], 1, "use --transformer-impl local"),
     (["--rerun-mode", "report_stats"], 1, "--rerun-mode report_stats re-runs every iteration"),
     (["--check-for-spiky-loss"], 1, "--check-for-spiky-loss re-runs.*add --rerun-mode disabled"),
     (["--check-for-large-grads"], 1, "--check-for-large-grads re-runs.*add --rerun-mode disabled"),
-    (["--mtp-num-layers", "1"], 1, "drop --mtp-num-layers"),
+    (["--mtp-num-layers", "1", "--mtp-detach-heads"], 1, "drop --mtp-detach-heads"),
+    (["--num-experts", "2", "--moe-router-topk", "1"], 1, "mixture-of-experts layers are not covered yet.*drop"),
+    (["--optimizer", "muon"], 1, "FORGE has no rule for --optimizer muon.*--forge-mix-optimizers"),
     (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
 ]
 
@@ -109,23 +116,107 @@ def test_each_refusal_names_the_flag(flags, world_size, message, monkeypatch):
         validate_forge_args(args)
 
 
+UNUSED = [  # a FORGE flag that cannot take effect: (flags, world size, what the one line says)
+    (["--forge-weight-store", "sr"], 1, "^--forge-weight-store applies to bf16 weights; add --bf16"),
+    (["--forge-accumulation-dtype", "bf16"], 1, "^--forge-accumulation-dtype has no effect with one micro-batch"),
+    (["--forge-free-accumulation-buffers"], 1, "^--forge-free-accumulation-buffers has no effect with one micro"),
+    (["--forge-dp-grad-dtype", "bf16"], 1, "^--forge-dp-grad-dtype applies at data-parallel size > 1 only"),
+    (["--global-batch-size", "16", "--forge-dp-accumulation", "owner"], 2,
+     "^--forge-dp-accumulation differs between local and owner only with several micro-batches"),
+    (["--clip-grad", "0", "--forge-clip-grad-mode", "two-pass"], 1, "^--forge-clip-grad-mode needs clipping"),
+    (["--forge-rule", "rmsprop"], 1, "^--forge-rule rmsprop differs from --optimizer adam.*--forge-mix-optimizers"),
+    (["--optimizer", "sgd", "--forge-rule", "adamw"], 1, "^--forge-rule adamw differs from --optimizer sgd"),
+    (["--forge-mix-optimizers"], 1, "^--forge-mix-optimizers has no effect unless --forge-rule differs"),
+]
+
+
+@pytest.mark.parametrize("flags, world_size, message", UNUSED, ids=[" ".join(r[0]) for r in UNUSED])
+def test_a_flag_without_effect_is_refused(flags, world_size, message, monkeypatch):
+    args = parse(tiny(*flags), world_size, monkeypatch)
+    with pytest.raises(ConfigurationError, match=message):
+        validate_forge_args(args)
+
+
+def test_forge_flags_without_use_forge_are_refused(monkeypatch):
+    for flags in (["--forge-state-dtype", "int8", "--forge-clip-grad-mode", "two-pass"], ["--forge-rule", "lion"]):
+        args = parse([a for a in tiny(*flags) if a != "--use-forge"], 1, monkeypatch)
+        with pytest.raises(ConfigurationError, match=f"^{flags[0]} has no effect without --use-forge"):
+            validate_forge_args(args)
+    # --forge-core-attention shapes standard runs too (like-for-like comparisons)
+    args = parse([a for a in tiny("--forge-core-attention", "sdpa") if a != "--use-forge"], 1, monkeypatch)
+    assert validate_forge_args(args) is None
+
+
+def test_triton_backend_without_cuda_names_the_torch_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = parse(tiny("--forge-backend", "triton"), 1, monkeypatch)
+    with pytest.raises(ConfigurationError, match="^--forge-backend triton needs a CUDA device.*--forge-backend torch"):
+        validate_forge_args(args)
+
+
+def test_multi_latent_attention_on_local_layers_needs_sdpa(monkeypatch):
+    mla = ["--multi-latent-attention", "--q-lora-rank", "32", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+           "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16"]
+    for argv in (tiny(*mla), [a for a in tiny(*mla) if a != "--use-forge"]):  # standard runs too
+        with pytest.raises(ConfigurationError, match="^--multi-latent-attention on megatron-core's local layers "
+                                                     "needs --forge-core-attention sdpa"):
+            validate_forge_args(parse(argv, 1, monkeypatch))
+    assert validate_forge_args(parse(tiny(*mla, "--forge-core-attention", "sdpa"), 1, monkeypatch)).rule == "adamw"
+
+
+@pytest.mark.parametrize("flags, rule, hyperparameters", [
+    ([], "adamw", {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}),
+    (["--optimizer", "sgd", "--sgd-momentum", "0.8"], "sgd", {"momentum": 0.8, "weight_decay": 0.1}),
+    (["--optimizer", "lion", "--lion-beta1", "0.8", "--lion-beta2", "0.9"], "lion",
+     {"betas": (0.8, 0.9), "weight_decay": 0.1}),
+    (["--forge-rule", "rmsprop", "--forge-mix-optimizers"], "rmsprop", {"eps": 1e-8, "weight_decay": 0.1}),
+])
+def test_the_rule_follows_megatrons_optimizer(flags, rule, hyperparameters, monkeypatch):
+    forge = validate_forge_args(parse(tiny(*flags), 1, monkeypatch))
+    assert forge.rule == rule and forge.hyperparameters["lr"] == 1e-3
+    assert {k: forge.hyperparameters[k] for k in hyperparameters} == hyperparameters
+
+
+def test_adam_without_decoupled_weight_decay_is_coupled_adam(monkeypatch):
+    args = parse(tiny(), 1, monkeypatch)
+    args.decoupled_weight_decay = False  # Megatron's OptimizerConfig field (torch.optim.Adam's L2)
+    assert validate_forge_args(args).rule == "adam"
+
+
+def test_defaults_fill_what_the_command_line_leaves_out(monkeypatch):
+    """Under --use-forge the local linears without gradient-accumulation fusion, and without CUDA no
+    CUDA-only kernels, where the command line is silent; an explicit --transformer-impl is kept
+    (and refused), never overridden."""
+    from megatron.training.arguments import parse_args
+
+    bare = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "2", "--use-forge"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *bare])
+    args = parse_args(extra_args_provider=add_forge_args)
+    assert (args.transformer_impl, args.gradient_accumulation_fusion, args.apply_rope_fusion) == (
+        "transformer_engine", True, True)
+    set_flags = apply_defaults(args, bare)
+    assert set_flags[:2] == ["--transformer-impl local", "--no-gradient-accumulation-fusion"]
+    assert "--no-rope-fusion" in set_flags  # this machine has no CUDA
+    assert (args.transformer_impl, args.gradient_accumulation_fusion, args.apply_rope_fusion) == ("local", False, False)
+    explicit = [*bare, "--transformer-impl", "transformer_engine"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *explicit])
+    args = parse_args(extra_args_provider=add_forge_args)
+    assert "--transformer-impl local" not in apply_defaults(args, explicit)
+    assert args.transformer_impl == "transformer_engine"
+
+
 def test_refusals_on_flags_megatron_sets_together(monkeypatch):
-    """Flags whose Megatron validation needs company: experts, tied output covered, gradient
-    accumulation fusion, --rerun-mode disabled lifting the spiky-loss refusal; accumulation,
-    pipeline parallelism and a bf16 data-parallel gradient (one micro-batch, or summed in the
-    owners' rows) are accepted."""
+    """Flags whose Megatron validation needs company: gradient accumulation fusion (set by
+    Megatron's parser unless given, refused here because `parse` skips FORGE's defaults),
+    --rerun-mode disabled lifting the spiky-loss refusal; accumulation, pipeline parallelism, a
+    bf16 data-parallel gradient (one micro-batch, or summed in the owners' rows), multi-token
+    prediction and a per-token loss are accepted."""
     for flags, world in ((("--global-batch-size", "32"), 1), (("--pipeline-model-parallel-size", "2"), 2),
                          (("--global-batch-size", "16", "--forge-dp-grad-dtype", "bf16"), 2),
                          (("--global-batch-size", "32", "--forge-dp-grad-dtype", "bf16", "--forge-dp-accumulation",
-                           "owner"), 2)):
+                           "owner"), 2), (("--mtp-num-layers", "1", "--calculate-per-token-loss"), 1)):
         assert validate_forge_args(parse(tiny(*flags), world, monkeypatch)).rule == "adamw"
-    args = parse([a for a in tiny("--forge-cover-output-layer") if a != "--untie-embeddings-and-output-weights"], 1,
-                 monkeypatch)
-    with pytest.raises(ConfigurationError, match="add --untie-embeddings-and-output-weights"):
-        validate_forge_args(args)
-    args = parse(tiny("--num-experts", "2", "--moe-router-topk", "1"), 1, monkeypatch)
-    with pytest.raises(ConfigurationError, match="drop --num-experts"):
-        validate_forge_args(args)
     args = parse([a for a in tiny() if a != "--no-gradient-accumulation-fusion"], 1, monkeypatch)
     with pytest.raises(ConfigurationError, match="add --no-gradient-accumulation-fusion"):
         validate_forge_args(args)
@@ -148,7 +239,7 @@ def test_forge_checks_run_before_megatrons_argument_dump(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *tiny("--fp16")])
-    with pytest.raises(ConfigurationError), check_forge_args_before_megatron():
+    with pytest.raises(ConfigurationError), forge_argument_checks():
         parse_and_validate_args(extra_args_provider=add_forge_args)
     assert "arguments" not in capsys.readouterr().out
 

@@ -389,7 +389,7 @@ def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(t
     with open(os.path.join(imported, "model_flags.txt")) as f:
         model_flags = f.read().split()
     tb, save = str(tmp_path / "tb"), str(tmp_path / "finetuned")
-    argv = [*model_flags, "--load", imported, "--finetune", "--use-forge", "--forge-cover-output-layer",
+    argv = [*model_flags, "--load", imported, "--finetune", "--use-forge",
             "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
             "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
             "--no-bias-dropout-fusion", "--tensor-model-parallel-size", "2", "--sequence-parallel",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from forge_megatron import ForgeState
+from forge_megatron.megatron.args import output_layer_covered
 from forge_megatron.tools import memory
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -89,7 +90,7 @@ def test_forge_bytes_per_covered_parameter(llama, regime, expected):
 
 def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
     args = forge(llama, weight_store="sr", state_dtype="int8")
-    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    covered = memory.covered_parameters_per_rank(args, output_layer_covered(args))
     other = memory.parameters_per_rank(args) - covered
     held = memory.rank_memory(args, 1)
     assert held.grads == 4 * other  # no gradient for covered weights
@@ -106,7 +107,7 @@ def test_forge_rank_keeps_standard_accounting_for_uncovered(llama):
     output_grad = 2 * args.padded_vocab_size * args.hidden_size // 8
     assert not args.gradient_accumulation_fusion
     assert held.activations == standard.activations
-    assert held.logits == standard.logits - (output_grad if args.forge_cover_output_layer else 0)
+    assert held.logits == standard.logits - (output_grad if output_layer_covered(args) else 0)
 
 
 
@@ -120,15 +121,15 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     dp4 = memory.replace_args(args, data_parallel_size=4, world_size=4 * args.world_size)
     batch = {"global_batch_size": micro_batches, "micro_batch_size": 1}
     one, four = (memory.rank_memory(memory.replace_args(a, **batch), 1) for a in (args, dp4))
-    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    covered = memory.covered_parameters_per_rank(args, output_layer_covered(args))
     four_steps = memory.replace_args(dp4, global_batch_size=4 * micro_batches)  # k micro-batches per rank
     four = memory.rank_memory(four_steps, 1)
     assert memory.micro_batches_per_step(four_steps, 1) == micro_batches
     assert four.master == pytest.approx(one.master - 3 / 4 * 4 * covered, abs=1)
     assert four.states == pytest.approx(one.states - 3 / 4 * 8 * covered, abs=1)
-    largest = memory.largest_covered_weight(args, args.forge_cover_output_layer)
+    largest = memory.largest_covered_weight(args, output_layer_covered(args))
     # the output layer's shard if covered, else linear_fc1's (SwiGLU), at TP = 8
-    assert largest == max(2 * 4096 * 14336, args.padded_vocab_size * 4096 * args.forge_cover_output_layer) // 8
+    assert largest == max(2 * 4096 * 14336, args.padded_vocab_size * 4096 * output_layer_covered(args)) // 8
     window = 4 * (largest if micro_batches == 1 else 0) + 4 * largest / 4
     buffers = 4 * covered if micro_batches > 1 else 0  # freed at every step at D > 1: in the window
     assert (four.grads, four.window, one.window) == (one.grads - buffers, round(window) + buffers, 0)
@@ -176,7 +177,7 @@ def test_forge_accumulation_buffer_is_held_only_with_several_micro_batches(llama
     --forge-accumulation-dtype; the standard run's fp32 main_grad is there anyway."""
     args = memory.replace_args(forge(llama, weight_store="sr", state_dtype=state_dtype),
                                forge_accumulation_dtype=accumulation)
-    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    covered = memory.covered_parameters_per_rank(args, output_layer_covered(args))
     for micro_batch, global_batch, k in [(1, None, 1), (2, 2, 1), (1, 8, 8), (3, 8, 3)]:
         assert memory.micro_batches_per_step(memory.replace_args(args, global_batch_size=global_batch),
                                              micro_batch) == k

@@ -9,6 +9,8 @@ import pytest
 import torch
 from test_scripts import load
 
+from forge_megatron.megatron.args import output_layer_covered
+
 
 @pytest.mark.parametrize("data_parallel", [1, 2])
 def test_bench_memory_compares_measurements_with_the_model(data_parallel):
@@ -70,7 +72,7 @@ def test_bench_memory_measures_live_tensor_bytes_on_cpu(tmp_path):
                                       data_parallel_size=2)
     model = memory.rank_memory(args, 1, reserve_gib=0)
     assert abs(model.held / dp2.held - 1) <= 0.01, (model.held, dp2.held)
-    shed = (4 + 8) / 2 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    shed = (4 + 8) / 2 * memory.covered_parameters_per_rank(args, output_layer_covered(args))
     one = regimes["forge-master"]
     assert abs((one["measured_held_bytes_mb1"] - dp2.held) / shed - 1) <= 0.01, (one["measured_held_bytes_mb1"], dp2)
     assert model.window > 0
@@ -88,7 +90,7 @@ def test_accumulation_allocates_only_its_buffer_on_cpu():
     bench = load("bench_memory")
     argv = [*bench.SMOKE, *bench.REGIMES["forge-sr-int8"], "--forge-core-attention", "sdpa", "--train-iters", "2"]
     args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
-    covered = memory.covered_parameters_per_rank(args, args.forge_cover_output_layer)
+    covered = memory.covered_parameters_per_rank(args, output_layer_covered(args))
     one = bench.measure(argv, 1, 1)[0].peak
     two = bench.measure([*argv, "--forge-accumulation-dtype", "bf16"], 1, 2)[0].peak
     assert two - one == pytest.approx(2 * covered, rel=0.02), (one, two, 2 * covered)
@@ -107,7 +109,7 @@ def test_pipeline_stages_hold_1f1b_micro_batches_and_the_accumulation_buffer_on_
             "--train-iters", "2", "--pipeline-model-parallel-size", "2"]
     peaks = {k: [rank.peak for rank in bench.measure(argv, 1, k, pipeline=2)] for k in (1, 2, 4)}
     args = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args)
-    buffers = [4 * memory.covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) for stage in (0, 1)]
+    buffers = [4 * memory.covered_parameters_per_rank(args, output_layer_covered(args), stage) for stage in (0, 1)]
     # Up to two [s, b, h] bf16 tensors: 1F1B's steady state receives the next micro-batch's input
     # (and the previous one's output gradient) while one is in flight.
     p2p = 2 * args.seq_length * args.hidden_size * 2

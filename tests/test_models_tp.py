@@ -118,19 +118,19 @@ def _gpt(tp, sp, forge, core_attention="local", num_query_groups=None):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from forge_megatron.megatron.attention import with_core_attention
-    from forge_megatron.megatron.spec import cover_output_layer, get_gpt_layer_forge_spec
+    from forge_megatron.megatron.attention import core_attention as chosen_core_attention
+    from forge_megatron.megatron.cover import cover_model
 
     # No linear biases (as Llama): the key bias's exact gradient is zero (softmax ignores a per-row
     # constant), so its computed gradient is pure rounding noise that AdamW blows up to +-lr.
     config = _config(tp, sp, num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=num_query_groups,
                      ffn_hidden_size=128, normalization="RMSNorm", add_bias_linear=False)
-    spec = get_gpt_layer_forge_spec(forge, normalization="RMSNorm") if forge else get_gpt_layer_local_spec(
-        normalization="RMSNorm")
-    model = GPTModel(config, with_core_attention(spec, core_attention), vocab_size=VOCAB, max_sequence_length=SEQ,
-                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
-    if forge:
-        assert cover_output_layer(model, forge)
+    with chosen_core_attention(core_attention):
+        model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
+                         max_sequence_length=SEQ, position_embedding_type="rope",
+                         share_embeddings_and_output_weights=False)
+    if forge:  # every linear, the output layer included
+        assert sum(cover_model([model], forge).covered.values()) == 2 * 4 + 1
     # SDPAttention runs its causal kernel without a mask; Megatron's local attention builds its
     # default one on "cuda", so it is given one.
     mask = None if core_attention == "sdpa" else torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)

@@ -1,4 +1,4 @@
-"""forge-pretrain-gpt: Megatron's pretrain_gpt.py, with FORGE's flags and layer spec.
+"""forge-pretrain-gpt: Megatron's pretrain_gpt.py, with FORGE's flags.
 
 It takes Megatron-LM pretrain_gpt.py's flags and runs Megatron's own training loop
 (`megatron.training.pretrain`, from the megatron-core wheel): its optimizers, schedules,
@@ -38,21 +38,25 @@ def main(argv: list[str] | None = None) -> None:
             enable_megatron_on_cpu()
         args = parse_arguments(argv)
         model_cfg = model_config(args)
-    with exit_on_configuration_error():  # refusals met while building the model or checkpointing
+    from forge_megatron.megatron.attention import core_attention
+
+    # refusals met while building the model or checkpointing; the local spec's core attention is
+    # --forge-core-attention's (standard runs too, for like-for-like comparisons)
+    with exit_on_configuration_error(), core_attention(args.forge_core_attention):
         train(args, model_cfg)
 
 
 def parse_arguments(argv: list[str] | None):
-    """Megatron's parser and validation with FORGE's flags; FORGE's own checks come first, so a
-    refusal is not preceded by Megatron's argument dump."""
+    """Megatron's parser and validation with FORGE's flags and defaults; FORGE's own checks come
+    before Megatron's argument dump, so a refusal is the first thing printed."""
     from megatron.training.arguments import parse_and_validate_args
 
-    from forge_megatron.megatron.args import add_forge_args, check_forge_args_before_megatron
+    from forge_megatron.megatron.args import add_forge_args, forge_argument_checks
 
     saved = sys.argv
     sys.argv = [saved[0], *(argv if argv is not None else saved[1:])]
     try:
-        with check_forge_args_before_megatron():
+        with forge_argument_checks(sys.argv[1:]):
             args = parse_and_validate_args(extra_args_provider=add_forge_args,
                                            args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     finally:
@@ -67,16 +71,14 @@ def parse_arguments(argv: list[str] | None):
 
 
 def model_config(args):
-    """Megatron's GPT model config from the flags, with FORGE's layer spec under --use-forge and
-    the core attention --forge-core-attention names (standard runs too, for like-for-like runs)."""
+    """Megatron's GPT model config from the flags, as Megatron-LM's pretrain_gpt.py makes it: its
+    builder chooses the layer or block spec (and the MTP block) from the config. Under --use-forge,
+    FORGE covers the built model's linears (enable_forge)."""
     from megatron.training.argument_utils import gpt_config_from_args
 
     from forge_megatron.megatron.hook import enable_forge
-    from forge_megatron.megatron.spec import layer_spec_provider
 
     model_cfg = gpt_config_from_args(args)
-    if args.spec is None:
-        model_cfg.transformer_layer_spec = layer_spec_provider(None, args.forge_core_attention)
     enable_forge(args, model_cfg)  # no-op without --use-forge
     return model_cfg
 

@@ -32,21 +32,24 @@ class OwnerRows:
     size: int
     start: int
     stop: int
+    average: bool = True  # reduce to the mean over the group (else the sum)
 
     @classmethod
-    def of(cls, rows: int, group) -> "OwnerRows":
+    def of(cls, rows: int, group, average: bool = True) -> "OwnerRows":
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if rows % size:
             raise ValueError(f"a weight of {rows} rows cannot be split into {size} equal data-parallel blocks")
         block = rows // size
-        return cls(group=group, rank=rank, size=size, start=rank * block, stop=(rank + 1) * block)
+        return cls(group=group, rank=rank, size=size, start=rank * block, stop=(rank + 1) * block, average=average)
 
     def reduce_scatter(self, gradient: torch.Tensor, async_op: bool = False):
-        """The mean over the group of this block's rows of `gradient` (each rank's [rows, cols]),
-        as Megatron's data-parallel reduction computes it: each rank's gradient scaled by 1/size,
-        then summed. `gradient` is scaled in place. With async_op, (block, work): the block holds
-        the mean once work.wait() returns, and `gradient` must live until then."""
-        gradient.mul_(1.0 / self.size)
+        """The mean (or with average=False the sum) over the group of this block's rows of
+        `gradient` (each rank's [rows, cols]), as Megatron's data-parallel reduction computes it:
+        each rank's gradient scaled by 1/size, then summed. `gradient` is scaled in place. With
+        async_op, (block, work): the block holds the result once work.wait() returns, and
+        `gradient` must live until then."""
+        if self.average:
+            gradient.mul_(1.0 / self.size)
         block = torch.empty((self.stop - self.start, *gradient.shape[1:]), dtype=gradient.dtype,
                             device=gradient.device)
         work = _reduce_scatter(block, gradient, group=self.group, async_op=async_op)

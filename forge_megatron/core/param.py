@@ -68,6 +68,7 @@ class ForgeParam:
         self.slots: StepSlots | None = None
         self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
+        self.hold = False  # this iteration's gradient is held in the buffer even at one micro-batch (bound only)
         self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
@@ -79,7 +80,7 @@ class ForgeParam:
         weight._forge_param = self
 
     def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None,
-                 collectives: Collectives | None = None) -> None:
+                 collectives: Collectives | None = None, average: bool = True) -> None:
         """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
         of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
         owners, who update them, and all-gathered back (core/owner.py). `owner_sums`: over several
@@ -89,12 +90,14 @@ class ForgeParam:
         the local gradient's, as it is reduce-scattered; a local sum over several micro-batches is
         the accumulation buffer itself, which must then have that dtype. `collectives`: the
         model's (shared by its weights, to overlap one weight's reduce-scatter with the next
-        weight's gradient); by default this weight's own, synchronous."""
+        weight's gradient); by default this weight's own, synchronous. `average`: the owners receive
+        the mean over the group (Megatron's data-parallel reduction), else the sum (a per-token
+        loss, divided by the global token count later)."""
         grad_dtype = grad_dtype or self.config.accumulation_dtype
         if grad_dtype not in ACCUMULATION_DTYPES:
             raise ValueError(f"unknown data-parallel gradient dtype {grad_dtype!r}; choose one of "
                              f"{tuple(ACCUMULATION_DTYPES)}")
-        owner = OwnerRows.of(weight.shape[0], group)
+        owner = OwnerRows.of(weight.shape[0], group, average=average)
         # The gradient pass computes the whole shard's gradient without a rule: a state with no
         # tensors but the weight's ids and placement, which key the bf16 buffer's rounding.
         gradient_state = ForgeState(weight, "sgd", weight_store="sr", seed=self.state.seed,
@@ -136,13 +139,15 @@ class ForgeParam:
     def bind(self, slots: StepSlots) -> None:
         self.slots = slots
 
-    def begin_iteration(self, micro_batches: int = 1) -> None:
+    def begin_iteration(self, micro_batches: int = 1, hold: bool = False) -> None:
+        """A new iteration of `micro_batches` backward passes; `hold`: its gradient is summed in the
+        buffer even at one micro-batch (applied later with `apply_accumulated`)."""
         if (self.owner is not None and not self.owner_sums and micro_batches > 1
                 and self.grad_dtype != self.config.accumulation_dtype):
             raise ValueError(f"a data-parallel step summed in a local buffer reduce-scatters that buffer: the "
                              f"accumulation dtype ({self.config.accumulation_dtype}) must be the data-parallel "
                              f"gradient dtype ({self.grad_dtype}), or sum in the owner's rows")
-        self.micro_batches, self.backwards, self.updates = micro_batches, 0, 0
+        self.micro_batches, self.backwards, self.updates, self.hold = micro_batches, 0, 0, hold
         if self.owner is not None:
             self.buffer = None  # an owner's rows held for an update that was skipped
 
@@ -156,7 +161,7 @@ class ForgeParam:
         if self.owner is not None:
             return self._data_parallel_step(x, dy, weight)
         accumulate = None
-        if bound and self.micro_batches > 1:
+        if bound and (self.micro_batches > 1 or self.hold):
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         last = accumulate is None or accumulate.last
         result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale if not bound else 1.0,

@@ -38,6 +38,7 @@ def build_gpt(flags: list[str]):
 
     from forge_megatron.cli.pretrain_gpt import model_config
     from forge_megatron.megatron.args import add_forge_args
+    from forge_megatron.megatron.attention import core_attention
 
     init_world_of_one()  # torch.distributed as dist_checkpointing needs it, unless the caller's
     if not torch.cuda.is_available():
@@ -71,7 +72,8 @@ def build_gpt(flags: list[str]):
     model_parallel_cuda_manual_seed(args.seed)
     model_cfg = model_config(args)
     builder = model_cfg.get_builder_cls()(model_cfg)
-    model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True,
-                                post_process=True)
+    with core_attention(args.forge_core_attention):
+        model = builder.build_model(ProcessGroupCollection.use_mpu_process_groups(), pre_process=True,
+                                    post_process=True)
     return args, model
 

@@ -1,36 +1,61 @@
-"""`--use-forge` and FORGE's flags, and the validation that refuses what an update inside backward
-cannot honour (one ConfigurationError per case, naming the flag to change).
+"""`--use-forge` and FORGE's flags, the defaults FORGE sets where the command line is silent, and
+the validation that refuses what an update inside backward cannot honour (one ConfigurationError
+per case, naming the flag to change).
 
-Hyperparameters come from Megatron's own flags (--lr, --adam-beta1/2, --adam-eps, --weight-decay,
---sgd-momentum, --clip-grad and the schedule flags); FORGE adds only how it stores and clips.
+The rule and its hyperparameters come from Megatron's own optimizer flags (--optimizer, --lr,
+--adam-beta1/2, --adam-eps, --weight-decay, --sgd-momentum, --lion-beta1/2, --clip-grad and the
+schedule flags), so that the covered weights and the rest of the model train with one optimizer;
+FORGE adds only how it stores, accumulates and clips. No FORGE flag is silently ignored: one that
+cannot take effect in the configuration is refused with what would make it count.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
+import os
 
 from forge_megatron.core.param import ACCUMULATION_DTYPES, ForgeConfig
+from forge_megatron.core.plan import interpreting
 from forge_megatron.core.rules import get_rule, registered_rules
 from forge_megatron.core.state import STATE_DTYPES, WEIGHT_STORES
 from forge_megatron.megatron.attention import CORE_ATTENTIONS
 from forge_megatron.megatron.errors import ConfigurationError
 
+logger = logging.getLogger(__name__)
+
 CLIP_MODES = ("stale", "two-pass", "off")
 DP_ACCUMULATIONS = ("local", "owner")  # where a data-parallel step sums its micro-batches (--forge-dp-accumulation)
-RULE_FOR_OPTIMIZER = {"adam": "adamw", "sgd": "sgd"}  # Megatron's "adam" is AdamW (decoupled decay)
 CHECKPOINT_FORMATS = ("torch_dist", "torch")  # the formats FORGE's state travels in
+# FORGE flags that also shape a standard run (like-for-like comparisons): allowed without --use-forge.
+LAUNCHER_FLAGS = ("forge_core_attention",)
+# Megatron flags that need CUDA kernels (Transformer Engine, Apex or fused CUDA code): (dest, the value that
+# turns the kernel off, the flag that sets it). On a machine without CUDA they are turned off unless given.
+CUDA_ONLY = (("gradient_accumulation_fusion", False, "--no-gradient-accumulation-fusion"),
+             ("apply_rope_fusion", False, "--no-rope-fusion"),
+             ("no_persist_layer_norm", True, "--no-persist-layer-norm"),
+             ("masked_softmax_fusion", False, "--no-masked-softmax-fusion"),
+             ("bias_swiglu_fusion", False, "--no-bias-swiglu-fusion"),
+             ("bias_dropout_fusion", False, "--no-bias-dropout-fusion"))
 
 
 def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """FORGE's flags, in Megatron's style; usable as `extra_args_provider`."""
     group = parser.add_argument_group("FORGE", "optimizer step fused into the weight-gradient GEMM")
     group.add_argument("--use-forge", action="store_true",
-                       help="Train the transformer linears (and optionally the output layer) with FORGE: the "
-                            "optimizer step runs inside backward and their weight gradients are never stored.")
+                       help="Train every megatron-core linear layer of the model FORGE can own (attention, MLA, MLP, "
+                            "multi-token prediction, the untied output layer) with FORGE: the optimizer step runs "
+                            "inside backward and their weight gradients are never stored. The rule follows "
+                            "--optimizer (adam: AdamW, sgd, lion).")
     group.add_argument("--forge-rule", default=None, choices=registered_rules(),
-                       help="Element-wise rule for covered weights (default: from --optimizer; adam -> adamw).")
+                       help="The element-wise rule for covered weights when it is not what --optimizer means "
+                            "(e.g. rmsprop, adagrad, or a rule you registered); needs --forge-mix-optimizers, since "
+                            "the other parameters keep Megatron's --optimizer.")
+    group.add_argument("--forge-mix-optimizers", action="store_true",
+                       help="Accept a --forge-rule that differs from --optimizer: covered weights train with the "
+                            "FORGE rule, the other parameters with Megatron's optimizer.")
     group.add_argument("--forge-weight-store", default="master", choices=WEIGHT_STORES,
                        help="How bf16 weights are written back: 'master' keeps an fp32 master copy in FORGE's state "
                             "(the weight is its rounded copy); 'sr' keeps none and rounds the fp32 result "
@@ -69,15 +94,15 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--forge-max-nonfinite-iterations", type=int, default=3,
                        help="Stop after this many consecutive iterations with non-finite gradients in covered "
                             "weights (each such iteration is skipped or partly skipped, see docs/megatron.md).")
-    group.add_argument("--forge-cover-output-layer", action="store_true",
-                       help="Also cover the output layer (needs --untie-embeddings-and-output-weights).")
     group.add_argument("--forge-backend", default=None, choices=("triton", "torch"),
-                       help="Kernel backend (default: triton on CUDA, the tiled torch twin on CPU).")
+                       help="Kernel backend (default: triton on CUDA, the tiled torch twin on CPU; triton without "
+                            "CUDA only with TRITON_INTERPRET=1).")
     group.add_argument("--forge-core-attention", default="local", choices=CORE_ATTENTIONS,
                        help="Core attention of the local layer spec: 'local' is megatron-core's "
                             "DotProductAttention (materializes the s x s scores), 'sdpa' is torch's fused "
                             "scaled_dot_product_attention (flash or memory-efficient attention on a GPU). "
-                            "forge-pretrain-gpt applies it to standard runs too, for like-for-like comparisons.")
+                            "It applies to standard runs too (with or without --use-forge), for like-for-like "
+                            "comparisons; it swaps the core attention of megatron-core's SelfAttention only.")
     _escape_stray_percent_signs(parser)
     return parser
 
@@ -94,14 +119,19 @@ def _escape_stray_percent_signs(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%", "%%")
 
 
+def rule_for_optimizer(args) -> str | None:
+    """The FORGE rule that is Megatron's --optimizer (None where FORGE has none)."""
+    if args.optimizer == "adam":  # torch.optim.AdamW, or Adam with coupled L2 when decay is not decoupled
+        return "adamw" if getattr(args, "decoupled_weight_decay", True) else "adam"
+    return {"sgd": "sgd", "lion": "lion"}.get(args.optimizer)
+
+
 def forge_config_from_args(args) -> ForgeConfig:
     """The rule and its hyperparameters, read from Megatron's own optimizer flags."""
-    name = args.forge_rule or RULE_FOR_OPTIMIZER.get(args.optimizer)
-    if name is None:
-        raise ConfigurationError(f"--use-forge has no rule for --optimizer {args.optimizer}; pass --forge-rule "
-                                 f"(one of {', '.join(registered_rules())})")
-    from_flags = {"lr": args.lr, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_eps,
-                  "weight_decay": args.weight_decay, "momentum": getattr(args, "sgd_momentum", 0.0)}
+    name = args.forge_rule or rule_for_optimizer(args)
+    from_flags = {"lr": args.lr, "eps": args.adam_eps, "weight_decay": args.weight_decay,
+                  "momentum": getattr(args, "sgd_momentum", 0.0),
+                  "betas": ((args.lion_beta1, args.lion_beta2) if name == "lion" else (args.adam_beta1, args.adam_beta2))}
     rule = get_rule(name)
     hyperparameters = {k: v for k, v in from_flags.items() if k in rule.defaults}
     return ForgeConfig(name, hyperparameters, weight_store=args.forge_weight_store,
@@ -109,10 +139,27 @@ def forge_config_from_args(args) -> ForgeConfig:
                        accumulation_dtype=args.forge_accumulation_dtype)
 
 
-def validate_forge_args(args) -> ForgeConfig:
+def output_layer_covered(args) -> bool:
+    """Whether FORGE covers the output layer (cover.py's decision, for the memory model): under
+    --use-forge when it is not tied to the embedding and computes only the main logits."""
+    return bool(getattr(args, "use_forge", False) and args.untie_embeddings_and_output_weights
+                and not getattr(args, "mtp_num_layers", None))
+
+
+def micro_batches_per_step(args) -> int:
+    """Micro-batches each data-parallel rank runs per step (more than one under a batch ramp-up)."""
+    if getattr(args, "rampup_batch_size", None):
+        return 2
+    return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+
+
+def validate_forge_args(args) -> ForgeConfig | None:
     """Refuse configurations where an update inside backward would not be the step the user asked
-    for; each message names the flag to change. Returns the ForgeConfig (nothing without
-    --use-forge)."""
+    for, and FORGE flags that would have no effect; each message names the flag to change. Returns
+    the ForgeConfig (None without --use-forge)."""
+    for problem in _unused_flags(args):
+        if problem:
+            raise ConfigurationError(problem)
     if not args.use_forge:
         return None
     for problem in _refusals(args):
@@ -121,12 +168,84 @@ def validate_forge_args(args) -> ForgeConfig:
     return forge_config_from_args(args)
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given_forge_flags(args) -> list[str]:
+    """The FORGE flags (dests) whose value is not their default."""
+    defaults = {a.dest: a.default for a in add_forge_args(argparse.ArgumentParser())._actions if a.dest != "help"}
+    return [dest for dest, default in defaults.items() if dest != "use_forge" and getattr(args, dest, default) != default]
+
+
+def _unused_flags(args):
+    """Each FORGE flag that cannot take effect in this configuration, or None."""
+    given = _given_forge_flags(args)
+    yield (getattr(args, "multi_latent_attention", False) and args.transformer_impl == "local"
+           and args.forge_core_attention == "local") and (
+        "--multi-latent-attention on megatron-core's local layers needs --forge-core-attention sdpa (megatron-core "
+        "0.19's local DotProductAttention does not take MLA's key and value head sizes)")
+    if "forge_core_attention" in given:
+        for flag in ("experimental_attention_variant", "heterogeneous_layers_config_path"):
+            yield getattr(args, flag, None) and (
+                f"--forge-core-attention {args.forge_core_attention} swaps the core attention of megatron-core's "
+                f"SelfAttention, which {_flag(flag)} does not build; drop --forge-core-attention")
+        yield args.spec is not None and (
+            f"--forge-core-attention {args.forge_core_attention} swaps the core attention of Megatron's own layer "
+            "spec, not of --spec; drop one of them")
+    if not args.use_forge:
+        for dest in given:
+            yield dest not in LAUNCHER_FLAGS and (
+                f"{_flag(dest)} has no effect without --use-forge (the run is standard Megatron); add --use-forge or "
+                "drop it")
+        return
+    one_micro_batch = micro_batches_per_step(args) == 1
+    dp = args.data_parallel_size
+    for dest in given:
+        if dest == "forge_weight_store":
+            yield not args.bf16 and (
+                "--forge-weight-store applies to bf16 weights; add --bf16 or drop it (fp32 weights are updated in place)")
+        elif dest in ("forge_accumulation_dtype", "forge_free_accumulation_buffers"):
+            yield one_micro_batch and dp == 1 and (
+                f"{_flag(dest)} has no effect with one micro-batch per step and no data parallelism; it applies when "
+                "--global-batch-size exceeds --micro-batch-size x data-parallel size, or at data-parallel size > 1")
+        elif dest in ("forge_dp_accumulation", "forge_dp_grad_dtype"):
+            yield dp == 1 and f"{_flag(dest)} applies at data-parallel size > 1 only; drop it"
+            yield (dest == "forge_dp_accumulation" and one_micro_batch) and (
+                "--forge-dp-accumulation differs between local and owner only with several micro-batches per step; "
+                "drop it or raise --global-batch-size")
+        elif dest == "forge_clip_grad_mode":
+            yield args.clip_grad <= 0 and "--forge-clip-grad-mode needs clipping (--clip-grad > 0); drop it"
+        elif dest == "forge_rule":
+            yield (args.forge_rule != rule_for_optimizer(args) and not args.forge_mix_optimizers) and (
+                f"--forge-rule {args.forge_rule} differs from --optimizer {args.optimizer} (the other parameters' "
+                f"optimizer): set --optimizer to the same rule, or add --forge-mix-optimizers to train covered weights "
+                "with one rule and the rest with another")
+        elif dest == "forge_mix_optimizers":
+            yield (args.forge_rule is None or args.forge_rule == rule_for_optimizer(args)) and (
+                "--forge-mix-optimizers has no effect unless --forge-rule differs from --optimizer; drop it")
+        elif dest == "forge_backend":
+            yield (args.forge_backend == "triton" and not _has_cuda() and not interpreting()) and (
+                "--forge-backend triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernel, slowly); "
+                "use --forge-backend torch")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _refusals(args):
     """Each refusal, or None; the first that applies is reported."""
+    rule = args.forge_rule or rule_for_optimizer(args)
+    yield rule is None and (
+        f"FORGE has no rule for --optimizer {args.optimizer} (it has adam, sgd and lion); choose one of them, or "
+        f"pass --forge-rule (one of {', '.join(registered_rules())}) with --forge-mix-optimizers")
     dp = args.data_parallel_size
     grad_dtype = args.forge_dp_grad_dtype or args.forge_accumulation_dtype
     yield (dp > 1 and args.forge_dp_accumulation == "local" and grad_dtype != args.forge_accumulation_dtype
-           and (args.global_batch_size > args.micro_batch_size * dp or getattr(args, "rampup_batch_size", None))) and (
+           and micro_batches_per_step(args) > 1) and (
         f"--forge-dp-grad-dtype {grad_dtype} with several micro-batches summed locally: the local sum (in "
         f"--forge-accumulation-dtype {args.forge_accumulation_dtype}) is what is reduce-scattered; set both to the "
         "same dtype, or add --forge-dp-accumulation owner")
@@ -139,30 +258,24 @@ def _refusals(args):
     yield args.fp16 and (
         "--fp16 needs a loss scaler that unscales gradients or skips steps after the backward pass, which is too "
         "late for an update inside it; use --bf16")
-    yield (args.forge_cover_output_layer and not args.untie_embeddings_and_output_weights) and (
-        "--forge-cover-output-layer with tied embeddings: the shared weight gets gradients from the embedding "
-        "and the output layer; add --untie-embeddings-and-output-weights or drop --forge-cover-output-layer")
     yield args.gradient_accumulation_fusion and (
         "gradient accumulation fusion writes weight gradients into main_grad buffers that FORGE removes; add "
         "--no-gradient-accumulation-fusion")
-    yield (args.transformer_impl != "local") and (
-        "FORGE's layer spec is megatron-core's local spec with FORGE linears; add --transformer-impl local")
-    yield getattr(args, "num_experts", None) and "mixture-of-experts layers are not covered; drop --num-experts"
-    yield getattr(args, "multi_latent_attention", False) and (
-        "FORGE's layer spec covers standard self-attention; drop --multi-latent-attention")
     yield getattr(args, "experimental_attention_variant", None) and (
-        "FORGE's layer spec covers standard self-attention; drop --experimental-attention-variant")
-    yield getattr(args, "heterogeneous_layers_config_path", None) and (
-        "heterogeneous layer configs build their own layer specs, which FORGE does not cover; drop "
-        "--heterogeneous-layers-config-path")
-    yield getattr(args, "mtp_num_layers", None) and (
-        "multi-token prediction keeps a grad norm of its own, to which FORGE's norm would be added as well as "
-        "to the main one; drop --mtp-num-layers")
-    yield args.spec is not None and (
-        f"--spec {' '.join(args.spec)} replaces the layer spec; FORGE brings its own: drop --spec")
-    yield getattr(args, "calculate_per_token_loss", False) and (
-        "--calculate-per-token-loss divides the gradients by the step's token count after backward, when "
-        "FORGE has already applied them; drop --calculate-per-token-loss")
+        f"--experimental-attention-variant {args.experimental_attention_variant}: megatron-core builds it with "
+        "Transformer Engine only, whose linears FORGE does not train; drop it")
+    yield (args.transformer_impl != "local") and (
+        f"FORGE trains megatron-core's local linear layers, which --transformer-impl {args.transformer_impl} "
+        "replaces; use --transformer-impl local (the default under --use-forge)")
+    yield getattr(args, "num_experts", None) and (
+        "mixture-of-experts layers are not covered yet (experts see a different token set per rank and need the "
+        "expert-data-parallel reduction); drop --num-experts")
+    yield getattr(args, "mtp_detach_heads", False) and (
+        "--mtp-detach-heads clips the multi-token-prediction layers with a grad norm of their own, which FORGE "
+        "does not keep; drop --mtp-detach-heads")
+    yield getattr(args, "defer_embedding_wgrad_compute", False) and (
+        "--defer-embedding-wgrad-compute postpones the output layer's weight gradient to a main_grad buffer that "
+        "FORGE removes; drop it")
     yield (getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False)) and (
         "FSDP shards each weight across data-parallel ranks and gathers its gradient there, while FORGE updates "
         "whole local weights inside backward; drop --use-torch-fsdp2 / --use-megatron-fsdp")
@@ -181,15 +294,46 @@ def _refusals(args):
     yield (args.forge_max_nonfinite_iterations < 1) and "--forge-max-nonfinite-iterations must be at least 1"
 
 
+def apply_defaults(args, argv: list[str]) -> list[str]:
+    """Set what the run needs where the command line (`argv`) is silent, before Megatron validates
+    the arguments: under --use-forge, megatron-core's local linears (--transformer-impl local)
+    without gradient-accumulation fusion; without CUDA, no CUDA-only kernels. Returns the flags
+    set (an explicit conflicting value is left for validation to refuse)."""
+    set_flags = []
+    cuda = _has_cuda()
+    if (args.use_forge or not cuda) and args.transformer_impl != "local" and not _on_command_line(
+            "--transformer-impl", argv):
+        args.transformer_impl = "local"
+        set_flags.append("--transformer-impl local")
+    for dest, off, flag in CUDA_ONLY:
+        needed_off = not cuda or (args.use_forge and dest == "gradient_accumulation_fusion")
+        if needed_off and getattr(args, dest) != off:
+            setattr(args, dest, off)
+            set_flags.append(flag)
+    return set_flags
+
+
+def _on_command_line(flag: str, argv: list[str]) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
 @contextlib.contextmanager
-def check_forge_args_before_megatron():
-    """While Megatron parses and validates the arguments, run FORGE's checks right after Megatron's
-    own and before its argument dump, so that a refusal is the first thing printed."""
+def forge_argument_checks(argv: list[str] | None = None):
+    """While Megatron parses and validates the arguments (parse_and_validate_args): FORGE's
+    defaults first (apply_defaults, one log line), then Megatron's validation, then FORGE's checks,
+    before Megatron's argument dump, so that a refusal is the first thing printed."""
+    import sys
+
     from megatron.training import arguments
 
+    argv = sys.argv[1:] if argv is None else argv
     validate_args, print_args = arguments.validate_args, arguments._print_args
 
     def validate_then_check(args, defaults=None):
+        set_flags = apply_defaults(args, argv)
+        if set_flags and int(os.environ.get("RANK", "0")) == 0:
+            print(f"FORGE: set {' '.join(set_flags)} (the command line did not say; "
+                  f"{'FORGE trains local linears' if args.use_forge else 'this machine has no CUDA'})", flush=True)
         arguments._print_args = lambda *unused: None
         try:
             validate_args(args, defaults or {})

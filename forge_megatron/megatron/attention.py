@@ -1,29 +1,26 @@
 """Core attention through torch's scaled_dot_product_attention, for the local layer spec.
 
-FORGE's layer spec is megatron-core's local spec, whose DotProductAttention materializes the
-[b, heads/tp, s, s] score and probability matrices: at 8k tokens they, not weights or optimizer
-state, fill a GPU (docs/memory.md). `SDPAttention` takes the same constructor and forward
-arguments and calls `torch.nn.functional.scaled_dot_product_attention`, which on a GPU runs a
+FORGE covers megatron-core's local linears, so FORGE models are built with the local spec, whose
+DotProductAttention materializes the [b, heads/tp, s, s] score and probability matrices: at 8k
+tokens they, not weights or optimizer state, fill a GPU (docs/memory.md). `SDPAttention` takes
+the same constructor and forward arguments and calls `torch.nn.functional.scaled_dot_product_attention`, which on a GPU runs a
 fused kernel (flash or memory-efficient attention) that keeps O(s) statistics instead of the
 O(s²) matrices, and on CPU torch's fused CPU kernel. It is a drop-in replacement for the
-`core_attention` entry of any local spec, FORGE's or the standard one
-(`with_core_attention(spec, "sdpa")`); the two agree to rounding (tests/test_attention.py).
+core attention of megatron-core's local spec (`core_attention("sdpa")`, for every layer spec built
+within, the launcher's --forge-core-attention); the two agree to rounding (tests/test_attention.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.utils import divide
 
 CORE_ATTENTIONS = ("local", "sdpa")
 
@@ -31,7 +28,9 @@ CORE_ATTENTIONS = ("local", "sdpa")
 class SDPAttention(MegatronModule):
     """DotProductAttention's interface, computed by torch's fused scaled_dot_product_attention.
 
-    query [sq, b, heads/tp, d], key and value [sk, b, groups/tp, d] -> context [sq, b, heads/tp·d].
+    query [sq, b, heads/tp, dk], key [sk, b, groups/tp, dk] and value [sk, b, groups/tp, dv] ->
+    context [sq, b, heads/tp·dv] (multi-latent attention passes dk != dv as k_channels / v_channels,
+    which megatron-core 0.19's local DotProductAttention does not take).
     Megatron's boolean mask marks the positions to drop; with no mask and a causal mask type the
     kernel's own causal path runs (the fastest: flash attention on a GPU). Grouped-query attention
     runs inside the kernel where flash attention takes it (`uses_native_gqa`); elsewhere keys and
@@ -41,18 +40,15 @@ class SDPAttention(MegatronModule):
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
+                 k_channels: int | None = None, v_channels: int | None = None, cp_comm_type: str | None = None,
+                 pg_collection=None):
         super().__init__(config=config)
         _refuse_unsupported(config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
-        tp_size = pg_collection.tp.size()
         self.attn_mask_type = attn_mask_type
-        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
-        self.groups_per_partition = divide(config.num_query_groups, tp_size)
         # apply_query_key_layer_scaling divides the scale by the layer number and the softmax
         # multiplies it back (DotProductAttention): the probabilities see the plain scale.
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        self.softmax_scale = (softmax_scale if softmax_scale is not None
+                              else 1.0 / math.sqrt(k_channels or config.kv_channels))
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -65,7 +61,7 @@ class SDPAttention(MegatronModule):
         # [s, b, heads, d] -> [b, heads, s, d]: a view, the head dimension stays contiguous.
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
-        repeat = self.heads_per_partition // self.groups_per_partition
+        repeat = query.shape[1] // key.shape[1]  # query heads per key/value group on this rank
         native_gqa = repeat > 1 and uses_native_gqa(query, attention_mask)
         if repeat > 1 and not native_gqa:
             key, value = (t.repeat_interleave(repeat, dim=1) for t in (key, value))
@@ -99,18 +95,18 @@ def _refuse_unsupported(config) -> None:
                          "--forge-core-attention local")
 
 
-def with_core_attention(spec: ModuleSpec, core_attention: str) -> ModuleSpec:
-    """A GPT layer spec whose self-attention uses `core_attention` ("local": megatron-core's
-    DotProductAttention, "sdpa": SDPAttention); the spec is returned unchanged for "local"."""
-    if core_attention not in CORE_ATTENTIONS:
-        raise ValueError(f"unknown core attention {core_attention!r}; choose one of {CORE_ATTENTIONS}")
-    if core_attention == "local":
-        return spec
-    layer = spec.submodules
-    attention = layer.self_attention
-    if attention.submodules.core_attention is not DotProductAttention:
-        raise TypeError("with_core_attention swaps megatron-core's local DotProductAttention; got "
-                        f"{attention.submodules.core_attention!r}")
-    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules,
-                                                                              core_attention=SDPAttention))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(layer, self_attention=attention))
+@contextlib.contextmanager
+def core_attention(kind: str):
+    """Within, every layer spec megatron-core builds with its local spec provider (the decoder's, a
+    mixture-of-experts block's, the multi-token-prediction layers') gets `kind`'s core attention:
+    "local" is megatron-core's DotProductAttention, "sdpa" SDPAttention. Parameter-free, so the
+    model's parameters are the same either way."""
+    if kind not in CORE_ATTENTIONS:
+        raise ValueError(f"unknown core attention {kind!r}; choose one of {CORE_ATTENTIONS}")
+    original = LocalSpecProvider.core_attention
+    chosen = {"local": DotProductAttention, "sdpa": SDPAttention}[kind]
+    LocalSpecProvider.core_attention = lambda self: chosen
+    try:
+        yield
+    finally:
+        LocalSpecProvider.core_attention = original

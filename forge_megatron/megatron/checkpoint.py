@@ -7,8 +7,16 @@ weight, so a checkpoint saved at one tensor-, pipeline- or data-parallel layout 
 weight's step count is a one-element ShardedTensor under the weight's global name (kept by the
 ranks that hold the weight, whatever the pipeline stage); the controller's scalars (the norm stale
 clipping uses next) are common state, the same on every rank.
+A state Megatron's optimizer keeps too (an fp32 moment of the same name, the fp32 master) is saved
+under Megatron's own key for that weight (`optimizer.state.exp_avg.<weight>`, the master as
+Megatron's `fp32_param`, or `param` with the distributed optimizer), so a run switches between
+FORGE and standard Megatron through a checkpoint with its optimizer state: a standard run reads
+FORGE's moments as its own, and FORGE reads a standard checkpoint's (its step from Megatron's
+optimizer). 8-bit and bf16 states (and 8-bit scales) are FORGE's own (`optimizer.forge.*`): a
+switch then needs --no-load-optim, and says so.
 torch: the same entries as plain tensors, each rank's own (its owned rows with data
-parallelism), in each rank's own file (as Megatron's torch format saves everything: no resharding).
+parallelism), in each rank's own file (as Megatron's torch format saves everything: no resharding);
+a switch in this format is refused.
 """
 
 from __future__ import annotations
@@ -19,15 +27,40 @@ import os
 import torch
 
 from forge_megatron.core.numerics import QBLOCK
+from forge_megatron.core.param import ForgeParam
 from forge_megatron.megatron.controller import ForgeController
+from forge_megatron.megatron.errors import ConfigurationError
 
-CHECKPOINT_PREFIX = "optimizer.forge"  # the sharded keys of FORGE's state tensors
+CHECKPOINT_PREFIX = "optimizer.forge"  # the sharded keys of FORGE's own state tensors and step counts
+MEGATRON_PREFIX = "optimizer.state"  # Megatron's per-parameter optimizer state keys
 SCALARS = "__controller__"  # the entry holding ForgeController.scalars()
+SWITCH_FIX = "add --no-load-optim to load the weights only"
 
 
-def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+def megatron_master_name(args) -> str:
+    """Megatron's name for a parameter's fp32 master in its checkpoints: `fp32_param` in its
+    mixed-precision optimizer, `param` in its distributed optimizer."""
+    return "param" if args.use_distributed_optimizer else "fp32_param"
+
+
+def state_keys(param: ForgeParam, master_name: str) -> dict[str, str]:
+    """The checkpoint key prefix of each of a weight's state tensors: Megatron's own where
+    Megatron's optimizer keeps the same state (fp32), FORGE's otherwise."""
+    rule_states = param.state.rule.states
+    keys = {}
+    for name, tensor in param.state.named_tensors().items():
+        shared = tensor.dtype == torch.float32 and (name == "master" or name in rule_states)
+        keys[name] = (f"{MEGATRON_PREFIX}.{master_name if name == 'master' else name}" if shared
+                      else f"{CHECKPOINT_PREFIX}.{name}")
+    return keys
+
+
+def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: dict, master_name: str,
+                       is_loading: bool = False, from_standard: bool = False) -> dict:
     """FORGE state for torch_dist: each tensor sharded like its weight (when loading, the tensors
-    the load fills: with data parallelism the owners' rows are not gathered for it)."""
+    the load fills: with data parallelism the owners' rows are not gathered for it). With
+    `from_standard`, the tensors a standard Megatron checkpoint holds for the covered weights (the
+    step comes from Megatron's optimizer, `adopt_megatron_step`)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 
@@ -38,18 +71,81 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     replica = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
-    out = {SCALARS: controller.scalars()}
+    out = {} if from_standard else {SCALARS: controller.scalars()}
     for (name, weight), global_name, param in zip(controller.named, controller.global_names, controller.params):
         sharded_weight = by_data.get(id(weight))
         if sharded_weight is None:
             raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
-        entry = {state_name: _sharded_like(sharded_weight, tensor, f"{CHECKPOINT_PREFIX}.{state_name}", name)
+        keys = state_keys(param, master_name)
+        if from_standard and any(not key.startswith(MEGATRON_PREFIX) for key in keys.values()):
+            raise ConfigurationError(f"the checkpoint is standard Megatron's, whose optimizer state does not hold "
+                                     f"FORGE's {param.config.state_dtype} states; {SWITCH_FIX}")
+        entry = {state_name: _sharded_like(sharded_weight, tensor, keys[state_name], name)
                  for state_name, tensor in param.shard_tensors(gather=not is_loading).items()}
-        step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
-        entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
-                                                        replica_id=replica)
+        if not from_standard:
+            step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
+            entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
+                                                            replica_id=replica)
         out[global_name] = entry
     return out
+
+
+def adopt_megatron_step(controller: ForgeController, optimizer) -> None:
+    """After a standard checkpoint's optimizer state was loaded: every covered weight takes
+    Megatron's optimizer's step count (its parameters all step together)."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                step = int(state["step"])
+                for param in controller.params:
+                    param.state.step = step
+                return
+    raise ConfigurationError(f"the standard checkpoint's optimizer state holds no step count; {SWITCH_FIX}")
+
+
+def standard_checkpoint_is_readable(args) -> None:
+    """Refuse, in one line, a standard Megatron checkpoint whose optimizer state FORGE cannot read
+    per weight (the distributed optimizer's default format keeps it per data-parallel bucket)."""
+    format_ = _optimizer_format(args)
+    if format_ == "dp_reshardable":
+        raise ConfigurationError("the standard checkpoint's distributed-optimizer state is saved per data-parallel "
+                                 "bucket, not per weight; save it with --dist-ckpt-optim-fully-reshardable, or "
+                                 f"{SWITCH_FIX}")
+
+
+def forge_checkpoint_is_readable_by_megatron(args) -> None:
+    """In a standard run, refuse (one line) a FORGE checkpoint whose covered weights' optimizer
+    state Megatron cannot read: FORGE's own 8-bit or bf16 states, or a distributed optimizer's
+    per-bucket format on either side."""
+    from megatron.core import dist_checkpointing
+
+    keys = dist_checkpointing.load_tensors_metadata(_checkpoint_path(args))
+    forge_own = sorted({k.split(".")[2] for k in keys if k.startswith(CHECKPOINT_PREFIX + ".")} - {"step"})
+    if forge_own:
+        raise ConfigurationError(f"the checkpoint holds FORGE optimizer state ({', '.join(forge_own)}) that "
+                                 "Megatron's optimizer does not keep; resume it with --use-forge, or " + SWITCH_FIX)
+    if args.use_distributed_optimizer and not args.dist_ckpt_optim_fully_reshardable:
+        raise ConfigurationError("a FORGE checkpoint holds the covered weights' optimizer state per weight, which "
+                                 "the distributed optimizer reads only with --dist-ckpt-optim-fully-reshardable; add "
+                                 f"it, or {SWITCH_FIX}")
+    if _optimizer_format(args) == "dp_reshardable":
+        raise ConfigurationError("the FORGE checkpoint's distributed-optimizer state is saved per data-parallel "
+                                 f"bucket; resume it with --use-forge, or {SWITCH_FIX}")
+
+
+def _optimizer_format(args) -> str | None:
+    """The distributed optimizer's checkpoint format of the checkpoint to load (None: per weight)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(_checkpoint_path(args))
+    optimizer = common.get("optimizer", {}) if isinstance(common, dict) else {}
+    return optimizer.get("param_state_sharding_type") if isinstance(optimizer, dict) else None
+
+
+def _checkpoint_path(args) -> str:
+    from megatron.training.checkpointing import get_load_checkpoint_path_by_args
+
+    return get_load_checkpoint_path_by_args(args)
 
 
 def state_dict(controller: ForgeController) -> dict:
@@ -74,24 +170,25 @@ def load_state_dict(controller: ForgeController, loaded: dict) -> None:
         entry = loaded[name]
         for state_name, tensor in param.state.named_tensors().items():
             tensor.copy_(param.own(entry[state_name]))
-        step = entry["step"]
-        param.state.step = int(step.reshape(-1)[0]) if isinstance(step, torch.Tensor) else int(step)
+        step = entry.get("step")  # none in a standard checkpoint: adopt_megatron_step
+        if step is not None:
+            param.state.step = int(step.reshape(-1)[0]) if isinstance(step, torch.Tensor) else int(step)
     controller.load_scalars(loaded.get(SCALARS, {}))
 
 
 def checkpoint_has_forge_state(args) -> bool:
     """Whether the checkpoint Megatron is about to load (--load, its latest iteration or
-    --ckpt-step) holds FORGE state (torch_dist format)."""
+    --ckpt-step) holds FORGE state (torch_dist format: FORGE's step counts)."""
     from megatron.core import dist_checkpointing
-    from megatron.training.checkpointing import get_load_checkpoint_path_by_args
 
-    path = get_load_checkpoint_path_by_args(args)
+    path = _checkpoint_path(args)
     if not os.path.isdir(path):
         return False
-    return any(k.startswith(CHECKPOINT_PREFIX) for k in dist_checkpointing.load_tensors_metadata(path))
+    return any(k.startswith(CHECKPOINT_PREFIX + ".step.") for k in dist_checkpointing.load_tensors_metadata(path))
 
 
 def _sharded_like(sharded_weight, tensor: torch.Tensor, prefix: str, name: str):
+    # (an fp32 state shares its weight's sharding exactly, under the given key prefix)
     """`tensor` sharded like its weight: states and master have the weight's shape; the int8
     states' block scales have one column per QBLOCK weight columns, so their last axis is the
     weight's divided by QBLOCK (which the shard boundaries must respect)."""

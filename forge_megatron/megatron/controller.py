@@ -38,7 +38,8 @@ class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
-                 dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False):
+                 dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False,
+                 per_token_loss: bool = False, pipeline_parallel: bool = False):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         if dp_accumulation not in DP_ACCUMULATIONS:
@@ -46,11 +47,14 @@ class ForgeController:
         self.chunks = model_chunks
         self.named = covered_params(model_chunks)
         if not self.named:
-            raise ValueError("no FORGE-covered weights in the model: build it with get_gpt_layer_forge_spec")
+            raise ValueError("no FORGE-covered weights in the model (forge_megatron.megatron.cover.cover_model covers "
+                             "megatron-core's ColumnParallelLinear / RowParallelLinear)")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
         self.global_names = [name for chunk in model_chunks for name in global_names(chunk)]
         for name, param in zip(self.global_names, self.params):  # the same on every rank and parallel layout
             param.state.weight_id = weight_id(name)
+        if len({p.state.weight_id for p in self.params}) != len(self.params):
+            raise ValueError("two covered weights' names hash to one random-stream id")
         self.table: StepTable | None = None  # built at the first step, when the weights' dtypes are final
         self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
                                              config_overrides)
@@ -67,7 +71,8 @@ class ForgeController:
             for (name, weight), param in zip(self.named, self.params):
                 try:
                     param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner",
-                                   grad_dtype=dp_grad_dtype, collectives=self.collectives)
+                                   grad_dtype=dp_grad_dtype, collectives=self.collectives,
+                                   average=not per_token_loss)
                 except ValueError as error:
                     raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
                                              "size that divides every covered weight's rows") from None
@@ -80,7 +85,13 @@ class ForgeController:
         self.skip = False  # this iteration's updates are skipped (two-pass: nothing was written)
         self.grad_scale = 1.0  # the gradient scale of the last step's updates
         self._iteration = None  # the iteration whose backward FORGE last ran
-        self.held = False  # two-pass: the step's gradients are held for the optimizer step's norm
+        self.held = False  # the step's gradients are held, to be applied at the optimizer step
+        self._held_coefficient: float | None = None  # a held step's clip coefficient (None: from its own norm)
+        # --calculate-per-token-loss: Megatron divides the step's gradients by its token count after
+        # backward (finalize_model_grads); FORGE scales its own by the same `token_scale`.
+        self.per_token_loss = per_token_loss
+        self.pipeline_parallel = pipeline_parallel
+        self.token_scale: torch.Tensor | None = None  # 1 / the step's token count (device), once known
 
     def num_parameters(self) -> int:
         return sum(p.numel() for _, p in self.named)
@@ -124,16 +135,18 @@ class ForgeController:
         whatever the schedule (1F1B and interleaved pipelines run every forward of a stage before
         its last backward, whose dgrad uses the old weight).
 
-        'stale' and 'off': one pass; the clip coefficient comes from the previous step's norm
-        (or is 1). 'two-pass': a norms-only pass first (FORGE writes nothing; the other
-        parameters' gradients are computed). Where that pass leaves the step's gradient held
-        (summed over several micro-batches, or reduce-scattered to the data-parallel owners'
-        rows), nothing more runs here: Megatron's optimizer step computes the global norm, FORGE's
-        sums of squares included, and `after_step` updates each weight from its held gradient
-        with that norm's coefficient. Otherwise (one micro-batch, no data parallelism) the
-        global norm and the exact coefficient are computed here, `zero_grads()` is called and the
-        first pass's micro-batch and RNG state replayed in the real pass. A non-finite first pass
-        skips the rest (nothing is written this iteration).
+        Held: where the step's gradient is held anyway (summed over several micro-batches, or
+        reduce-scattered to the data-parallel owners' rows) and two-pass clipping wants this step's
+        norm, or where --calculate-per-token-loss's token count is not known before the update,
+        nothing is written in backward: Megatron's optimizer step computes the global norm (FORGE's
+        sums of squares included) and `after_step` updates each weight from its held gradient with
+        the clip coefficient and the token scale.
+        Otherwise in backward: 'stale' and 'off' scale by the previous step's clip coefficient (or
+        1); 'two-pass' runs a norms-only pass first (FORGE writes nothing; the other parameters'
+        gradients are computed), computes the global norm, calls `zero_grads()` and replays the
+        micro-batch and RNG state with the exact coefficient. A non-finite first pass skips the rest.
+        With a per-token loss in backward (one micro-batch, no data or pipeline parallelism), the
+        loss function's token count scales the update as soon as the loss is computed.
         """
         if iteration == self._iteration:
             raise RuntimeError(
@@ -141,15 +154,26 @@ class ForgeController:
                 "machine re-runs an iteration whose result failed validation, see the log above); FORGE has already "
                 "applied this iteration's update and cannot undo it: rerun with --rerun-mode disabled")
         if self.held:
-            raise RuntimeError("FORGE: the previous iteration's two-pass update is still held: its optimizer step did "
-                               "not run (the update is applied with Megatron's grad norm, in optimizer.step)")
+            raise RuntimeError("FORGE: the previous iteration's held update is still pending: its optimizer step did "
+                               "not run (a held update is applied with Megatron's grad norm, in optimizer.step)")
         self._iteration = iteration
         self.skip = False
+        self.token_scale = None
         micro_batches = int(kwargs.get("num_microbatches", 1))
         table = self._step_table()
+        kwargs = self._counting_tokens(kwargs)
+        if self._holds(micro_batches):
+            self._held_coefficient = None if self.clip_mode == "two-pass" else self._stale_coefficient()
+            self._begin(micro_batches, hold=True)
+            table.write(1.0)
+            self._set(apply=False)
+            losses = forward_backward_func(**kwargs)
+            self._check_backwards()
+            self.held = True
+            return losses
         self._begin(micro_batches)
         if self.clip_mode != "two-pass":
-            self.grad_scale = self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+            self.grad_scale = self._stale_coefficient()
             table.write(self.grad_scale)
             self._set(apply=True)
             losses = forward_backward_func(**kwargs)
@@ -157,11 +181,6 @@ class ForgeController:
             return losses
         table.write(1.0)
         self._set(apply=False)
-        if micro_batches > 1 or self.dp_group is not None:  # the gradient is held until the optimizer step
-            losses = forward_backward_func(**kwargs)
-            self._check_backwards()
-            self.held = True
-            return losses
         rng = _rng_states()
         recorder = _Recorder(kwargs.get("data_iterator"))
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
@@ -181,9 +200,54 @@ class ForgeController:
         self._end()
         return losses
 
-    def _begin(self, micro_batches: int) -> None:
+    def _holds(self, micro_batches: int) -> bool:
+        """Whether this iteration's gradients are held until the optimizer step (forward_backward)."""
+        gradient_held_anyway = micro_batches > 1 or self.dp_group is not None
+        count_known_in_backward = micro_batches == 1 and self.dp_group is None and not self.pipeline_parallel
+        return ((self.clip_mode == "two-pass" and gradient_held_anyway)
+                or (self.per_token_loss and not count_known_in_backward))
+
+    def _stale_coefficient(self) -> float:
+        return self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+
+    def _counting_tokens(self, kwargs: dict) -> dict:
+        """With a per-token loss: Megatron's schedule arguments with the loss function's token count
+        scaling the update in backward (one micro-batch: its count is the step's), and
+        `token_scale` taken from finalize_model_grads' global count (which scales the other
+        parameters' gradients, and FORGE's norm and held updates). Nothing is read on the host."""
+        if not self.per_token_loss:
+            return kwargs
+        from megatron.core.utils import get_model_config
+
+        model_config = get_model_config(self.chunks[0])
+        finalize = model_config.finalize_model_grads_func
+        if not getattr(finalize, "_forge", False):
+            def finalize_and_read_count(model, num_tokens, *args, **kw):
+                result = finalize(model, num_tokens, *args, **kw)  # num_tokens becomes the global count
+                if num_tokens is not None:
+                    self.token_scale = 1.0 / torch.clamp(num_tokens, min=1)
+                return result
+
+            finalize_and_read_count._forge = True
+            model_config.finalize_model_grads_func = finalize_and_read_count
+        forward_step = kwargs["forward_step_func"]
+
+        def forward_step_with_count(*args, **kw):
+            output, loss_func = forward_step(*args, **kw)
+
+            def loss_and_scale(*loss_args, **loss_kw):
+                result = loss_func(*loss_args, **loss_kw)
+                if len(result) == 3 and self.params[0].apply:  # (loss, token count, report): scale this update
+                    self.table.set_scale(self.grad_scale / torch.clamp(result[1], min=1))
+                return result
+
+            return output, loss_and_scale
+
+        return {**kwargs, "forward_step_func": forward_step_with_count}
+
+    def _begin(self, micro_batches: int, hold: bool = False) -> None:
         for p in self.params:
-            p.begin_iteration(micro_batches)
+            p.begin_iteration(micro_batches, hold=hold)
 
     def _check_backwards(self) -> None:
         """After a pass of Megatron's schedule: its data-parallel collectives have completed, and
@@ -245,10 +309,10 @@ class ForgeController:
 
     def after_step(self, grad_norm: float | None, iteration: int, stepped: bool = True) -> None:
         """After Megatron's optimizer step (`stepped`: it updated its parameters), whose global
-        norm `grad_norm` was: apply the held two-pass updates with that norm's coefficient, record
-        the norm (stale clipping's next coefficient) and log FORGE's scalars."""
+        norm `grad_norm` was: apply the held updates, record the norm (stale clipping's next
+        coefficient) and log FORGE's scalars."""
         if self.held:
-            self._apply_held(grad_norm if stepped and not self.skip else None, iteration)
+            self._apply_held(grad_norm, stepped and not self.skip, iteration)
         if grad_norm is not None and not self.skip:
             self.grad_norm = float(grad_norm)
         from megatron.training.global_vars import get_tensorboard_writer
@@ -262,11 +326,13 @@ class ForgeController:
             if "weight_decay" in hyperparameters:
                 writer.add_scalar("forge/weight-decay", hyperparameters["weight_decay"], iteration)
 
-    def _apply_held(self, grad_norm: float | None, iteration: int) -> None:
-        """Each weight's update from its held gradient with Megatron's norm's coefficient (the
-        coefficient Megatron clipped its own parameters with), unless its step did not run."""
+    def _apply_held(self, grad_norm: float | None, stepped: bool, iteration: int) -> None:
+        """Each weight's update from its held gradient, with the clip coefficient (two-pass: from
+        Megatron's norm of this step, which Megatron clipped its own parameters with; else the one
+        decided at forward time) and the token scale, unless Megatron's step did not run."""
         self.held = False
-        if grad_norm is None or not math.isfinite(grad_norm):
+        exact = self._held_coefficient is None
+        if not stepped or (exact and (grad_norm is None or not math.isfinite(grad_norm))):
             if not self.skip:
                 logger.warning("FORGE: iteration %d: Megatron's optimizer step did not run or its grad norm is %s; "
                                "no covered weight was updated", iteration, grad_norm)
@@ -279,8 +345,9 @@ class ForgeController:
         if missing:  # checked before any weight is written (data-parallel ranks all-gather in step)
             raise RuntimeError(f"FORGE: no held gradient to apply for {missing[0]} (its update was applied already or "
                                "its backward did not run)")
-        self.grad_scale = self._coefficient(grad_norm)
-        self._step_table().set_scale(self.grad_scale)
+        self.grad_scale = self._coefficient(grad_norm) if exact else self._held_coefficient
+        self._step_table().set_scale(self.grad_scale if self.token_scale is None
+                                     else self.grad_scale * self.token_scale)
         for (_, weight), param in zip(self.named, self.params):
             param.apply_accumulated(weight)
         self._end()
@@ -291,10 +358,15 @@ class ForgeController:
         """This rank's sum of squares of the covered weights' raw gradients in the last backward,
         for Megatron's grad norm: with data parallelism, of the rows this rank owns, summed over
         the data-parallel ranks unless Megatron's optimizer sums over them."""
-        local = self._step_table().totals()[0]
+        local = self._step_table().totals()[0] * self._token_scale_squared()
         if self.dp_group is not None and not self.optimizer_sums_over_data_parallel:
             dist.all_reduce(local, group=self.dp_group)
         return local
+
+    def _token_scale_squared(self) -> torch.Tensor | float:
+        """What FORGE's raw sums of squares are multiplied by to be the scaled gradients' (a
+        per-token loss divides the gradients by the step's token count)."""
+        return 1.0 if self.token_scale is None else self.token_scale.double().square()
 
     def _global_norm_and_nonfinite(self, other_sumsq) -> tuple[float, int]:
         """The L2 norm of all of the step's gradients (FORGE's raw ones plus `other_sumsq`, the
@@ -303,7 +375,7 @@ class ForgeController:
         local = self._step_table().totals()
         if self.dp_group is not None:
             dist.all_reduce(local, group=self.dp_group)
-        local[0] += other_sumsq
+        local[0] = local[0] * self._token_scale_squared() + other_sumsq
         if self.group is not None and dist.is_initialized():
             dist.all_reduce(local, group=self.group)
         return math.sqrt(float(local[0])), int(local[1])
@@ -345,21 +417,11 @@ def global_names(chunk: torch.nn.Module) -> list[str]:
     return out
 
 
-LAYER_SLOTS = ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight",
-               "mlp.linear_fc2.weight")
-
-
 def weight_id(global_name: str) -> int:
-    """A covered weight's id for its random streams, from its global name: 16 per transformer
-    layer (the four linears in LAYER_SLOTS), below 16 for weights outside the layers (the output
-    layer). Unique within a model and the same at every tensor- and pipeline-parallel layout."""
-    parts = global_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and i > 0 and parts[i - 1] == "layers":
-            rest = ".".join(parts[i + 1:])
-            slot = LAYER_SLOTS.index(rest) if rest in LAYER_SLOTS else 4 + zlib.crc32(rest.encode()) % 12
-            return 16 * (int(part) + 1) + slot
-    return zlib.crc32(global_name.encode()) % 16
+    """A covered weight's id for its random streams: a 32-bit hash of its global name, the same at
+    every tensor-, pipeline- and data-parallel layout (the controller checks that a rank's ids are
+    distinct)."""
+    return zlib.crc32(global_name.encode())
 
 
 def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:

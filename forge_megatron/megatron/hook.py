@@ -4,9 +4,10 @@ one hook both forge-pretrain-gpt and a patched Megatron-LM pretrain_gpt.py (patc
 Called after argument parsing and before `pretrain`; without --use-forge it does nothing. It
 hooks Megatron's loop without copying it:
 
-* the GPT model config gets FORGE's layer spec and a pre-wrap hook, which (after the model is
-  built, before DDP) optionally covers the output layer and creates the ForgeController; covered
-  weights do not require grad, so DDP and the (distributed) optimizer never see them;
+* the GPT model config gets a pre-wrap hook, which (after Megatron has built the model, whatever
+  spec built it, and before DDP) turns every megatron-core parallel linear FORGE can own into its
+  FORGE class (cover.py) and creates the ForgeController; covered weights do not require grad, so
+  DDP and the (distributed) optimizer never see them;
 * `get_megatron_optimizer`'s optimizer counts FORGE's gradients in its grad norm (so Megatron's
   clipping and logging use the global norm), skips its step when FORGE found non-finite
   gradients, reports its norm to FORGE (stale clipping, and the held two-pass updates) and
@@ -21,18 +22,16 @@ Safe to call twice.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import log_single_rank
+from megatron.training.utils import print_rank_0
 
 from forge_megatron.megatron import checkpoint
 from forge_megatron.megatron.args import add_forge_args, validate_forge_args
 from forge_megatron.megatron.controller import ForgeController
-from forge_megatron.megatron.spec import cover_output_layer, layer_spec_provider
-
-logger = logging.getLogger(__name__)
+from forge_megatron.megatron.cover import cover_model
+from forge_megatron.megatron.errors import ConfigurationError
 
 __all__ = ["add_forge_args", "enable_forge", "controller"]
 
@@ -41,11 +40,11 @@ _STATE: dict = {}  # "args", "config" (ForgeConfig), "controller" (after the mod
 
 def enable_forge(args, model_cfg) -> None:
     """Install FORGE for this run (after argument parsing, before `pretrain`)."""
-    if not args.use_forge:
+    forge = validate_forge_args(args)  # also refuses FORGE flags given without --use-forge
+    if forge is None:
+        _install_standard_checkpoint_check(args)
         return
-    forge = validate_forge_args(args)
     _STATE.update(config=forge, args=args)
-    model_cfg.transformer_layer_spec = layer_spec_provider(forge, args.forge_core_attention)
     if _pre_wrap_hook not in model_cfg.pre_wrap_hooks:
         model_cfg.pre_wrap_hooks.append(_pre_wrap_hook)
     from megatron.training import training
@@ -60,19 +59,37 @@ def enable_forge(args, model_cfg) -> None:
             setattr(training, name, wrapped)
 
 
+def _install_standard_checkpoint_check(args) -> None:
+    """A standard run that loads optimizer state checks it is not FORGE state it cannot read."""
+    if not args.load or args.no_load_optim or args.finetune:
+        return
+    from megatron.training import training
+
+    factory = training.get_megatron_optimizer
+    if getattr(factory, "_forge", False):
+        return
+
+    @functools.wraps(factory)
+    def get_megatron_optimizer(*a, **kw):
+        optimizer = factory(*a, **kw)
+        _refuse_unreadable_forge_checkpoints(optimizer, args)
+        return optimizer
+
+    get_megatron_optimizer._forge = True
+    training.get_megatron_optimizer = get_megatron_optimizer
+
+
 def controller() -> ForgeController | None:
     """This run's controller (None before the model is built or without --use-forge)."""
     return _STATE.get("controller")
 
 
 def _pre_wrap_hook(model_chunks):
-    """After the model is built, before DDP: cover the output layer, create the controller."""
+    """After the model is built, before DDP: cover its linears, create the controller."""
     from megatron.training.training import get_megatron_optimizer_config
 
     args, forge = _STATE["args"], _STATE["config"]
-    if args.forge_cover_output_layer:
-        for chunk in model_chunks:
-            cover_output_layer(chunk, forge)
+    report = cover_model(model_chunks, forge, multi_token_prediction=bool(args.mtp_num_layers))
     optimizer_config, overrides = get_megatron_optimizer_config(args)
     controller = ForgeController(
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,
@@ -80,14 +97,14 @@ def _pre_wrap_hook(model_chunks):
         model_parallel_group=parallel_state.get_model_parallel_group(),
         free_accumulation_buffers=args.forge_free_accumulation_buffers,
         data_parallel_group=parallel_state.get_data_parallel_group(), dp_accumulation=args.forge_dp_accumulation,
-        dp_grad_dtype=args.forge_dp_grad_dtype, dp_overlap=args.overlap_grad_reduce)
+        dp_grad_dtype=args.forge_dp_grad_dtype, dp_overlap=args.overlap_grad_reduce,
+        per_token_loss=args.calculate_per_token_loss, pipeline_parallel=args.pipeline_model_parallel_size > 1)
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())
-    log_single_rank(logger, logging.INFO,
-                    f"FORGE: {len(controller.params)} weights, {controller.num_parameters():,} of {total:,} parameters "
-                    f"on this rank, rule {controller.params[0].config.rule}, clipping {controller.clip_mode}; "
-                    f"weight-gradient memory not allocated: {controller.num_parameters() * grad_bytes / 2**20:.2f} MiB")
+    print_rank_0(f"FORGE: rule {forge.rule}, clipping {controller.clip_mode}; {report.covered_summary()}: "
+                 f"{controller.num_parameters():,} of {total:,} parameters on this rank, weight-gradient memory not "
+                 f"allocated: {controller.num_parameters() * grad_bytes / 2**20:.2f} MiB{report.standard_summary()}")
     return model_chunks
 
 
@@ -106,10 +123,12 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
     first = optimizer.chained_optimizers[0] if hasattr(optimizer, "chained_optimizers") else optimizer
     grads_for_norm = first.get_grads_for_grad_norm
 
-    def get_grads_for_grad_norm(*a, **kw):
+    def get_grads_for_grad_norm(grad_norm_group=None):
         # One extra "gradient" whose squared norm is this rank's FORGE sum of squares; Megatron
-        # sums the squares of all grads and all-reduces over the model-parallel group.
-        return [*grads_for_norm(*a, **kw), controller.local_sumsq().float().sqrt().reshape(1)]
+        # sums the squares of all grads and all-reduces over the model-parallel group. FORGE's
+        # weights count in the main norm only (not in a separate group's, e.g. MTP's).
+        grads = grads_for_norm(grad_norm_group)
+        return grads if grad_norm_group is not None else [*grads, controller.local_sumsq().float().sqrt().reshape(1)]
 
     first.get_grads_for_grad_norm = get_grads_for_grad_norm
     # Megatron's distributed optimizer reduces grad-norm contributions over its data-parallel
@@ -134,13 +153,15 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
     optimizer.step = step_with_forge
 
     sharded_state_dict = optimizer.sharded_state_dict
+    master_name = checkpoint.megatron_master_name(args)
 
     def sharded_state_dict_with_forge(model_sharded_state_dict, is_loading: bool = False, **kw):
+        from_standard = is_loading and not checkpoint.checkpoint_has_forge_state(args)
+        if from_standard:
+            checkpoint.standard_checkpoint_is_readable(args)
         state = sharded_state_dict(model_sharded_state_dict, is_loading, **kw)
-        if not is_loading or checkpoint.checkpoint_has_forge_state(args):
-            state["forge"] = checkpoint.sharded_state_dict(controller, model_sharded_state_dict, is_loading)
-        else:
-            logger.warning("FORGE: the checkpoint holds no FORGE state; FORGE state starts fresh")
+        state["forge"] = checkpoint.sharded_state_dict(controller, model_sharded_state_dict, master_name, is_loading,
+                                                       from_standard)
         return state
 
     optimizer.sharded_state_dict = sharded_state_dict_with_forge
@@ -156,13 +177,40 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
 
     def load_state_dict_with_forge(loaded):
         forge_state = loaded.pop("forge", None)
-        if forge_state is not None:
-            checkpoint.load_state_dict(controller, forge_state)
-        elif args.ckpt_format == "torch":
-            logger.warning("FORGE: the checkpoint holds no FORGE state; FORGE state starts fresh")
-        return load_state_dict(loaded)
+        if forge_state is None:  # --ckpt-format torch, a standard run's
+            raise ConfigurationError("the checkpoint (--ckpt-format torch) is standard Megatron's; FORGE reads a "
+                                     "standard optimizer state from torch_dist checkpoints only: "
+                                     f"{checkpoint.SWITCH_FIX}")
+        checkpoint.load_state_dict(controller, forge_state)
+        result = load_state_dict(loaded)
+        if checkpoint.SCALARS not in forge_state:  # a standard checkpoint's moments: Megatron's step count
+            checkpoint.adopt_megatron_step(controller, optimizer)
+        return result
 
     optimizer.load_state_dict = load_state_dict_with_forge
+
+
+def _refuse_unreadable_forge_checkpoints(optimizer, args) -> None:
+    """A standard run (no --use-forge) that loads a FORGE checkpoint's optimizer state: refused in
+    one line where Megatron's optimizer cannot read FORGE's part of it."""
+    sharded_state_dict = optimizer.sharded_state_dict
+
+    def checked(model_sharded_state_dict, is_loading: bool = False, **kw):
+        if is_loading and checkpoint.checkpoint_has_forge_state(args):
+            checkpoint.forge_checkpoint_is_readable_by_megatron(args)
+        return sharded_state_dict(model_sharded_state_dict, is_loading, **kw)
+
+    optimizer.sharded_state_dict = checked
+    load_state_dict = optimizer.load_state_dict
+
+    def load_checked(loaded):
+        if "forge" in loaded and args.ckpt_format == "torch":
+            raise ConfigurationError("the checkpoint (--ckpt-format torch) holds FORGE optimizer state, which a "
+                                     f"standard run reads from torch_dist checkpoints only; {checkpoint.SWITCH_FIX}")
+        loaded.pop("forge", None)  # torch_dist: FORGE's scalars; its moments were read under Megatron's keys
+        return load_state_dict(loaded)
+
+    optimizer.load_state_dict = load_checked
 
 
 def _wrap_scheduler_factory(factory):

@@ -41,6 +41,7 @@ from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_paddi
 from megatron.training.theoretical_memory_usage import compute_activation_memory, compute_weight_and_optimizer_memory
 
 from forge_megatron.core import tiled
+from forge_megatron.megatron.args import output_layer_covered
 
 GIB = 2**30
 DEFAULT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, set aside
@@ -239,12 +240,12 @@ def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
     owners = args.data_parallel_size
     if owners == 1:
         return 0
-    largest = largest_covered_weight(args, args.forge_cover_output_layer, stage)
+    largest = largest_covered_weight(args, output_layer_covered(args), stage)
     window = largest if micro_batches == 1 or args.forge_dp_accumulation == "owner" else 0
     in_flight = 2 if args.overlap_grad_reduce else 1
     held = 0
     if micro_batches == 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
-        held = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) / owners
+        held = covered_parameters_per_rank(args, output_layer_covered(args), stage) / owners
     return round((in_flight * (window + largest / owners) + held) * _window_bytes(args))
 
 
@@ -268,7 +269,7 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
 def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> MemoryBreakdown:
     forge = getattr(args, "use_forge", False)
     k = micro_batches_per_step(args, micro_batch)
-    covered = covered_parameters_per_rank(args, args.forge_cover_output_layer, stage) if forge else 0
+    covered = covered_parameters_per_rank(args, output_layer_covered(args), stage) if forge else 0
     groups = [(parameters_per_rank(args, stage) - covered, standard_bytes_per_parameter(args))]
     window = 0
     if forge:
@@ -321,7 +322,7 @@ def activation_memory(args, micro_batch: int, stage: int = 0) -> tuple[int, int,
     # backward also materializes its weight gradient (16-bit, [vocab/tp, hidden]) before DDP's hook
     # adds it into the fp32 buffer; a FORGE-covered output layer has none.
     logits = logits_per_rank * (FP32 if element == FP32 else element + FP32)
-    covered = getattr(args, "use_forge", False) and args.forge_cover_output_layer
+    covered = output_layer_covered(args)
     if not args.gradient_accumulation_fusion and not covered:
         logits += element * args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
     scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
@@ -389,11 +390,10 @@ def _refuse_unmodelled(args) -> None:
         refuse("Megatron's activation formula assumes --sequence-parallel with tensor parallelism")
     if args.use_precision_aware_optimizer and not args.use_distributed_optimizer:
         refuse("--use-precision-aware-optimizer needs --use-distributed-optimizer (Megatron refuses it otherwise)")
-    if getattr(args, "use_forge", False):
-        if args.multi_latent_attention:
-            refuse("FORGE does not cover multi-latent attention")
-        if args.forge_cover_output_layer and not args.untie_embeddings_and_output_weights:
-            refuse("--forge-cover-output-layer needs --untie-embeddings-and-output-weights")
+    if args.multi_latent_attention:
+        refuse("multi-latent attention is not modelled")
+    if args.mtp_num_layers:
+        refuse("multi-token prediction is not modelled")
 
 
 def max_micro_batch(memory_at: Callable[[int], MemoryBreakdown], gib: float, limit: int = 1 << 20) -> int:

@@ -1,0 +1,103 @@
+"""FORGE's one way into a Megatron model: after Megatron has built it (whatever spec, block spec or
+builder chose its layers) and before DDP wraps it, every megatron-core `ColumnParallelLinear` and
+`RowParallelLinear` whose weight FORGE can own becomes its FORGE class in place
+(`ForgeColumnParallelLinear` / `ForgeRowParallelLinear`: same weight, buffers and attributes; only
+the autograd function changes). Attention and MLA projections, MLPs, shared experts, the
+multi-token-prediction layers and the output layer are covered alike.
+
+A weight FORGE cannot own stays with Megatron's optimizer, and the log line says why: it is tied
+or shared (the output layer of a model with tied embeddings, a parameter reachable from two
+modules), it is passed in at forward time (no weight of its own), it is frozen, its partition
+stride is one FORGE does not place, its layer is used more than once per forward (the output
+layer computes the main and every MTP head's logits), or it is a Transformer Engine module (TE's
+own fused wgrad, which FORGE does not replace).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+from forge_megatron.core.param import ForgeConfig
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+
+FORGE_CLASS = {ColumnParallelLinear: (ForgeColumnParallelLinear, 0), RowParallelLinear: (ForgeRowParallelLinear, 1)}
+
+
+@dataclass
+class CoverReport:
+    """What `cover_model` did: covered weights per kind (the module's attribute name, e.g.
+    linear_qkv), and the linears left to Megatron's optimizer per reason."""
+
+    covered: collections.Counter = field(default_factory=collections.Counter)
+    standard: dict[str, list[str]] = field(default_factory=dict)
+
+    def covered_summary(self) -> str:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.covered.items()))
+        return f"covered {sum(self.covered.values())} linear weights ({kinds})"
+
+    def standard_summary(self) -> str:
+        """'; with Megatron's optimizer: ... (why)', or '' when every linear is covered."""
+        if not self.standard:
+            return ""
+        rest = "; ".join(f"{', '.join(_shorten(names))} ({reason})" for reason, names in self.standard.items())
+        return f"; with Megatron's optimizer: {rest}"
+
+
+def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool = False) -> CoverReport:
+    """Turn every coverable megatron-core parallel linear of the built `model_chunks` into its
+    FORGE class, in place (after the build, before DDP wrapping)."""
+    report = CoverReport()
+    for chunk in model_chunks:
+        owners = collections.Counter(id(p) for _, p in chunk.named_parameters(remove_duplicate=False))
+        for name, module in chunk.named_modules():
+            reason = _why_standard(module, name, chunk, owners, multi_token_prediction)
+            if reason is None and type(module) not in FORGE_CLASS:
+                continue
+            if reason is not None:
+                report.standard.setdefault(reason, []).append(name)
+                continue
+            forge_class, partition_dim = FORGE_CLASS[type(module)]
+            module.__class__ = forge_class
+            module._cover(forge, partition_dim)
+            report.covered[name.rsplit(".", 1)[-1]] += 1
+    return report
+
+
+def _why_standard(module, name: str, chunk, owners, multi_token_prediction: bool) -> str | None:
+    """Why a linear stays with Megatron's optimizer (None: FORGE covers it, or it is not a linear)."""
+    if _is_transformer_engine_linear(module):
+        return "Transformer Engine modules"
+    if type(module) not in FORGE_CLASS:
+        return None
+    if module.is_expert:
+        return "expert layers are not covered yet"
+    weight = module.weight
+    if weight is None:
+        return "weight passed in at forward time"
+    if module is getattr(chunk, "output_layer", None):
+        if getattr(chunk, "share_embeddings_and_output_weights", False):
+            return "tied to the embedding: add --untie-embeddings-and-output-weights to cover it"
+        if multi_token_prediction:
+            return "used for the main and every multi-token-prediction head's logits"
+    if owners[id(weight)] > 1:
+        return "shared by several modules"
+    if not weight.requires_grad:
+        return "frozen"
+    stride = getattr(weight, "partition_stride", 1)
+    if stride not in (1, 2) or (stride == 2 and FORGE_CLASS[type(module)][1] != 0):
+        return f"partition stride {stride}"
+    return None
+
+
+def _is_transformer_engine_linear(module: torch.nn.Module) -> bool:
+    origin = type(module).__module__
+    return "Linear" in type(module).__name__ and (
+        origin.startswith("transformer_engine") or origin.startswith("megatron.core.extensions.transformer_engine"))
+
+
+def _shorten(names: list[str], limit: int = 3) -> list[str]:
+    return names if len(names) <= limit else [*names[:limit], f"{len(names) - limit} more"]
