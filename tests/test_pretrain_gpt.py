@@ -18,7 +18,7 @@ import pytest
 import torch
 from training_runs import (
     BASE,
-    SDPA,
+    MLA_MTP,
     TOL,
     Run,
     assert_same_training,
@@ -26,6 +26,7 @@ from training_runs import (
     forge_state,
     forge_steps,
     model_keys,
+    rel,
     run_all,
 )
 
@@ -38,15 +39,16 @@ def runs(tmp_path_factory, data):
     first = run_all(data, {
         "standard": Run(work, "standard", "--clip-grad", "0", "--save-interval", "20"),
         "forge": Run(work, "forge", "--use-forge", "--clip-grad", "0", "--save-interval", "20"),
-        "standard-clip": Run(work, "standard-clip", "--clip-grad", "0.05", "--save-interval", "20", *SDPA),
-        "forge-two-pass": Run(work, "forge-two-pass", "--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode",
-                              "two-pass", "--save-interval", "20", *SDPA),
+        # two-pass clipping on a model with multi-latent attention and multi-token prediction
+        "standard-clip": Run(work, "standard-clip", *MLA_MTP, "--clip-grad", "0.05", "--save-interval", "10"),
+        "forge-two-pass": Run(work, "forge-two-pass", *MLA_MTP, "--use-forge", "--clip-grad", "0.05",
+                              "--forge-clip-grad-mode", "two-pass", "--save-interval", "10"),
         "forge-stale": Run(work, "forge-stale", "--use-forge", "--clip-grad", "0.05", "--save-interval", "10"),
         "standard-tp2": Run(work, "standard-tp2", "--clip-grad", "0", "--save-interval", "20", tp=2),
         "forge-tp2": Run(work, "forge-tp2", "--use-forge", "--clip-grad", "0", "--save-interval", "20", tp=2),
-        "standard-clip-tp2": Run(work, "standard-clip-tp2", "--clip-grad", "0.05", *SDPA, tp=2),
-        "forge-two-pass-tp2": Run(work, "forge-two-pass-tp2", "--use-forge", "--clip-grad", "0.05",
-                                  "--forge-clip-grad-mode", "two-pass", *SDPA, tp=2),
+        "standard-clip-tp2": Run(work, "standard-clip-tp2", *MLA_MTP, "--clip-grad", "0.05", tp=2),
+        "forge-two-pass-tp2": Run(work, "forge-two-pass-tp2", *MLA_MTP, "--use-forge", "--clip-grad", "0.05",
+                                  "--forge-clip-grad-mode", "two-pass", tp=2),
         # full recompute, and stale clipping that never triggers (one run for two tests)
         "forge-recompute": Run(work, "forge-recompute", "--use-forge", "--clip-grad", "1e9", "--save-interval", "20",
                                "--recompute-granularity", "full", "--recompute-method", "uniform",
@@ -55,6 +57,8 @@ def runs(tmp_path_factory, data):
                         "--train-iters", "3", "--lr-warmup-iters", "1", "--save-interval", "3", tp=2),
         "torch-format-10": Run(work, "torch-format-10", "--use-forge", "--clip-grad", "0.05", "--ckpt-format",
                                "torch", "--exit-interval", "10"),
+        "standard-torch-format": Run(work, "standard-torch-format", "--clip-grad", "0", "--ckpt-format", "torch",
+                                     "--train-iters", "2", "--lr-warmup-iters", "1", "--save-interval", "2"),
     })
     stale = first["forge-stale"].save
     second = run_all(data, {
@@ -72,8 +76,19 @@ def runs(tmp_path_factory, data):
         "int8-tp1": Run(work, "int8-tp1", "--use-forge", "--forge-state-dtype", "int8", "--train-iters", "3",
                         "--lr-warmup-iters", "1", "--load", first["int8-tp2"].save, "--ckpt-convert-format", "torch_dist",
                         "--ckpt-convert-save", os.path.join(work, "int8-tp1", "converted")),
-        "forge-from-standard": Run(work, "forge-from-standard", "--use-forge", "--clip-grad", "0", "--train-iters",
-                                   "21", "--override-opt-param-scheduler", "--load", first["standard"].save),
+        # switch at iteration 10, keeping the optimizer state: standard -> FORGE and FORGE -> standard
+        "switch-to-forge": Run(work, "switch-to-forge", *MLA_MTP, "--use-forge", "--clip-grad", "0.05",
+                               "--forge-clip-grad-mode", "two-pass", "--load", first["standard-clip"].save,
+                               "--ckpt-step", "10"),
+        "switch-to-standard": Run(work, "switch-to-standard", *MLA_MTP, "--clip-grad", "0.05", "--load",
+                                  first["forge-two-pass"].save, "--ckpt-step", "10"),
+        # switches whose optimizer state does not map: one line each
+        "int8-to-standard": Run(work, "int8-to-standard", "--clip-grad", "0", "--load", first["int8-tp2"].save,
+                                expect_ok=False),
+        "torch-format-to-standard": Run(work, "torch-format-to-standard", "--clip-grad", "0.05", "--ckpt-format",
+                                        "torch", "--load", first["torch-format-10"].save, expect_ok=False),
+        "torch-format-to-forge": Run(work, "torch-format-to-forge", "--use-forge", "--clip-grad", "0", "--ckpt-format",
+                                     "torch", "--load", first["standard-torch-format"].save, expect_ok=False),
         "no-load-optim": Run(work, "no-load-optim", "--use-forge", "--clip-grad", "0", "--train-iters", "21",
                              "--override-opt-param-scheduler", "--load", first["forge"].save, "--no-load-optim"),
         "finetune": Run(work, "finetune", "--use-forge", "--clip-grad", "0", "--train-iters", "6", "--load",
@@ -94,8 +109,14 @@ def test_forge_matches_standard_megatron_at_tp2_with_sequence_parallelism(runs):
 
 
 def test_two_pass_clipping_matches_the_standard_clipped_run(runs):
+    """On a model with multi-latent attention and a multi-token-prediction layer, at TP=1 and at
+    TP=2 with sequence parallelism: the same grad norm (FORGE's part counted once), losses of both
+    heads and weights as standard Megatron's, with clipping active at every step."""
     for forge, standard in (("forge-two-pass", "standard-clip"), ("forge-two-pass-tp2", "standard-clip-tp2")):
         std, fg = runs[standard], runs[forge]
+        assert "linear_kv_down_proj 3" in fg.stdout and "eh_proj 1" in fg.stdout  # the FORGE log line
+        mtp, mtp_reference = fg.record("mtp_1 loss"), std.record("mtp_1 loss")
+        assert len(mtp) == 20 and all(abs(mtp[i] - mtp_reference[i]) <= TOL * mtp_reference[i] for i in mtp)
         norms = std.record("grad-norm")
         assert len(norms) == 20 and all(n > 0.05 for n in norms.values())  # clipping was active at every step
         for i, norm in fg.record("grad-norm").items():
@@ -169,7 +190,7 @@ def test_checkpoints_reshard_forge_state_between_tp_sizes(runs):
         (a, common_a) = checkpoint(saved)
         (b, common_b) = checkpoint(os.path.join(runs[converted].dir, "converted", "torch_dist"))
         state_a, state_b = forge_state(a), forge_state(b)
-        assert len(state_a) == 2 * 4  # exp_avg, exp_avg_sq of qkv, proj, fc1, fc2 (layers stacked in one key)
+        assert len(state_a) == 2 * 5  # exp_avg, exp_avg_sq of qkv, proj, fc1, fc2 (layers stacked) and output
         assert state_a.keys() == state_b.keys()
         for key in [*state_a, *model_keys(a)]:
             assert torch.equal(a[key], b[key]), key
@@ -187,12 +208,38 @@ def test_int8_state_checkpoints_reshard_between_tp_sizes(runs):
         assert torch.equal(state_a[key], state_b[key]), key
 
 
-def test_resuming_without_forge_state_starts_it_fresh(runs):
-    run = runs["forge-from-standard"]
-    assert "checkpoint holds no FORGE state" in run.stdout + run.stderr
-    assert sorted(run.losses()) == [21]
-    tensors, _ = checkpoint(run.save)
-    assert forge_steps(tensors) == {1}
+def test_a_run_switches_between_forge_and_standard_keeping_its_optimizer_state(runs):
+    """Standard Megatron for 10 iterations then FORGE for 10, and the reverse, each resumed from the
+    other's checkpoint with its optimizer state (moments under Megatron's own keys, the step count
+    Megatron's): the same losses and weights as standard Megatron's 20 iterations."""
+    reference = runs["standard-clip"]
+    weights, _ = checkpoint(reference.save)
+    for name in ("switch-to-forge", "switch-to-standard"):
+        run = runs[name]
+        losses, expected = run.losses(), reference.losses()
+        assert sorted(losses) == list(range(11, 21)), name
+        assert all(abs(losses[i] - expected[i]) <= TOL * expected[i] for i in losses), name
+        switched, _ = checkpoint(run.save)
+        for key in model_keys(weights):
+            assert rel(switched[key], weights[key]) <= TOL, (name, key)
+    tensors, _ = checkpoint(runs["switch-to-forge"].save)
+    assert forge_steps(tensors) == {20}  # Megatron's step count at 10, then FORGE's ten
+
+
+def test_a_switch_whose_optimizer_state_does_not_map_is_one_line(runs):
+    for name, message in (("int8-to-standard", "the checkpoint holds FORGE optimizer state (exp_avg, exp_avg_sq) that "
+                                               "Megatron's optimizer does not keep; resume it with --use-forge, or add "
+                                               "--no-load-optim to load the weights only"),
+                          ("torch-format-to-standard", "the checkpoint (--ckpt-format torch) holds FORGE optimizer "
+                                                       "state, which a standard run reads from torch_dist checkpoints "
+                                                       "only; add --no-load-optim to load the weights only"),
+                          ("torch-format-to-forge", "the checkpoint (--ckpt-format torch) is standard Megatron's; FORGE "
+                                                    "reads a standard optimizer state from torch_dist checkpoints only: "
+                                                    "add --no-load-optim to load the weights only")):
+        run = runs[name]
+        assert run.returncode == 2, name
+        assert [line for line in run.stderr.splitlines() if "error:" in line] == [
+            f"forge-pretrain-gpt: error: {message}"], (name, run.stderr[-2000:])
 
 
 def test_no_load_optim_and_finetune(runs):

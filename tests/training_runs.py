@@ -23,6 +23,9 @@ BASE = (
 ).split()
 TOL = 1e-5  # fp32: the runs differ only by the wgrad GEMM's summation order and AdamW's roundings
 SDPA = ["--forge-core-attention", "sdpa"]  # applied to standard runs too: both attentions are covered
+# Multi-latent attention (which needs SDPAttention on megatron-core's local layers) and one multi-token-prediction layer
+MLA_MTP = ["--multi-latent-attention", "--q-lora-rank", "32", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+           "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16", "--mtp-num-layers", "1", *SDPA]
 
 
 class Run:
@@ -82,9 +85,14 @@ def model_keys(tensors):
     return [k for k in tensors if not k.startswith("optimizer.") and not k.startswith("rng_state")]
 
 
+COVERED = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight", "output_layer.weight")
+
+
 def forge_state(tensors):
-    """FORGE's state tensors (masters, states, scales) by sharded key; the step counts apart."""
-    return {k: v for k, v in tensors.items() if k.startswith("optimizer.forge.") and ".step." not in k}
+    """FORGE's state tensors (masters, states, scales) by sharded key, the step counts apart: its
+    own (8-bit, bf16) and those under Megatron's keys (fp32) of the covered weights."""
+    return {k: v for k, v in tensors.items() if (k.startswith("optimizer.forge.") and ".step." not in k)
+            or (k.startswith("optimizer.state.") and k.endswith(COVERED))}
 
 
 def forge_steps(tensors):

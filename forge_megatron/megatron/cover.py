@@ -75,14 +75,14 @@ def _why_standard(module, name: str, chunk, owners, multi_token_prediction: bool
         return None
     if module.is_expert:
         return "expert layers are not covered yet"
-    weight = module.weight
-    if weight is None:
-        return "weight passed in at forward time"
     if module is getattr(chunk, "output_layer", None):
         if getattr(chunk, "share_embeddings_and_output_weights", False):
             return "tied to the embedding: add --untie-embeddings-and-output-weights to cover it"
         if multi_token_prediction:
             return "used for the main and every multi-token-prediction head's logits"
+    weight = module.weight
+    if weight is None:
+        return "weight passed in at forward time"
     if owners[id(weight)] > 1:
         return "shared by several modules"
     if not weight.requires_grad:

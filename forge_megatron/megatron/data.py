@@ -2,7 +2,10 @@
 source (real text nobody on this team wrote), byte-level.
 
 Each .py file of the interpreter's standard library is one document of byte tokens (0-255)
-ending in the end-of-document token 256, so the vocabulary is 257 (`--tokenizer-type
+ending in the end-of-document token 256 (or, with documents="paragraphs", each blank-line
+separated block of a file up to 4 KiB long: many short documents of varying length, as in
+supervised fine-tuning data, so that with --eod-mask-loss every micro-batch has its own token
+count), so the vocabulary is 257 (`--tokenizer-type
 NullTokenizer --vocab-size 257`, whose end-of-document id is 256). Documents are ordered by a hash
 of their path, so Megatron's `--split` (contiguous document ranges) gives a random split that is
 the same on every machine with the same Python version. Written once with megatron-core's
@@ -23,25 +26,32 @@ BYTE_VOCAB = 257  # 256 byte values + end of document
 EOD = 256
 
 
-def stdlib_documents(max_bytes: int = 8 << 20) -> list[np.ndarray]:
-    """Byte tokens of the standard library's .py files (tests excluded), in hash order, each ending
-    in EOD, up to about `max_bytes` tokens."""
+DOCUMENTS = ("files", "paragraphs")
+LONGEST_PARAGRAPH = 4096  # bytes: longer blocks (generated tables) are left out of the paragraph documents
+
+
+def stdlib_documents(max_bytes: int = 8 << 20, documents: str = "files") -> list[np.ndarray]:
+    """Byte tokens of the standard library's .py files (tests excluded), in hash order, each file
+    (or each of its blank-line separated paragraphs) ending in EOD, up to about `max_bytes` tokens."""
+    if documents not in DOCUMENTS:
+        raise ValueError(f"unknown document unit {documents!r}; choose one of {DOCUMENTS}")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-2:]]
     files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
-    documents, total = [], 0
+    out, total = [], 0
     for path in files:
-        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
-        if data.size == 0:
-            continue
-        documents.append(np.append(data, np.uint16(EOD)))
-        total += documents[-1].size
+        text = path.read_bytes()
+        for piece in ([text] if documents == "files" else text.split(b"\n\n")):
+            if not piece or (documents == "paragraphs" and len(piece) > LONGEST_PARAGRAPH):
+                continue
+            out.append(np.append(np.frombuffer(piece, dtype=np.uint8).astype(np.uint16), np.uint16(EOD)))
+            total += out[-1].size
         if total >= max_bytes:
             break
-    return documents
+    return out
 
 
-def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20) -> str:
+def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20, documents: str = "files") -> str:
     """Write `prefix`.bin/.idx (megatron-core's indexed dataset format) unless both exist;
     returns the prefix for --data-path."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
@@ -51,7 +61,7 @@ def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     partial = f"{prefix}.partial{os.getpid()}"  # concurrent writers each write their own, then replace
     builder = IndexedDatasetBuilder(get_bin_path(partial), dtype=np.uint16)
-    for document in stdlib_documents(max_bytes):
+    for document in stdlib_documents(max_bytes, documents):
         builder.add_document(document, [document.size])
     builder.finalize(get_idx_path(partial))
     os.replace(get_bin_path(partial), get_bin_path(prefix))  # .idx last: its presence means complete
@@ -63,8 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="forge-stdlib-dataset", description=__doc__.split("\n\n")[0])
     parser.add_argument("prefix", help="output prefix: writes PREFIX.bin and PREFIX.idx (kept if present)")
     parser.add_argument("--max-bytes", type=int, default=8 << 20, help="about this many tokens (default 8 Mi)")
+    parser.add_argument("--documents", default="files", choices=DOCUMENTS,
+                        help="one document per file, or per blank-line separated paragraph (short documents of "
+                             "varying length)")
     args = parser.parse_args(argv)
-    print(write_stdlib_dataset(args.prefix, args.max_bytes))
+    print(write_stdlib_dataset(args.prefix, args.max_bytes, args.documents))
 
 
 if __name__ == "__main__":

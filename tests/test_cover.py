@@ -1,0 +1,152 @@
+"""forge-pretrain-gpt builds the model Megatron-LM builds, and FORGE covers it after the build.
+
+The launcher's model (its argument parsing and model config, Megatron's own builder) is compared,
+parameter name by name and shape by shape, with the model Megatron-LM's gpt_builders.py (tag
+core_v0.19.0) builds from the same flags with the local spec: its spec routing restated below
+with megatron-core's own spec functions (dense layer spec, the decoder block spec with experts,
+multi-latent attention, the multi-token-prediction block). Then `cover_model` turns every
+coverable linear of each into its FORGE class and says why the others stay standard.
+"""
+
+import pytest
+from distributed import result, run_scenarios
+
+BASE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 16 "
+        "--max-position-embeddings 16 --micro-batch-size 2 --global-batch-size 2 --train-iters 10 --lr 1e-3 "
+        "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
+        "--untie-embeddings-and-output-weights --use-cpu-initialization --tokenizer-type NullTokenizer "
+        "--vocab-size 128 --mock-data").split()
+MLA = ("--multi-latent-attention --q-lora-rank 32 --kv-lora-rank 16 --qk-head-dim 16 --qk-pos-emb-head-dim 8 "
+       "--v-head-dim 16 --forge-core-attention sdpa").split()
+VARIANTS = {
+    "dense": [],
+    "moe": "--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 96 --moe-aux-loss-coeff 0.01".split(),
+    "mla": MLA,
+    "mtp": ["--mtp-num-layers", "1"],
+}
+
+
+def _megatron_lm_model(args, config):
+    """The GPT Megatron-LM's gpt_builders.py builds with --transformer-impl local: the decoder
+    block spec with experts, else the local layer spec (with MLA when asked); with MTP, its block
+    from the last decoder layer's spec."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_decoder_layer_specs,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    if args.num_experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
+                                          qk_l2_norm=args.qk_l2_norm)
+    else:
+        spec = get_gpt_layer_local_spec(config.num_moe_experts, config.moe_grouped_gemm, config.qk_layernorm,
+                                        config.multi_latent_attention, config.experimental_attention_variant,
+                                        normalization=config.normalization)
+    mtp = None
+    if args.mtp_num_layers:
+        last = get_gpt_decoder_layer_specs(config, use_transformer_engine=False, normalization=args.normalization,
+                                           qk_l2_norm=args.qk_l2_norm)[-1]
+        mtp = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
+                    max_sequence_length=args.max_position_embeddings, pre_process=True, post_process=True,
+                    parallel_output=True, share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                    position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+                    rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, mtp_block_spec=mtp)
+
+
+def _launcher_model(flags, base=BASE):
+    """(args, the model forge-pretrain-gpt builds from `base` + `flags`, Megatron-LM's model from them)."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.training.arguments import core_transformer_config_from_args
+    from megatron.training.global_vars import unset_global_variables
+
+    from forge_megatron.cli.pretrain_gpt import model_config, parse_arguments
+    from forge_megatron.megatron.attention import core_attention
+
+    unset_global_variables()
+    args = parse_arguments([*base, *flags])
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1)
+    model_cfg = model_config(args)
+    with core_attention(args.forge_core_attention):
+        ours = model_cfg.get_builder_cls()(model_cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
+                                                                   pre_process=True, post_process=True)
+        theirs = _megatron_lm_model(args, core_transformer_config_from_args(args))
+    return args, ours, theirs
+
+
+def _shapes(model):
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def scenario_the_launcher_builds_megatron_lms_model():
+    out = {}
+    for variant, flags in VARIANTS.items():
+        _, ours, theirs = _launcher_model(flags)
+        out[variant] = (_shapes(ours), _shapes(theirs))
+    return out
+
+
+TIED = [f for f in BASE if f != "--untie-embeddings-and-output-weights"]
+
+
+def scenario_cover_reports():
+    """What cover_model covers in each model FORGE takes, why the rest stays standard, and which
+    parameters no longer require grad (Megatron's DDP and optimizer skip those)."""
+    from forge_megatron import ForgeConfig
+    from forge_megatron.megatron.cover import cover_model
+    from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+
+    out = {}
+    for variant, (base, flags) in {"dense": (BASE, []), "mla": (BASE, MLA), "mtp": (BASE, VARIANTS["mtp"]),
+                                   "tied": (TIED, [])}.items():
+        args, model, _ = _launcher_model(flags, base)
+        report = cover_model([model], ForgeConfig("adamw", {"lr": 1e-3}),
+                             multi_token_prediction=bool(args.mtp_num_layers))
+        forge_modules = [name for name, module in model.named_modules()
+                         if isinstance(module, (ForgeColumnParallelLinear, ForgeRowParallelLinear))]
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        out[variant] = (dict(report.covered), report.standard, forge_modules, frozen)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_scenarios(1, [scenario_the_launcher_builds_megatron_lms_model, scenario_cover_reports])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_launcher_builds_megatron_lms_model(results, variant):
+    ours, theirs = result(results, "scenario_the_launcher_builds_megatron_lms_model")[0][variant]
+    assert ours == theirs
+    names = [n for n, _ in ours]
+    expected = {"dense": "decoder.layers.0.mlp.linear_fc1.weight",
+                "moe": "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight",
+                "mla": "decoder.layers.0.self_attention.linear_kv_down_proj.weight",
+                "mtp": "mtp.layers.0.eh_proj.weight"}[variant]
+    assert expected in names
+
+
+LAYER = {"linear_qkv": 2, "linear_proj": 2, "linear_fc1": 2, "linear_fc2": 2}
+
+
+def test_cover_takes_every_linear_forge_can_own(results):
+    reports = result(results, "scenario_cover_reports")[0]
+    covered, standard, modules, frozen = reports["dense"]
+    assert covered == {**LAYER, "output_layer": 1} and standard == {}
+    assert frozen == [f"{m}.weight" for m in modules]  # exactly the covered weights leave Megatron's optimizer
+    covered, standard, _, _ = reports["mla"]
+    assert covered == {"linear_q_down_proj": 2, "linear_q_up_proj": 2, "linear_kv_down_proj": 2,
+                       "linear_kv_up_proj": 2, "linear_proj": 2, "linear_fc1": 2, "linear_fc2": 2, "output_layer": 1}
+    covered, standard, _, _ = reports["mtp"]
+    assert covered == {"linear_qkv": 3, "linear_proj": 3, "linear_fc1": 3, "linear_fc2": 3, "eh_proj": 1}
+    assert standard == {"used for the main and every multi-token-prediction head's logits": ["output_layer"]}
+    covered, standard, _, _ = reports["tied"]
+    assert covered == LAYER
+    assert standard == {"tied to the embedding: add --untie-embeddings-and-output-weights to cover it": ["output_layer"]}
