@@ -168,9 +168,15 @@ def runs(tmp_path_factory, data):
     })
     # Resumes under Megatron's plain optimizer: its distributed optimizer cannot load without
     # Apex or Transformer Engine (DistributedOptimizer.state_dict asserts one step count).
-    second = run_all(data, {"dp2-to-dp1": Run(work, "dp2-to-dp1", *DP1_K2, *STALE, "--load",
-                                              first["forge-stale-dp2"].save, "--ckpt-step", "10",
-                                              "--save-interval", "5")})
+    second = run_all(data, {
+        "dp2-to-dp1": Run(work, "dp2-to-dp1", *DP1_K2, *STALE, "--load", first["forge-stale-dp2"].save, "--ckpt-step",
+                          "10", "--save-interval", "5"),
+        # a switch between FORGE and standard through the distributed optimizer's per-bucket format: one line
+        "standard-to-forge-dp2": Run(work, "standard-to-forge-dp2", *DP2, *DISTRIBUTED, "--use-forge", "--clip-grad",
+                                     "0", "--load", first["standard-dp2"].save, dp=2, expect_ok=False),
+        "forge-to-standard-dp2": Run(work, "forge-to-standard-dp2", *DP2, *DISTRIBUTED, "--clip-grad", "0", "--load",
+                                     first["forge-dp2"].save, dp=2, expect_ok=False),
+    })
     third = run_all(data, {"dp1-to-dp2": Run(work, "dp1-to-dp2", *DP2, *STALE, "--load", second["dp2-to-dp1"].save,
                                              "--ckpt-step", "15", dp=2)})
     return {**first, **second, **third}
@@ -221,7 +227,8 @@ def test_a_checkpoint_resumes_at_another_data_parallel_size(runs):
         assert all(abs(resumed[i] - reference[i]) <= TOL * abs(reference[i]) for i in resumed), (name, resumed)
     saved, _ = checkpoint(runs["forge-stale-dp2"].save, 10)
     for key, tensor in forge_state(saved).items():  # the whole shard's state, as at DP = 1
-        weight = key.removeprefix("optimizer.forge.").split(".", 1)[1].removeprefix("scale.")
+        weight = key.removeprefix("optimizer.forge.").removeprefix("optimizer.state.").split(".", 1)[1]
+        weight = weight.removeprefix("scale.")
         assert weight in saved and tensor.shape[0] == saved[weight].shape[0], key
     final, _ = checkpoint(runs["dp1-to-dp2"].save)
     uninterrupted, _ = checkpoint(runs["forge-stale-dp2"].save)
@@ -230,3 +237,17 @@ def test_a_checkpoint_resumes_at_another_data_parallel_size(runs):
         assert rel(final[key], uninterrupted[key]) <= TOL, key
     for key, tensor in forge_state(uninterrupted).items():
         assert rel(final[key], tensor) <= 1e-4, key  # second moments: squares of the summed gradients
+
+
+def test_a_switch_through_the_distributed_optimizers_bucket_format_is_one_line(runs):
+    for name, message in (
+            ("standard-to-forge-dp2", "the standard checkpoint's distributed-optimizer state is saved per data-parallel "
+                                      "bucket, not per weight; save it with --dist-ckpt-optim-fully-reshardable, or add "
+                                      "--no-load-optim to load the weights only"),
+            ("forge-to-standard-dp2", "a FORGE checkpoint holds the covered weights' optimizer state per weight, which "
+                                      "the distributed optimizer reads only with --dist-ckpt-optim-fully-reshardable; "
+                                      "add it, or add --no-load-optim to load the weights only")):
+        run = runs[name]
+        assert run.returncode != 0, name
+        assert [line for line in run.stderr.splitlines() if "error:" in line] == [
+            f"forge-pretrain-gpt: error: {message}"], (name, run.stderr[-3000:])
