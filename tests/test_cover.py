@@ -8,6 +8,11 @@ multi-latent attention, the multi-token-prediction block). Then `cover_model` tu
 coverable linear of each into its FORGE class and says why the others stay standard.
 """
 
+import hashlib
+import json
+import os
+import tempfile
+
 import pytest
 from distributed import result, run_scenarios
 
@@ -18,8 +23,25 @@ BASE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-h
         "--vocab-size 128 --mock-data").split()
 MLA = ("--multi-latent-attention --q-lora-rank 32 --kv-lora-rank 16 --qk-head-dim 16 --qk-pos-emb-head-dim 8 "
        "--v-head-dim 16 --forge-core-attention sdpa").split()
+# A Nemotron-style heterogeneous model (megatron-core reads an HF config): a normal layer, then one whose
+# attention is replaced by a linear and whose MLP is gone
+HETEROGENEOUS = json.dumps({
+    "hidden_act": "silu", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+    "tie_word_embeddings": False, "rope_theta": 10000, "rope_scaling": {"factor": 8.0}, "block_configs": [
+    {"attention": {"n_heads_in_group": 2, "no_op": False, "replace_with_linear": False},
+     "ffn": {"ffn_hidden_size": 96, "no_op": False, "replace_with_linear": False}},
+    {"attention": {"n_heads_in_group": None, "no_op": False, "replace_with_linear": True},
+     "ffn": {"ffn_hidden_size": None, "no_op": True, "replace_with_linear": False}}]})
+# megatron-core builds heterogeneous layers from a config file (its encoded-JSON flag skips the config class)
+HETEROGENEOUS_PATH = os.path.join(tempfile.gettempdir(),
+                                  f"forge-heterogeneous-{hashlib.sha256(HETEROGENEOUS.encode()).hexdigest()[:12]}.json")
+with open(HETEROGENEOUS_PATH, "w") as f:
+    f.write(HETEROGENEOUS)
 VARIANTS = {
     "dense": [],
+    "heterogeneous": ["--heterogeneous-layers-config-path", HETEROGENEOUS_PATH, "--group-query-attention",
+                      "--num-query-groups", "2", "--use-rope-scaling", "--rope-scaling-factor", "8.0",
+                      "--use-rotary-position-embeddings"],
     "moe": "--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 96 --moe-aux-loss-coeff 0.01".split(),
     "mla": MLA,
     "mtp": ["--mtp-num-layers", "1"],
@@ -37,10 +59,13 @@ def _megatron_lm_model(args, config):
         get_gpt_layer_local_spec,
         get_gpt_mtp_block_spec,
     )
+    from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 
     if args.num_experts:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
                                           qk_l2_norm=args.qk_l2_norm)
+    elif args.heterogeneous_layers_config_path is not None:
+        spec = get_gpt_heterogeneous_layer_spec(config, False)
     else:
         spec = get_gpt_layer_local_spec(config.num_moe_experts, config.moe_grouped_gemm, config.qk_layernorm,
                                         config.multi_latent_attention, config.experimental_attention_variant,
@@ -101,19 +126,32 @@ def scenario_cover_reports():
     parameters no longer require grad (Megatron's DDP and optimizer skip those)."""
     from forge_megatron import ForgeConfig
     from forge_megatron.megatron.cover import cover_model
-    from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+    from forge_megatron.megatron.layers import _ForgeLinear
 
     out = {}
     for variant, (base, flags) in {"dense": (BASE, []), "mla": (BASE, MLA), "mtp": (BASE, VARIANTS["mtp"]),
-                                   "tied": (TIED, [])}.items():
+                                   "heterogeneous": (BASE, VARIANTS["heterogeneous"]), "tied": (TIED, [])}.items():
         args, model, _ = _launcher_model(flags, base)
         report = cover_model([model], ForgeConfig("adamw", {"lr": 1e-3}),
                              multi_token_prediction=bool(args.mtp_num_layers))
-        forge_modules = [name for name, module in model.named_modules()
-                         if isinstance(module, (ForgeColumnParallelLinear, ForgeRowParallelLinear))]
+        forge_modules = [name for name, module in model.named_modules() if isinstance(module, _ForgeLinear)]
         frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-        out[variant] = (dict(report.covered), report.standard, forge_modules, frozen)
+        out[variant] = (dict(report.covered), report.standard, forge_modules, frozen, _updated(model, forge_modules))
     return out
+
+
+def _updated(model, forge_modules) -> list[str]:
+    """The covered modules whose weight one forward and backward changed (each covered weight
+    steps on its own here, as a standalone layer)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    before = {name: modules[name].weight.detach().clone() for name in forge_modules}
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    mask = torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1)
+    model(tokens, positions, mask, labels=tokens).sum().backward()
+    return [name for name in forge_modules if not torch.equal(before[name], modules[name].weight)]
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +165,7 @@ def test_the_launcher_builds_megatron_lms_model(results, variant):
     assert ours == theirs
     names = [n for n, _ in ours]
     expected = {"dense": "decoder.layers.0.mlp.linear_fc1.weight",
+                "heterogeneous": "decoder.layers.1.self_attention.weight",
                 "moe": "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight",
                 "mla": "decoder.layers.0.self_attention.linear_kv_down_proj.weight",
                 "mtp": "mtp.layers.0.eh_proj.weight"}[variant]
@@ -138,15 +177,21 @@ LAYER = {"linear_qkv": 2, "linear_proj": 2, "linear_fc1": 2, "linear_fc2": 2}
 
 def test_cover_takes_every_linear_forge_can_own(results):
     reports = result(results, "scenario_cover_reports")[0]
-    covered, standard, modules, frozen = reports["dense"]
+    for variant, (_, _, modules, _, updated) in reports.items():
+        assert updated == modules, variant  # every covered weight stepped in backward
+    covered, standard, modules, frozen, _ = reports["dense"]
     assert covered == {**LAYER, "output_layer": 1} and standard == {}
     assert frozen == [f"{m}.weight" for m in modules]  # exactly the covered weights leave Megatron's optimizer
-    covered, standard, _, _ = reports["mla"]
+    covered, standard, *_ = reports["mla"]
     assert covered == {"linear_q_down_proj": 2, "linear_q_up_proj": 2, "linear_kv_down_proj": 2,
                        "linear_kv_up_proj": 2, "linear_proj": 2, "linear_fc1": 2, "linear_fc2": 2, "output_layer": 1}
-    covered, standard, _, _ = reports["mtp"]
+    covered, standard, *_ = reports["mtp"]
     assert covered == {"linear_qkv": 3, "linear_proj": 3, "linear_fc1": 3, "linear_fc2": 3, "eh_proj": 1}
     assert standard == {"used for the main and every multi-token-prediction head's logits": ["output_layer"]}
-    covered, standard, _, _ = reports["tied"]
+    covered, standard, modules, *_ = reports["heterogeneous"]  # layer 1's attention is one linear
+    assert covered == {"linear_qkv": 1, "linear_proj": 1, "linear_fc1": 1, "linear_fc2": 1, "self_attention": 1,
+                       "output_layer": 1} and standard == {}
+    assert "decoder.layers.1.self_attention" in modules
+    covered, standard, *_ = reports["tied"]
     assert covered == LAYER
     assert standard == {"tied to the embedding: add --untie-embeddings-and-output-weights to cover it": ["output_layer"]}

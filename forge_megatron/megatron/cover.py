@@ -16,15 +16,16 @@ own fused wgrad, which FORGE does not replace).
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from forge_megatron.core.param import ForgeConfig
-from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear
+from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear, _ForgeLinear
 
-FORGE_CLASS = {ColumnParallelLinear: (ForgeColumnParallelLinear, 0), RowParallelLinear: (ForgeRowParallelLinear, 1)}
+PARENTS = ((ColumnParallelLinear, ForgeColumnParallelLinear, 0), (RowParallelLinear, ForgeRowParallelLinear, 1))
 
 
 @dataclass
@@ -54,25 +55,47 @@ def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool =
     for chunk in model_chunks:
         owners = collections.Counter(id(p) for _, p in chunk.named_parameters(remove_duplicate=False))
         for name, module in chunk.named_modules():
-            reason = _why_standard(module, name, chunk, owners, multi_token_prediction)
-            if reason is None and type(module) not in FORGE_CLASS:
+            if not _is_linear(module):
                 continue
+            reason = _why_standard(module, name, chunk, owners, multi_token_prediction)
             if reason is not None:
                 report.standard.setdefault(reason, []).append(name)
                 continue
-            forge_class, partition_dim = FORGE_CLASS[type(module)]
+            forge_class, partition_dim = forge_class_of(type(module))
             module.__class__ = forge_class
             module._cover(forge, partition_dim)
             report.covered[name.rsplit(".", 1)[-1]] += 1
     return report
 
 
+@functools.cache
+def forge_class_of(cls: type) -> tuple[type, int]:
+    """The FORGE class a megatron-core parallel linear becomes, and its weight's partition axis:
+    ForgeColumnParallelLinear / ForgeRowParallelLinear for the two, and for a subclass (e.g. the
+    heterogeneous models' ColumnParallelLinearGathered, whose forward calls its parent's) the
+    subclass with FORGE's autograd function."""
+    for parent, forge_class, partition_dim in PARENTS:
+        if cls is parent:
+            return forge_class, partition_dim
+        if issubclass(cls, parent):
+            return type(f"Forge{cls.__name__}", (_ForgeLinear, cls), {"__module__": __name__}), partition_dim
+    raise TypeError(f"{cls.__name__} is not a megatron-core parallel linear")
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or _is_transformer_engine_linear(module)
+
+
 def _why_standard(module, name: str, chunk, owners, multi_token_prediction: bool) -> str | None:
-    """Why a linear stays with Megatron's optimizer (None: FORGE covers it, or it is not a linear)."""
+    """Why a linear stays with Megatron's optimizer (None: FORGE covers it)."""
     if _is_transformer_engine_linear(module):
         return "Transformer Engine modules"
-    if type(module) not in FORGE_CLASS:
-        return None
+    if isinstance(module, _ForgeLinear):
+        return "covered already"
+    cls = type(module)
+    if cls not in (ColumnParallelLinear, RowParallelLinear) and (
+            not cls.__module__.startswith("megatron.core.") or "_forward_impl" in vars(cls)):
+        return f"{cls.__name__}: a linear of its own kind, which FORGE does not cover"
     if module.is_expert:
         return "expert layers are not covered yet"
     if module is getattr(chunk, "output_layer", None):
@@ -88,7 +111,7 @@ def _why_standard(module, name: str, chunk, owners, multi_token_prediction: bool
     if not weight.requires_grad:
         return "frozen"
     stride = getattr(weight, "partition_stride", 1)
-    if stride not in (1, 2) or (stride == 2 and FORGE_CLASS[type(module)][1] != 0):
+    if stride not in (1, 2) or (stride == 2 and forge_class_of(type(module))[1] != 0):
         return f"partition stride {stride}"
     return None
 
