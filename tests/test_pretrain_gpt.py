@@ -26,9 +26,11 @@ from training_runs import (
     forge_state,
     forge_steps,
     model_keys,
+    rel,
     run_all,
 )
 
+from forge_megatron.hf.checkpoint import load_torch_file
 from forge_megatron.tools.benchmarking import run_pretrain
 
 
@@ -157,8 +159,8 @@ def test_resume_in_the_torch_checkpoint_format_is_bit_exact(runs):
     first, second = runs["torch-format-10"].losses(), runs["torch-format-20"].losses()
     assert sorted(first) == list(range(1, 11)) and sorted(second) == list(range(11, 21))
     assert all(v == reference[i] for i, v in {**first, **second}.items())
-    saved = torch.load(os.path.join(runs["torch-format-10"].save, "iter_0000010", "mp_rank_00", "model_optim_rng.pt"),
-                       weights_only=False)
+    saved = load_torch_file(os.path.join(runs["torch-format-10"].save, "iter_0000010", "mp_rank_00",
+                                         "model_optim_rng.pt"))  # no pickled code: weights_only=True
     forge = saved["optimizer"]["forge"]
     assert forge["__controller__"]["grad_norm"] > 0
     assert {entry["step"] for name, entry in forge.items() if name != "__controller__"} == {10}
