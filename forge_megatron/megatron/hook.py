@@ -11,7 +11,8 @@ hooks Megatron's loop without copying it:
   clipping and logging use the global norm), skips its step when FORGE found non-finite
   gradients, reports its norm to FORGE (stale clipping, and the held two-pass updates) and
   carries FORGE state in its state dict, so --save/--load/--no-save-optim/--no-load-optim/
-  --finetune treat it as optimizer state;
+  --finetune treat it as optimizer state (weights loaded without it give FORGE's masters their
+  values, as Megatron's reload_model_params does for its own);
 * `get_optimizer_param_scheduler`'s scheduler drives FORGE's lr and weight decay;
 * `get_forward_backward_func`'s function sets FORGE's clip coefficient and, with
   --forge-clip-grad-mode two-pass, runs the norms-only pass first.
@@ -154,15 +155,25 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
 
     load_state_dict = optimizer.load_state_dict
 
-    def load_state_dict_with_forge(loaded):
+    def load_state_dict_with_forge(loaded):  # after Megatron loaded the model's weights
         forge_state = loaded.pop("forge", None)
         if forge_state is not None:
             checkpoint.load_state_dict(controller, forge_state)
-        elif args.ckpt_format == "torch":
-            logger.warning("FORGE: the checkpoint holds no FORGE state; FORGE state starts fresh")
+        else:
+            if args.ckpt_format == "torch":
+                logger.warning("FORGE: the checkpoint holds no FORGE state; FORGE state starts fresh")
+            controller.reload_masters()
         return load_state_dict(loaded)
 
     optimizer.load_state_dict = load_state_dict_with_forge
+
+    reload_model_params = optimizer.reload_model_params
+
+    def reload_model_params_with_forge(*a, **kw):  # Megatron loaded the weights without optimizer state
+        reload_model_params(*a, **kw)
+        controller.reload_masters()
+
+    optimizer.reload_model_params = reload_model_params_with_forge
 
 
 def _wrap_scheduler_factory(factory):
