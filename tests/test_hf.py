@@ -18,6 +18,7 @@ import inspect
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ from distributed import result, run_scenarios
 from forge_megatron.hf.config import architecture, megatron_flags
 from forge_megatron.hf.errors import ConversionError
 from forge_megatron.hf.mapping import pack_qkv, unpack_qkv
+from forge_megatron.hf.model import gpt_logits
+from forge_megatron.hf.tiny import train_tokenizer
 
 TOL = 1e-5  # fp32, relative (norm of the difference over the norm)
 SEQ, EVAL_SAMPLES = 32, 8  # the fine-tune's sequence length; its validation set holds exactly 8 windows
@@ -63,22 +66,6 @@ def _hf_model(name: str):
     return model.eval()
 
 
-def _tokenizer(out_dir: str, texts: list[str]):
-    """A byte-level BPE tokenizer of 300 ids trained on `texts`, saved as transformers saves one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=SHAPE["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(out_dir)
-    return fast
-
-
 def _texts():
     import fnmatch
     import shlex
@@ -98,7 +85,8 @@ def work(tmp_path_factory):
         with torch.no_grad():
             torch.save({"tokens": tokens, "logits": model(tokens).logits}, os.path.join(root, name, "reference.pt"))
     train_texts, held_out = _texts()
-    tokenizer = _tokenizer(os.path.join(root, "llama", "hf"), train_texts)  # the llama directory is the fine-tune's
+    # the llama directory is the fine-tune's
+    tokenizer = train_tokenizer(train_texts, SHAPE["vocab_size"], os.path.join(root, "llama", "hf"))
     assert len(tokenizer) <= SHAPE["vocab_size"] and tokenizer.eos_token_id == 2
     with open(os.path.join(root, "texts.json"), "w") as f:
         json.dump({"train": train_texts, "held_out": held_out}, f)
@@ -109,27 +97,10 @@ def work(tmp_path_factory):
 # -- Megatron side, on spawned gloo ranks -------------------------------------------------------------------
 
 
-def _megatron_logits(model, tokens):
-    """GPTModel logits [b, s, padded vocab], gathered over the tensor-parallel ranks."""
-    from megatron.core import parallel_state
-
-    seq = tokens.shape[1]
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]  # True: masked (Megatron's)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(seq).expand_as(tokens), causal)
-    group = parallel_state.get_tensor_model_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
-        parts = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
-        logits = torch.cat(parts, dim=-1)
-    return logits
-
-
 def _compare(name, model, padded):
     root = os.environ[WORK_ENV]
     reference = torch.load(os.path.join(root, name, "reference.pt"))
-    logits = _megatron_logits(model, reference["tokens"])
+    logits = gpt_logits(model, reference["tokens"])
     vocab = SHAPE["vocab_size"]
     return {"rel": rel(logits[..., :vocab], reference["logits"]), "padded": logits.shape[-1],
             "padding_max": float(logits[..., vocab:].abs().max()) if padded > vocab else 0.0, "logits": logits}
@@ -178,7 +149,7 @@ def _te_layouts(d):
 
     config = read_config(os.path.join(d, "hf"))
     _, model, _ = load_megatron_model(os.path.join(d, "megatron"), config)
-    reference = _megatron_logits(model, torch.load(os.path.join(d, "reference.pt"))["tokens"])
+    reference = gpt_logits(model, torch.load(os.path.join(d, "reference.pt"))["tokens"])
     local = model.state_dict()
     te = local_to_te(local)  # what a TE-spec model's state_dict() holds
     for key in [k for k in te if k.endswith("_extra_state")]:
@@ -195,7 +166,7 @@ def _te_layouts(d):
         f.write("7")
     to_local_release(torch_dir, os.path.join(d, "te-local"))  # forge-te-to-local
     _, relaid, _ = load_megatron_model(os.path.join(d, "te-local"), config)
-    checks["torch_format"] = bool(torch.equal(_megatron_logits(relaid, torch.load(
+    checks["torch_format"] = bool(torch.equal(gpt_logits(relaid, torch.load(
         os.path.join(d, "reference.pt"))["tokens"]), reference))
     export_hf(torch_dir, os.path.join(d, "export-te"), hf_config_from=os.path.join(d, "hf"))
 
@@ -211,7 +182,7 @@ def _te_layouts(d):
         f.write("3")
     _, loaded, ckpt = load_megatron_model(os.path.join(d, "te-dist"), config)
     checks["torch_dist_te_names"] = ckpt.te_layout
-    checks["torch_dist"] = bool(torch.equal(_megatron_logits(loaded, torch.load(
+    checks["torch_dist"] = bool(torch.equal(gpt_logits(loaded, torch.load(
         os.path.join(d, "reference.pt"))["tokens"]), reference))
     return checks
 
@@ -335,7 +306,7 @@ def _load_hf(path):
     return model.eval()
 
 
-def test_export_reloads_in_transformers_with_the_megatron_logits(tp1, work):
+def test_export_reloads_in_transformers_with_thegpt_logits(tp1, work):
     for name, export in (("llama", "export"), ("qwen2", "export"), ("llama", "export-from-args"),
                          ("llama", "export-te")):
         d = os.path.join(work, name)
@@ -435,3 +406,54 @@ def test_cli_refuses_a_config_that_does_not_map_in_one_line(tmp_path, work):
     proc = _cli("hf_import", str(d), str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("forge-hf-import: error: rope scaling 'yarn'")
+
+
+def test_a_torch_checkpoint_that_needs_code_to_unpickle_is_refused(tmp_path):
+    """Torch-format checkpoints are unpickled with weights_only=True: an entry whose unpickling
+    calls a function (here open(); os.system alike) is refused in one line, and nothing runs."""
+    from forge_megatron.hf.checkpoint import TORCH_FILE, Checkpoint, resolve
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    path = tmp_path / "ckpt" / "iter_0000001" / TORCH_FILE
+    path.parent.mkdir(parents=True)
+    torch.save({"model": {}, "args": Payload(), "iteration": 1}, path)
+    with pytest.raises(ConversionError) as refused:
+        Checkpoint(resolve(str(tmp_path / "ckpt"), 1))
+    assert str(refused.value) == (
+        f"{path} is not read: unpickling it needs _io.open, which torch.load(weights_only=True) refuses because "
+        "it could run code; if you trust the file, convert it with Megatron's --ckpt-convert-format torch_dist under "
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1")
+    assert not marker.exists()
+
+
+def test_forge_hf_dataset_without_a_usable_tokenizer_is_one_line(tmp_path, capsys):
+    """A model directory made from a config alone (a random model) has no tokenizer; one without
+    an eos_token gives Megatron no end-of-document id."""
+    from transformers import LlamaConfig
+
+    from forge_megatron.cli.hf_dataset import main as hf_dataset
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f():\n    return 1\n")
+    LlamaConfig(**SHAPE).save_pretrained(tmp_path / "model-only")
+    no_eos = train_tokenizer([text.read_text()], 300)
+    no_eos.eos_token = None
+    no_eos.save_pretrained(tmp_path / "no-eos")
+    for directory, message in (
+            ("model-only", r"no usable Hugging Face tokenizer there \(.+\); save the model's tokenizer into it "
+                           r"\(tokenizer.save_pretrained\), or train one with the tokenizers library as "
+                           r"scripts/finetune_tiny_cpu.py does"),
+            ("no-eos", r"the tokenizer has no eos_token, and Megatron needs an end-of-document id; set one "
+                       r"\(tokenizer.eos_token = ...\) and save it again")):
+        with pytest.raises(SystemExit) as exited:
+            hf_dataset([str(tmp_path / "out"), "--tokenizer-model", str(tmp_path / directory), str(text)])
+        assert exited.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1, errors
+        assert re.fullmatch(f"forge-hf-dataset: error: --tokenizer-model {tmp_path / directory}: {message}", errors[0])
+    assert not (tmp_path / "out.idx").exists()

@@ -23,22 +23,28 @@ BYTE_VOCAB = 257  # 256 byte values + end of document
 EOD = 256
 
 
-def stdlib_documents(max_bytes: int = 8 << 20) -> list[np.ndarray]:
-    """Byte tokens of the standard library's .py files (tests excluded), in hash order, each ending
-    in EOD, up to about `max_bytes` tokens."""
+def stdlib_files(max_bytes: int = 8 << 20) -> list[Path]:
+    """The standard library's non-empty .py files (tests excluded), in hash order, up to about
+    `max_bytes` bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-2:]]
     files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
-    documents, total = [], 0
+    chosen, total = [], 0
     for path in files:
-        data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
-        if data.size == 0:
+        size = path.stat().st_size
+        if size == 0:
             continue
-        documents.append(np.append(data, np.uint16(EOD)))
-        total += documents[-1].size
+        chosen.append(path)
+        total += size + 1  # + EOD, as the byte documents count it
         if total >= max_bytes:
             break
-    return documents
+    return chosen
+
+
+def stdlib_documents(max_bytes: int = 8 << 20) -> list[np.ndarray]:
+    """Byte tokens of stdlib_files(max_bytes), each ending in EOD."""
+    return [np.append(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16), np.uint16(EOD))
+            for path in stdlib_files(max_bytes)]
 
 
 def write_stdlib_dataset(prefix: str, max_bytes: int = 8 << 20) -> str:
