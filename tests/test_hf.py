@@ -10,7 +10,7 @@ embeddings) models built from their configs; no downloads.
 * checkpoints in the Transformer Engine spec's layout (torch format, renamed; torch_dist, as is)
   load into the FORGE spec;
 * end to end: a Hugging Face tokenizer trained here, its indexed dataset, an import, a few steps
-  of `forge-pretrain-gpt --use-forge --finetune` at TP=2 + SP from it, an export, and
+  of `forge-pretrain-gpt --use-forge --finetune` at TP=2 + SP and PP=2 from it, an export, and
   transformers' loss on the held-out windows equals Megatron's "lm loss validation".
 """
 
@@ -306,7 +306,7 @@ def _load_hf(path):
     return model.eval()
 
 
-def test_export_reloads_in_transformers_with_thegpt_logits(tp1, work):
+def test_export_reloads_in_transformers_with_the_megatron_logits(tp1, work):
     for name, export in (("llama", "export"), ("qwen2", "export"), ("llama", "export-from-args"),
                          ("llama", "export-te")):
         d = os.path.join(work, name)
@@ -351,8 +351,8 @@ def _cli(module, *argv, timeout=300):
 
 
 def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(tp1, work, tmp_path):
-    """Imported (TP=1 build) -> forge-pretrain-gpt --use-forge --finetune at TP=2 + SP on a Hugging
-    Face tokenizer's dataset -> forge-hf-export -> transformers' loss on the held-out windows."""
+    """Imported (TP=1 build) -> forge-pretrain-gpt --use-forge --finetune at TP=2 + SP and PP=2 on a
+    Hugging Face tokenizer's dataset -> forge-hf-export -> transformers' loss on the held-out windows."""
     from forge_megatron.tools.benchmarking import run_pretrain, tensorboard_records
 
     assert tp1["data"]["held_out_tokens"] == EVAL_SAMPLES * SEQ + 1
@@ -361,9 +361,9 @@ def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(t
         model_flags = f.read().split()
     tb, save = str(tmp_path / "tb"), str(tmp_path / "finetuned")
     argv = [*model_flags, "--load", imported, "--finetune", "--use-forge", "--forge-cover-output-layer",
-            "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
-            "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-            "--no-bias-dropout-fusion", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",  # the rest: model_flags
+            "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--pipeline-model-parallel-size", "2",
             "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "5",
             "--lr", "1e-3", "--lr-warmup-iters", "1", "--lr-decay-style", "constant", "--weight-decay", "0",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir,
@@ -371,10 +371,17 @@ def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(t
             "--valid-data-path", os.path.join(work, "data", "valid"), "--data-cache-path", str(tmp_path / "cache"),
             "--eval-interval", "1000", "--eval-iters", str(EVAL_SAMPLES // 4), "--log-interval", "1",
             "--tensorboard-dir", tb, "--tensorboard-log-interval", "1", "--save", save, "--save-interval", "5"]
-    proc = run_pretrain(argv, nproc=2, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = run_pretrain(argv, nproc=4, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    log = proc.stdout + proc.stderr
-    assert "loading release distributed checkpoint" in log and "FORGE: 9 weights" in log
+    assert "loading release distributed checkpoint" in proc.stdout + proc.stderr
+    from megatron.core import dist_checkpointing
+
+    from forge_megatron.megatron.world import init_world_of_one
+
+    init_world_of_one()  # dist_checkpointing reads through torch.distributed.checkpoint
+    steps = [k for k in dist_checkpointing.load_tensors_metadata(os.path.join(save, "iter_0000005"))
+             if k.startswith("optimizer.forge.step.")]
+    assert len(steps) == 9, steps  # FORGE trained 4 weights per layer and the output layer, over both stages
     losses = [r["lm loss validation"] for r in tensorboard_records(tb) if "lm loss validation" in r]
     assert len(losses) == 1
 

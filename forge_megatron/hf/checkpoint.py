@@ -3,15 +3,16 @@
 Written: a torch_dist checkpoint of the model alone (megatron-core's dist_checkpointing.save of the
 model's sharded_state_dict, with the `args` and `checkpoint_version` Megatron's loader reads) in
 `release/`, and latest_checkpointed_iteration.txt saying "release". torch_dist stores global
-tensors with their sharding, so Megatron loads it at any tensor-parallel size that divides the
-shapes; a release checkpoint is loaded like --finetune (no optimizer, RNG or iteration).
+tensors with their sharding, so Megatron loads it at any tensor- and pipeline-parallel size that
+divides the shapes; a release checkpoint is loaded like --finetune (no optimizer, RNG or iteration).
 
-Read: torch_dist checkpoints of any tensor-parallel size (loaded into a TP=1 model through its own
-sharded_state_dict, so SwiGLU's and qkv's sharding is undone by megatron-core itself) and
-`--ckpt-format torch` checkpoints of TP=1, both in the local or the Transformer Engine spec's
-layout (te_layout). Torch-format files are unpickled with weights_only=True: tensors, containers
-and the classes megatron-core registers as safe (argparse.Namespace, its enums and configs), never
-code; a file that needs anything else is refused.
+Read: torch_dist checkpoints of any tensor- and pipeline-parallel size (loaded into a TP=1 model
+through its own sharded_state_dict, so SwiGLU's and qkv's sharding is undone by megatron-core
+itself) and `--ckpt-format torch` checkpoints of TP=1 and PP=1, both in the local or the
+Transformer Engine spec's layout (te_layout). Torch-format files are unpickled with
+weights_only=True: tensors, containers and the classes megatron-core registers as safe
+(argparse.Namespace, its enums and configs), never code; a file that needs anything else is
+refused. (torch_dist's own metadata file is unpickled by torch.distributed.checkpoint itself.)
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def load_torch_file(path: str):
     import megatron.core  # noqa: F401  (registers its safe globals with torch.serialization)
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([bytes]):  # b"" pickled at protocol 2 is bytes() (TE's _extra_state)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise ConversionError(f"{path} is not read: unpickling it needs {found.group(1) if found else 'objects'}, "
