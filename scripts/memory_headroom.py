@@ -4,9 +4,14 @@ analytic model (model numbers, not measurements; docs/memory.md).
 
 Reads a config the way the launchers do (source the file, expand its array of pretrain_gpt.py
 flags) and parses it with Megatron's parser. Prints the tables and where FORGE's micro-batch is at
-least 4x the standard one and where it is not; writes the raw numbers as JSON and a plot.
+least 4x the standard one and where it is not. Writes nothing unless asked: --out writes the raw
+numbers to bench/results/memory_model_NAME.json and the plot to docs/memory_headroom_NAME.png, NAME
+from the config file and the layout it was read at (llama3_8b_tp8, llama3_8b_tp2_dp4, ...): the
+committed results, which the docs' commands regenerate; --json and --plot write elsewhere. A
+configuration outside the memory model is one line naming the flag, and exit status 2.
 
-    .venv/bin/python scripts/memory_headroom.py                                     # the 8B TP=8 config
+    .venv/bin/python scripts/memory_headroom.py                                     # the 8B TP=8 config, printed
+    .venv/bin/python scripts/memory_headroom.py --out                               # ... and its committed results
     .venv/bin/python scripts/memory_headroom.py -- --recompute-granularity selective  # extra Megatron flags
 """
 
@@ -16,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -256,18 +262,52 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPU sizes for the plot and the 4x ranges, in 1 GiB steps")
     parser.add_argument("--reserve-gib", type=float, default=None,
                         help="set aside for the CUDA context and fragmentation (default: the model's)")
-    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "memory_model_llama3_8b_tp8.json"))
-    parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "memory_headroom.png"))
+    parser.add_argument("--out", action="store_true",
+                        help="write the committed results: bench/results/memory_model_NAME.json and "
+                             "docs/memory_headroom_NAME.png, NAME from the config and its layout")
+    parser.add_argument("--json", default=None, help="write the raw numbers here")
+    parser.add_argument("--plot", default=None, help="draw the plot here")
     parser.add_argument("megatron_flags", nargs="*",
                         help="extra pretrain_gpt.py flags after --, appended to the config's")
     options = parser.parse_args(argv)
 
+    from forge_megatron.tools import memory
+
+    if options.out and options.megatron_flags:
+        return _error("--out writes the config's own results, which extra flags would change; write these with "
+                      "--json and --plot")
+    reserve = memory.DEFAULT_RESERVE_GIB if options.reserve_gib is None else options.reserve_gib
+    flags = config_argv(options.config, options.array) + options.megatron_flags
+    try:
+        return _headroom(options, flags, reserve)
+    except memory.NotModelled as error:
+        return _error(str(error))
+
+
+def _error(message: str) -> int:
+    print(f"memory_headroom.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def output_name(config: str, args) -> str:
+    """The config file's name without its layout part, then the layout it was read at:
+    configs/llama3_8b_dp.sh at TP=2 with 4 data-parallel ranks -> llama3_8b_tp2_dp4."""
+    name = re.sub(r"(_(tp|pp|dp)\d*)+$", "", os.path.splitext(os.path.basename(config))[0])
+    name += f"_tp{args.tensor_model_parallel_size}"
+    for flag, size in (("pp", args.pipeline_model_parallel_size), ("dp", args.data_parallel_size)):
+        name += f"_{flag}{size}" if size > 1 else ""
+    return name
+
+
+def _headroom(options, flags: list[str], reserve: float) -> int:
     from forge_megatron.megatron.args import output_layer_covered
     from forge_megatron.tools import memory
 
-    reserve = memory.DEFAULT_RESERVE_GIB if options.reserve_gib is None else options.reserve_gib
-    flags = config_argv(options.config, options.array) + options.megatron_flags
     args = parse_config(flags, options.data_parallel_size)
+    if options.out:
+        name = output_name(options.config, args)
+        options.json = options.json or os.path.join(ROOT, "bench", "results", f"memory_model_{name}.json")
+        options.plot = options.plot or os.path.join(ROOT, "docs", f"memory_headroom_{name}.png")
     low, high = options.sweep_gib
     sweep_gib = [low + i for i in range(int(high - low) + 1)]
     info = {
@@ -288,14 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     verdict = verdicts(result["max_micro_batch"])
     ranges = sweep_ranges(result["sweep"], sweep_gib)
     print(report(info, result, verdict, ranges))
-    os.makedirs(os.path.dirname(os.path.abspath(options.json)), exist_ok=True)
-    with open(options.json, "w") as f:
-        json.dump({**info, **result, "four_x": verdict, "four_x_sweep_gib": ranges}, f, indent=1)
-        f.write("\n")
-    title = (f"{info['config']}{' ' + ' '.join(options.megatron_flags) if options.megatron_flags else ''}: "
-             f"largest micro-batch per rank (model, reserve {reserve:g} GiB; {info['attention']})")
-    plot(result, sweep_gib, options.gpu_gib, title, options.plot)
-    print(f"\nwrote {options.json} and {options.plot}")
+    if options.json:
+        os.makedirs(os.path.dirname(os.path.abspath(options.json)), exist_ok=True)
+        with open(options.json, "w") as f:
+            json.dump({**info, **result, "four_x": verdict, "four_x_sweep_gib": ranges}, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {os.path.relpath(options.json, ROOT)}")
+    if options.plot:
+        title = (f"{info['config']}{' ' + ' '.join(options.megatron_flags) if options.megatron_flags else ''} "
+                 f"(TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP={info['data_parallel']}): "
+                 f"largest micro-batch per rank (model, reserve {reserve:g} GiB; {info['attention']})")
+        plot(result, sweep_gib, options.gpu_gib, title, options.plot)
+        print(f"wrote {os.path.relpath(options.plot, ROOT)}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The shipped configs parse and validate with Megatron's own argument code and FORGE's checks,
 and every refusal is one message naming the flag to change."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -249,3 +250,23 @@ def test_add_forge_args_defaults():
 
     args = add_forge_args(argparse.ArgumentParser()).parse_args([])
     assert (args.use_forge, args.forge_clip_grad_mode, args.forge_weight_store) == (False, "stale", "master")
+
+
+SET_REFUSALS = [  # refusals of flags whose Megatron validation needs company, set on parsed args
+    ({"experimental_attention_variant": "gated_delta_net"},
+     "--experimental-attention-variant gated_delta_net: megatron-core builds it with Transformer Engine only.*drop it"),
+    ({"defer_embedding_wgrad_compute": True}, "--defer-embedding-wgrad-compute postpones.*drop it"),
+    ({"use_torch_fsdp2": True}, "drop --use-torch-fsdp2 / --use-megatron-fsdp"),
+    ({"use_megatron_fsdp": True}, "drop --use-torch-fsdp2 / --use-megatron-fsdp"),
+    ({"grad_norm_skip_threshold": 10.0}, "grad_norm_skip_threshold skips a step.*leave it unset"),
+]
+
+
+def test_each_refusal_docs_megatron_md_lists_names_the_flag(monkeypatch):
+    parsed = parse(tiny(), 1, monkeypatch)
+    for changes, message in SET_REFUSALS:
+        args = copy.copy(parsed)
+        for name, value in changes.items():
+            setattr(args, name, value)
+        with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+            validate_forge_args(args)

@@ -10,7 +10,7 @@ embeddings) models built from their configs; no downloads.
 * checkpoints in the Transformer Engine spec's layout (torch format, renamed; torch_dist, as is)
   load into the FORGE spec;
 * end to end: a Hugging Face tokenizer trained here, its indexed dataset, an import, a few steps
-  of `forge-pretrain-gpt --use-forge --finetune` at TP=2 + SP from it, an export, and
+  of `forge-pretrain-gpt --use-forge --finetune` at TP=2 + SP and PP=2 from it, an export, and
   transformers' loss on the held-out windows equals Megatron's "lm loss validation".
 """
 
@@ -18,6 +18,7 @@ import inspect
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ from distributed import result, run_scenarios
 from forge_megatron.hf.config import architecture, megatron_flags
 from forge_megatron.hf.errors import ConversionError
 from forge_megatron.hf.mapping import pack_qkv, unpack_qkv
+from forge_megatron.hf.model import gpt_logits
+from forge_megatron.hf.tiny import train_tokenizer
 
 TOL = 1e-5  # fp32, relative (norm of the difference over the norm)
 SEQ, EVAL_SAMPLES = 32, 8  # the fine-tune's sequence length; its validation set holds exactly 8 windows
@@ -63,22 +66,6 @@ def _hf_model(name: str):
     return model.eval()
 
 
-def _tokenizer(out_dir: str, texts: list[str]):
-    """A byte-level BPE tokenizer of 300 ids trained on `texts`, saved as transformers saves one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=SHAPE["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(out_dir)
-    return fast
-
-
 def _texts():
     import fnmatch
     import shlex
@@ -98,7 +85,8 @@ def work(tmp_path_factory):
         with torch.no_grad():
             torch.save({"tokens": tokens, "logits": model(tokens).logits}, os.path.join(root, name, "reference.pt"))
     train_texts, held_out = _texts()
-    tokenizer = _tokenizer(os.path.join(root, "llama", "hf"), train_texts)  # the llama directory is the fine-tune's
+    # the llama directory is the fine-tune's
+    tokenizer = train_tokenizer(train_texts, SHAPE["vocab_size"], os.path.join(root, "llama", "hf"))
     assert len(tokenizer) <= SHAPE["vocab_size"] and tokenizer.eos_token_id == 2
     with open(os.path.join(root, "texts.json"), "w") as f:
         json.dump({"train": train_texts, "held_out": held_out}, f)
@@ -109,27 +97,10 @@ def work(tmp_path_factory):
 # -- Megatron side, on spawned gloo ranks -------------------------------------------------------------------
 
 
-def _megatron_logits(model, tokens):
-    """GPTModel logits [b, s, padded vocab], gathered over the tensor-parallel ranks."""
-    from megatron.core import parallel_state
-
-    seq = tokens.shape[1]
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]  # True: masked (Megatron's)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(seq).expand_as(tokens), causal)
-    group = parallel_state.get_tensor_model_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
-        parts = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
-        logits = torch.cat(parts, dim=-1)
-    return logits
-
-
 def _compare(name, model, padded):
     root = os.environ[WORK_ENV]
     reference = torch.load(os.path.join(root, name, "reference.pt"))
-    logits = _megatron_logits(model, reference["tokens"])
+    logits = gpt_logits(model, reference["tokens"])
     vocab = SHAPE["vocab_size"]
     return {"rel": rel(logits[..., :vocab], reference["logits"]), "padded": logits.shape[-1],
             "padding_max": float(logits[..., vocab:].abs().max()) if padded > vocab else 0.0, "logits": logits}
@@ -178,7 +149,7 @@ def _te_layouts(d):
 
     config = read_config(os.path.join(d, "hf"))
     _, model, _ = load_megatron_model(os.path.join(d, "megatron"), config)
-    reference = _megatron_logits(model, torch.load(os.path.join(d, "reference.pt"))["tokens"])
+    reference = gpt_logits(model, torch.load(os.path.join(d, "reference.pt"))["tokens"])
     local = model.state_dict()
     te = local_to_te(local)  # what a TE-spec model's state_dict() holds
     for key in [k for k in te if k.endswith("_extra_state")]:
@@ -195,7 +166,7 @@ def _te_layouts(d):
         f.write("7")
     to_local_release(torch_dir, os.path.join(d, "te-local"))  # forge-te-to-local
     _, relaid, _ = load_megatron_model(os.path.join(d, "te-local"), config)
-    checks["torch_format"] = bool(torch.equal(_megatron_logits(relaid, torch.load(
+    checks["torch_format"] = bool(torch.equal(gpt_logits(relaid, torch.load(
         os.path.join(d, "reference.pt"))["tokens"]), reference))
     export_hf(torch_dir, os.path.join(d, "export-te"), hf_config_from=os.path.join(d, "hf"))
 
@@ -211,7 +182,7 @@ def _te_layouts(d):
         f.write("3")
     _, loaded, ckpt = load_megatron_model(os.path.join(d, "te-dist"), config)
     checks["torch_dist_te_names"] = ckpt.te_layout
-    checks["torch_dist"] = bool(torch.equal(_megatron_logits(loaded, torch.load(
+    checks["torch_dist"] = bool(torch.equal(gpt_logits(loaded, torch.load(
         os.path.join(d, "reference.pt"))["tokens"]), reference))
     return checks
 
@@ -380,8 +351,8 @@ def _cli(module, *argv, timeout=300):
 
 
 def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(tp1, work, tmp_path):
-    """Imported (TP=1 build) -> forge-pretrain-gpt --use-forge --finetune at TP=2 + SP on a Hugging
-    Face tokenizer's dataset -> forge-hf-export -> transformers' loss on the held-out windows."""
+    """Imported (TP=1 build) -> forge-pretrain-gpt --use-forge --finetune at TP=2 + SP and PP=2 on a
+    Hugging Face tokenizer's dataset -> forge-hf-export -> transformers' loss on the held-out windows."""
     from forge_megatron.tools.benchmarking import run_pretrain, tensorboard_records
 
     assert tp1["data"]["held_out_tokens"] == EVAL_SAMPLES * SEQ + 1
@@ -390,9 +361,9 @@ def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(t
         model_flags = f.read().split()
     tb, save = str(tmp_path / "tb"), str(tmp_path / "finetuned")
     argv = [*model_flags, "--load", imported, "--finetune", "--use-forge",
-            "--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
-            "--no-persist-layer-norm", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
-            "--no-bias-dropout-fusion", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",  # the rest: model_flags
+            "--tensor-model-parallel-size", "2", "--sequence-parallel",
+            "--pipeline-model-parallel-size", "2",
             "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "5",
             "--lr", "1e-3", "--lr-warmup-iters", "1", "--lr-decay-style", "constant", "--weight-decay", "0",
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir,
@@ -400,10 +371,17 @@ def test_finetune_with_forge_then_export_matches_transformers_on_held_out_text(t
             "--valid-data-path", os.path.join(work, "data", "valid"), "--data-cache-path", str(tmp_path / "cache"),
             "--eval-interval", "1000", "--eval-iters", str(EVAL_SAMPLES // 4), "--log-interval", "1",
             "--tensorboard-dir", tb, "--tensorboard-log-interval", "1", "--save", save, "--save-interval", "5"]
-    proc = run_pretrain(argv, nproc=2, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = run_pretrain(argv, nproc=4, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    log = proc.stdout + proc.stderr
-    assert "loading release distributed checkpoint" in log and "FORGE: 9 weights" in log
+    assert "loading release distributed checkpoint" in proc.stdout + proc.stderr
+    from megatron.core import dist_checkpointing
+
+    from forge_megatron.megatron.world import init_world_of_one
+
+    init_world_of_one()  # dist_checkpointing reads through torch.distributed.checkpoint
+    steps = [k for k in dist_checkpointing.load_tensors_metadata(os.path.join(save, "iter_0000005"))
+             if k.startswith("optimizer.forge.step.")]
+    assert len(steps) == 9, steps  # FORGE trained 4 weights per layer and the output layer, over both stages
     losses = [r["lm loss validation"] for r in tensorboard_records(tb) if "lm loss validation" in r]
     assert len(losses) == 1
 
@@ -435,3 +413,54 @@ def test_cli_refuses_a_config_that_does_not_map_in_one_line(tmp_path, work):
     proc = _cli("hf_import", str(d), str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("forge-hf-import: error: rope scaling 'yarn'")
+
+
+def test_a_torch_checkpoint_that_needs_code_to_unpickle_is_refused(tmp_path):
+    """Torch-format checkpoints are unpickled with weights_only=True: an entry whose unpickling
+    calls a function (here open(); os.system alike) is refused in one line, and nothing runs."""
+    from forge_megatron.hf.checkpoint import TORCH_FILE, Checkpoint, resolve
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    path = tmp_path / "ckpt" / "iter_0000001" / TORCH_FILE
+    path.parent.mkdir(parents=True)
+    torch.save({"model": {}, "args": Payload(), "iteration": 1}, path)
+    with pytest.raises(ConversionError) as refused:
+        Checkpoint(resolve(str(tmp_path / "ckpt"), 1))
+    assert str(refused.value) == (
+        f"{path} is not read: unpickling it needs _io.open, which torch.load(weights_only=True) refuses because "
+        "it could run code; if you trust the file, convert it with Megatron's --ckpt-convert-format torch_dist under "
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1")
+    assert not marker.exists()
+
+
+def test_forge_hf_dataset_without_a_usable_tokenizer_is_one_line(tmp_path, capsys):
+    """A model directory made from a config alone (a random model) has no tokenizer; one without
+    an eos_token gives Megatron no end-of-document id."""
+    from transformers import LlamaConfig
+
+    from forge_megatron.cli.hf_dataset import main as hf_dataset
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f():\n    return 1\n")
+    LlamaConfig(**SHAPE).save_pretrained(tmp_path / "model-only")
+    no_eos = train_tokenizer([text.read_text()], 300)
+    no_eos.eos_token = None
+    no_eos.save_pretrained(tmp_path / "no-eos")
+    for directory, message in (
+            ("model-only", r"no usable Hugging Face tokenizer there \(.+\); save the model's tokenizer into it "
+                           r"\(tokenizer.save_pretrained\), or train one with the tokenizers library as "
+                           r"scripts/finetune_tiny_cpu.py does"),
+            ("no-eos", r"the tokenizer has no eos_token, and Megatron needs an end-of-document id; set one "
+                       r"\(tokenizer.eos_token = ...\) and save it again")):
+        with pytest.raises(SystemExit) as exited:
+            hf_dataset([str(tmp_path / "out"), "--tokenizer-model", str(tmp_path / directory), str(text)])
+        assert exited.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1, errors
+        assert re.fullmatch(f"forge-hf-dataset: error: --tokenizer-model {tmp_path / directory}: {message}", errors[0])
+    assert not (tmp_path / "out.idx").exists()

@@ -1,11 +1,16 @@
-"""The per-rank memory model (forge_megatron/memory.py) and the headroom tool (scripts/memory_headroom.py):
-parameter counts of the 8B TP=8 config, Megatron's bytes per parameter, FORGE's per regime (checked
-against the tensors ForgeState allocates), monotone micro-batch search, and a smoke run of the tool."""
+"""The per-rank memory model (forge_megatron/tools/memory.py) and the headroom tool
+(scripts/memory_headroom.py): parameter counts of the 8B TP=8 config, Megatron's bytes per
+parameter, FORGE's per regime (checked against the tensors ForgeState allocates), monotone
+micro-batch search, a smoke run of the tool, what it writes (nothing without --out) and its
+refusals."""
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
+import re
+import subprocess
 
 import pytest
 import torch
@@ -249,3 +254,63 @@ def test_headroom_tool_smoke(tmp_path, capsys):
     assert result["max_micro_batch"]["8192"]["standard"]["40"] == 0  # said as such, no division by zero
     assert {e["gpu_gib"] for e in result["four_x"]["standard_fits_none"]} == {40.0}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# The configs whose results are committed (docs/memory.md regenerates them with --out): config, its
+# array, the layout variables it reads, the data-parallel size, and the name of its results.
+COMMITTED = [
+    ("llama3_8b_tp8.sh", "LLAMA3_8B_TP8_ARGS", {}, 1, "llama3_8b_tp8"),
+    ("llama3_8b_tp2.sh", "LLAMA3_8B_TP2_ARGS", {}, 1, "llama3_8b_tp2"),
+    ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "2"}, 4, "llama3_8b_tp2_dp4"),
+    ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "1"}, 8, "llama3_8b_tp1_dp8"),
+    ("llama3_70b_tp8.sh", "LLAMA3_70B_TP8_ARGS", {}, 1, "llama3_70b_tp8"),
+]
+SMALL_GRID = ["--gpu-gib", "80", "--seq-lengths", "2048", "--sweep-gib", "79", "80"]
+
+
+def repository_files() -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every tracked file and every file under bench/ and docs/."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    found = [os.path.relpath(os.path.join(d, f), ROOT) for top in ("bench", "docs")
+             for d, _, files in os.walk(os.path.join(ROOT, top)) for f in files]
+    return {p: (os.stat(os.path.join(ROOT, p)).st_mtime_ns, os.stat(os.path.join(ROOT, p)).st_size)
+            for p in {*listed, *found} if os.path.exists(os.path.join(ROOT, p))}
+
+
+def test_headroom_runs_write_nothing_without_out_and_name_results_after_their_config(monkeypatch, capsys):
+    """Every config of configs/, at each committed layout, leaves the repository as it was; with
+    --out its results go to bench/results/memory_model_NAME.json and docs/memory_headroom_NAME.png,
+    NAME from the config and its layout: the committed files, made by this version of the model."""
+    arrays = {os.path.basename(path): re.findall(r"^(\w+_ARGS)=\(", open(path).read(), re.M)[0]
+              for path in glob.glob(os.path.join(ROOT, "configs", "*.sh"))}
+    layouts = [(config, array, {}, 1, None) for config, array in arrays.items()
+               if config not in {c for c, *_ in COMMITTED}] + COMMITTED
+    before = repository_files()
+    for config, array, env, dp, name in layouts:
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        path = os.path.join(ROOT, "configs", config)
+        assert headroom.main(["--config", path, "--array", array, "--data-parallel-size", str(dp), *SMALL_GRID]) == 0
+        if name is not None:
+            args = headroom.parse_config(headroom.config_argv(path, array), dp)
+            assert headroom.output_name(path, args) == name
+            with open(os.path.join(ROOT, "bench", "results", f"memory_model_{name}.json")) as f:
+                committed = json.load(f)
+            assert (committed["config"], committed["array"], committed["data_parallel"]) == (
+                f"configs/{config}", array, dp)
+            assert committed["model"].startswith("forge_megatron.tools.memory")
+            assert os.path.exists(os.path.join(ROOT, "docs", f"memory_headroom_{name}.png"))
+    assert "wrote" not in capsys.readouterr().out
+    assert repository_files() == before
+
+
+def test_headroom_refuses_in_one_line(capsys):
+    """What the memory model does not cover, and --out with extra flags (they change the results)."""
+    for extra, message in (
+            (["--", "--recompute-granularity", "full"], "memory model: --recompute-granularity full is not modelled"),
+            (["--out", "--", "--forge-core-attention", "local"],
+             "--out writes the config's own results, which extra flags would change; write these with --json and "
+             "--plot")):
+        assert headroom.main([*SMALL_GRID, *extra]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert errors == [f"memory_headroom.py: error: {message}"], errors

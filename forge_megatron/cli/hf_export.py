@@ -1,5 +1,5 @@
-"""forge-hf-export: a Megatron checkpoint (forge-pretrain-gpt's torch_dist at any TP, or TP=1 torch
-format; local or Transformer Engine layout) -> a Hugging Face directory.
+"""forge-hf-export: a Megatron checkpoint (forge-pretrain-gpt's torch_dist at any TP and PP, or a
+TP=1, PP=1 torch-format one; local or Transformer Engine layout) -> a Hugging Face directory.
 
     forge-hf-export CKPT_DIR HF_OUT [--hf-config-from HF_DIR] [--ckpt-step N] [--dtype bfloat16]
 

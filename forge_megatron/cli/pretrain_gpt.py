@@ -20,6 +20,7 @@ import os
 import sys
 from functools import partial
 
+from forge_megatron.megatron.data_checks import check_data
 from forge_megatron.megatron.errors import ConfigurationError, exit_on_configuration_error
 from forge_megatron.megatron.world import export_world_of_one
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
             enable_megatron_on_cpu()
         args = parse_arguments(argv)
+        check_data(args)  # a missing dataset or an empty --split part: one line, not a hang in Megatron
         model_cfg = model_config(args)
     from forge_megatron.megatron.attention import core_attention
 

@@ -3,18 +3,23 @@
 Written: a torch_dist checkpoint of the model alone (megatron-core's dist_checkpointing.save of the
 model's sharded_state_dict, with the `args` and `checkpoint_version` Megatron's loader reads) in
 `release/`, and latest_checkpointed_iteration.txt saying "release". torch_dist stores global
-tensors with their sharding, so Megatron loads it at any tensor-parallel size that divides the
-shapes; a release checkpoint is loaded like --finetune (no optimizer, RNG or iteration).
+tensors with their sharding, so Megatron loads it at any tensor- and pipeline-parallel size that
+divides the shapes; a release checkpoint is loaded like --finetune (no optimizer, RNG or iteration).
 
-Read: torch_dist checkpoints of any tensor-parallel size (loaded into a TP=1 model through its own
-sharded_state_dict, so SwiGLU's and qkv's sharding is undone by megatron-core itself) and
-`--ckpt-format torch` checkpoints of TP=1, both in the local or the Transformer Engine spec's
-layout (te_layout).
+Read: torch_dist checkpoints of any tensor- and pipeline-parallel size (loaded into a TP=1 model
+through its own sharded_state_dict, so SwiGLU's and qkv's sharding is undone by megatron-core
+itself) and `--ckpt-format torch` checkpoints of TP=1 and PP=1, both in the local or the
+Transformer Engine spec's layout (te_layout). Torch-format files are unpickled with
+weights_only=True: tensors, containers and the classes megatron-core registers as safe
+(argparse.Namespace, its enums and configs), never code; a file that needs anything else is
+refused. (torch_dist's own metadata file is unpickled by torch.distributed.checkpoint itself.)
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 
 import torch
 
@@ -64,6 +69,23 @@ def _is_torch_dist(path: str) -> bool:
     return os.path.isdir(path) and dist_checkpointing.check_is_distributed_checkpoint(path)
 
 
+def load_torch_file(path: str):
+    """A torch-format checkpoint file, unpickled with weights_only=True and megatron-core's safe
+    globals (the saved args are an argparse.Namespace holding Megatron's enums); a file that needs
+    other globals is refused in one line: unpickling them could run any code."""
+    import megatron.core  # noqa: F401  (registers its safe globals with torch.serialization)
+
+    try:
+        with torch.serialization.safe_globals([bytes]):  # b"" pickled at protocol 2 is bytes() (TE's _extra_state)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ConversionError(f"{path} is not read: unpickling it needs {found.group(1) if found else 'objects'}, "
+                              "which torch.load(weights_only=True) refuses because it could run code; if you trust "
+                              "the file, convert it with Megatron's --ckpt-convert-format torch_dist under "
+                              "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1") from None
+
+
 class Checkpoint:
     """One checkpoint directory: its format, saved Megatron arguments and model tensor shapes."""
 
@@ -82,7 +104,7 @@ class Checkpoint:
                 raise ConversionError(f"{path} is neither a torch_dist checkpoint nor a TP=1 torch-format one "
                                          f"({TORCH_FILE}); convert other layouts with Megatron's --ckpt-convert-format "
                                          "torch_dist")
-            self._state = torch.load(os.path.join(path, TORCH_FILE), map_location="cpu", weights_only=False)
+            self._state = load_torch_file(os.path.join(path, TORCH_FILE))
             self.args = self._state.get("args")
             model = {k: v for k, v in self._state["model"].items() if isinstance(v, torch.Tensor)}
             self.shapes = {k: tuple(v.shape) for k, v in model.items()}

@@ -16,14 +16,31 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from forge_megatron.hf.errors import ConversionError
 
-def tokenized_documents(tokenizer_dir: str, texts: Iterable[str]) -> Iterator[np.ndarray]:
+
+def load_tokenizer(tokenizer_dir: str):
+    """The Hugging Face tokenizer saved in `tokenizer_dir`, with an end-of-sequence token; a
+    ConversionError saying how to get one otherwise (a model directory made from a config alone,
+    e.g. a random model, has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0].strip().rstrip(":") if str(error).strip() else type(error).__name__
+        raise ConversionError(f"--tokenizer-model {tokenizer_dir}: no usable Hugging Face tokenizer there ({reason}); "
+                              "save the model's tokenizer into it (tokenizer.save_pretrained), or train one with the "
+                              "tokenizers library as scripts/finetune_tiny_cpu.py does") from None
+    if tokenizer.eos_token_id is None:
+        raise ConversionError(f"--tokenizer-model {tokenizer_dir}: the tokenizer has no eos_token, and Megatron needs "
+                              "an end-of-document id; set one (tokenizer.eos_token = ...) and save it again")
+    return tokenizer
+
+
+def tokenized_documents(tokenizer_dir: str, texts: Iterable[str]) -> Iterator[np.ndarray]:
+    tokenizer = load_tokenizer(tokenizer_dir)
     eod = tokenizer.eos_token_id
-    if eod is None:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has no eos_token: Megatron needs an end-of-document id")
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         if not ids or ids[-1] != eod:
@@ -33,9 +50,7 @@ def tokenized_documents(tokenizer_dir: str, texts: Iterable[str]) -> Iterator[np
 
 def write_hf_dataset(prefix: str, tokenizer_dir: str, texts: Iterable[str]) -> str:
     """Write PREFIX.bin/.idx, one document per text; returns the prefix for --data-path."""
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    vocab = len(load_tokenizer(tokenizer_dir))
     return write_token_documents(prefix, tokenized_documents(tokenizer_dir, texts), vocab)
 
 

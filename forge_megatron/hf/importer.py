@@ -84,6 +84,15 @@ def import_hf(hf_dir: str, out_dir: str, extra: list[str] | None = None) -> list
     if written != set(params):
         raise ConversionError(f"model weights not written: {sorted(set(params) - written)[:4]}")
     save_release(model, args, out_dir)
+    return write_flags(out_dir, flags)
+
+
+def write_flags(out_dir: str, flags: list[str]) -> list[str]:
+    """Write out_dir/model_flags.txt: the model's flags and what the FORGE (local) spec needs to
+    build it anywhere (LOCAL_SPEC_FLAGS), every flag a run on the checkpoint must pass; returns them."""
+    from forge_megatron.hf.model import LOCAL_SPEC_FLAGS
+
+    flags = [*flags, *LOCAL_SPEC_FLAGS]
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out_dir, FLAGS_FILE), "w") as f:
             f.write(" ".join(flags) + "\n")

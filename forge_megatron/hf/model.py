@@ -19,10 +19,14 @@ import torch
 
 from forge_megatron.megatron.world import init_world_of_one
 
+# What the FORGE (local) spec needs to build without Transformer Engine or Apex, on any machine:
+# megatron-core's local layers (FORGE's), no Apex weight-gradient fusion, no TE rope fusion, torch's
+# norms. The converters write them into model_flags.txt, so every run on a checkpoint builds this model.
+LOCAL_SPEC_FLAGS = ("--transformer-impl", "local", "--no-gradient-accumulation-fusion", "--no-rope-fusion",
+                    "--no-persist-layer-norm")
 # Flags every conversion adds: build on the CPU without a random initialization (every weight is
 # then written), and the kernels that need Transformer Engine or CUDA off (no weight depends on them).
-BUILD_FLAGS = ("--use-cpu-initialization", "--no-initialization", "--transformer-impl", "local",
-               "--no-gradient-accumulation-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+BUILD_FLAGS = ("--use-cpu-initialization", "--no-initialization", *LOCAL_SPEC_FLAGS,
                "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
                "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer")
 
@@ -77,3 +81,21 @@ def build_gpt(flags: list[str]):
                                     post_process=True)
     return args, model
 
+
+
+def gpt_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits [batch, seq, padded vocabulary] of a GPT built by build_gpt on `tokens` [batch,
+    seq], causal, in eval mode; gathered over the tensor-parallel ranks."""
+    from megatron.core import parallel_state
+
+    seq = tokens.shape[1]
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]  # True: masked (Megatron's)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(seq).expand_as(tokens), causal)
+    group = parallel_state.get_tensor_model_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        parts = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        logits = torch.cat(parts, dim=-1)
+    return logits

@@ -9,14 +9,10 @@ dict is renamed (te_layout.te_to_local) while the model is filled, then saved re
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from forge_megatron.hf.checkpoint import save_release
 from forge_megatron.hf.config import megatron_flags
 from forge_megatron.hf.exporter import load_megatron_model
-from forge_megatron.hf.importer import FLAGS_FILE
+from forge_megatron.hf.importer import write_flags
 
 
 def to_local_release(ckpt_dir: str, out_dir: str, config: dict | None = None, iteration: int | None = None,
@@ -27,8 +23,4 @@ def to_local_release(ckpt_dir: str, out_dir: str, config: dict | None = None, it
 
     config, model, ckpt = load_megatron_model(ckpt_dir, config, iteration, vocab_size)
     save_release(model, get_args(), out_dir)
-    flags = [*megatron_flags(config, seq_length=1), "--padded-vocab-size", str(ckpt.padded_vocab)]
-    if torch.distributed.get_rank() == 0:
-        with open(os.path.join(out_dir, FLAGS_FILE), "w") as f:
-            f.write(" ".join(flags) + "\n")
-    return flags
+    return write_flags(out_dir, [*megatron_flags(config, seq_length=1), "--padded-vocab-size", str(ckpt.padded_vocab)])

@@ -399,6 +399,16 @@ class ForgeController:
         self.grad_norm = scalars.get("grad_norm")
         self.nonfinite_streak = int(scalars.get("nonfinite_streak", 0))
 
+    def reload_masters(self) -> None:
+        """Take every fp32 master (bf16 weights, master store) from its weight's rows: after weights
+        were loaded without FORGE state (--finetune, --no-load-optim, an import, a standard run's
+        checkpoint) the masters still hold the initialization the model was built with, and the
+        first update would write it back over the loaded weights (Megatron's reload_model_params)."""
+        with torch.no_grad():
+            for (_, weight), param in zip(self.named, self.params):
+                if param.state.master is not None:
+                    param.state.master.copy_(param.rows(weight))
+
 
 def global_names(chunk: torch.nn.Module) -> list[str]:
     """The names of a model chunk's covered weights (in covered_params' order) in the whole model:

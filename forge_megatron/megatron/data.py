@@ -26,28 +26,38 @@ BYTE_VOCAB = 257  # 256 byte values + end of document
 EOD = 256
 
 
+def stdlib_files(max_bytes: int = 8 << 20) -> list[Path]:
+    """The standard library's non-empty .py files (tests excluded), in hash order, up to about
+    `max_bytes` bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-2:]]
+    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    chosen, total = [], 0
+    for path in files:
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        chosen.append(path)
+        total += size + 1  # + EOD, as the byte documents count it
+        if total >= max_bytes:
+            break
+    return chosen
+
+
 DOCUMENTS = ("files", "paragraphs")
 LONGEST_PARAGRAPH = 4096  # bytes: longer blocks (generated tables) are left out of the paragraph documents
 
 
 def stdlib_documents(max_bytes: int = 8 << 20, documents: str = "files") -> list[np.ndarray]:
-    """Byte tokens of the standard library's .py files (tests excluded), in hash order, each file
-    (or each of its blank-line separated paragraphs) ending in EOD, up to about `max_bytes` tokens."""
+    """Byte tokens of stdlib_files(max_bytes): each file (or each of its blank-line separated
+    paragraphs) ending in EOD."""
     if documents not in DOCUMENTS:
         raise ValueError(f"unknown document unit {documents!r}; choose one of {DOCUMENTS}")
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts[-2:]]
-    files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
-    out, total = [], 0
-    for path in files:
+    out = []
+    for path in stdlib_files(max_bytes):
         text = path.read_bytes()
-        for piece in ([text] if documents == "files" else text.split(b"\n\n")):
-            if not piece or (documents == "paragraphs" and len(piece) > LONGEST_PARAGRAPH):
-                continue
-            out.append(np.append(np.frombuffer(piece, dtype=np.uint8).astype(np.uint16), np.uint16(EOD)))
-            total += out[-1].size
-        if total >= max_bytes:
-            break
+        pieces = [text] if documents == "files" else [p for p in text.split(b"\n\n") if 0 < len(p) <= LONGEST_PARAGRAPH]
+        out += [np.append(np.frombuffer(piece, dtype=np.uint8).astype(np.uint16), np.uint16(EOD)) for piece in pieces]
     return out
 
 

@@ -12,7 +12,8 @@ hooks Megatron's loop without copying it:
   clipping and logging use the global norm), skips its step when FORGE found non-finite
   gradients, reports its norm to FORGE (stale clipping, and the held two-pass updates) and
   carries FORGE state in its state dict, so --save/--load/--no-save-optim/--no-load-optim/
-  --finetune treat it as optimizer state;
+  --finetune treat it as optimizer state (weights loaded without it give FORGE's masters their
+  values, as Megatron's reload_model_params does for its own);
 * `get_optimizer_param_scheduler`'s scheduler drives FORGE's lr and weight decay;
 * `get_forward_backward_func`'s function sets FORGE's clip coefficient and, with
   --forge-clip-grad-mode two-pass, runs the norms-only pass first.
@@ -175,7 +176,7 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
 
     load_state_dict = optimizer.load_state_dict
 
-    def load_state_dict_with_forge(loaded):
+    def load_state_dict_with_forge(loaded):  # after Megatron loaded the model's weights
         forge_state = loaded.pop("forge", None)
         if forge_state is None:  # --ckpt-format torch, a standard run's
             raise ConfigurationError("the checkpoint (--ckpt-format torch) is standard Megatron's; FORGE reads a "
@@ -188,6 +189,14 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
         return result
 
     optimizer.load_state_dict = load_state_dict_with_forge
+
+    reload_model_params = optimizer.reload_model_params
+
+    def reload_model_params_with_forge(*a, **kw):  # Megatron loaded the weights without optimizer state
+        reload_model_params(*a, **kw)
+        controller.reload_masters()
+
+    optimizer.reload_model_params = reload_model_params_with_forge
 
 
 def _refuse_unreadable_forge_checkpoints(optimizer, args) -> None:

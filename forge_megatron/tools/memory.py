@@ -59,6 +59,10 @@ FORGE_ACCUMULATION_BYTES = {"fp32": 4, "bf16": 2}  # --forge-accumulation-dtype:
 FORGE_WEIGHT_STORES = ("master", "sr", "rne")
 
 
+class NotModelled(ValueError):
+    """A configuration outside the model; the message names the flag to change."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ParameterBytes:
     """Bytes one parameter costs, by what holds them."""
@@ -116,7 +120,7 @@ def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel
     finally:
         sys.argv = saved
     if args.vocab_size is None or args.ffn_hidden_size is None:
-        raise ValueError("the memory model needs --vocab-size and --ffn-hidden-size in the flags")
+        raise NotModelled("memory model: it needs --vocab-size and --ffn-hidden-size in the flags")
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     return replace_args(
         args,
@@ -367,7 +371,7 @@ def _attention_score_bytes(args, element: int) -> tuple[float, float, float]:
 def _refuse_unmodelled(args) -> None:
     """Name the flag when a configuration falls outside the model."""
     def refuse(message: str):
-        raise ValueError(f"memory model: {message}")
+        raise NotModelled(f"memory model: {message}")
 
     if args.context_parallel_size > 1:
         refuse("context parallelism is not modelled (FORGE refuses it); set --context-parallel-size 1")
