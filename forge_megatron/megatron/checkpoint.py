@@ -70,7 +70,6 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    replica = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
     out = {} if from_standard else {SCALARS: controller.scalars()}
     for (name, weight), global_name, param in zip(controller.named, controller.global_names, controller.params):
         sharded_weight = by_data.get(id(weight))
@@ -82,10 +81,13 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
                                      f"FORGE's {param.config.state_dtype} states; {SWITCH_FIX}")
         entry = {state_name: _sharded_like(sharded_weight, tensor, keys[state_name], name)
                  for state_name, tensor in param.shard_tensors(gather=not is_loading).items()}
-        if not from_standard:
+        if not from_standard:  # one count per weight: the tensor-parallel shards and data-parallel copies are replicas
+            expert = not getattr(weight, "allreduce", True)  # Megatron's mark of an expert weight
+            tp_rank = (parallel_state.get_expert_tensor_parallel_rank() if expert
+                       else parallel_state.get_tensor_model_parallel_rank())
             step = torch.tensor([param.state.step], dtype=torch.int64, device=weight.device)
             entry["step"] = ShardedTensor.from_rank_offsets(f"{CHECKPOINT_PREFIX}.step.{global_name}", step,
-                                                            replica_id=replica)
+                                                            replica_id=(tp_rank, sharded_weight.replica_id[-1]))
         out[global_name] = entry
     return out
 

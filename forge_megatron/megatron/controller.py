@@ -76,9 +76,9 @@ class ForgeController:
                 except ValueError as error:
                     raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
                                              "size that divides every covered weight's rows") from None
-        # Whether Megatron's optimizer sums grad-norm contributions over the data-parallel ranks
-        # (its distributed optimizer does); else FORGE sums its owners' blocks itself.
-        self.optimizer_sums_over_data_parallel = False
+        # How many ranks Megatron's optimizer sums its grad-norm contributions over (its plain
+        # optimizer: the model-parallel group; its distributed optimizer: every rank).
+        self.norm_group_size = 1
         self.grad_norm: float | None = None  # the last step's global norm (checkpointed: stale clipping)
         self.nonfinite = 0  # the last backward's non-finite gradient values in covered weights (all ranks)
         self.nonfinite_streak = 0  # consecutive iterations with non-finite values
@@ -355,12 +355,20 @@ class ForgeController:
     # -- norms --------------------------------------------------------------------------------------
 
     def local_sumsq(self) -> torch.Tensor:
-        """This rank's sum of squares of the covered weights' raw gradients in the last backward,
-        for Megatron's grad norm: with data parallelism, of the rows this rank owns, summed over
-        the data-parallel ranks unless Megatron's optimizer sums over them."""
-        local = self._step_table().totals()[0] * self._token_scale_squared()
-        if self.dp_group is not None and not self.optimizer_sums_over_data_parallel:
-            dist.all_reduce(local, group=self.dp_group)
+        """This rank's share of the covered weights' sum of squares, for Megatron's grad norm: the
+        whole model's (`_forge_totals`) divided by the number of ranks Megatron's optimizer sums
+        its norm over (`norm_group_size`), so that its sum is the whole model's once, whatever the
+        layout (tensor, pipeline, data and expert parallel)."""
+        return self._forge_totals()[0] / self.norm_group_size
+
+    def _forge_totals(self) -> torch.Tensor:
+        """[sum of squares, non-finite count] of the covered weights' (scaled) gradients in the
+        last backward, over the whole model: every rank's own shards (with data parallelism the
+        rows it owns) are distinct, so one all-reduce over all ranks sums each gradient once."""
+        local = self._step_table().totals()
+        local[0] = local[0] * self._token_scale_squared()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(local)
         return local
 
     def _token_scale_squared(self) -> torch.Tensor | float:
@@ -369,16 +377,14 @@ class ForgeController:
         return 1.0 if self.token_scale is None else self.token_scale.double().square()
 
     def _global_norm_and_nonfinite(self, other_sumsq) -> tuple[float, int]:
-        """The L2 norm of all of the step's gradients (FORGE's raw ones plus `other_sumsq`, the
-        other parameters' local sum of squares) and FORGE's non-finite count, over the
-        model-parallel group (and FORGE's over the data-parallel owners of their rows)."""
-        local = self._step_table().totals()
-        if self.dp_group is not None:
-            dist.all_reduce(local, group=self.dp_group)
-        local[0] = local[0] * self._token_scale_squared() + other_sumsq
+        """The L2 norm of all of the step's gradients (FORGE's plus `other_sumsq`, the other
+        parameters' local sum of squares, summed over the model-parallel group as Megatron's plain
+        optimizer does) and FORGE's non-finite count."""
+        totals = self._forge_totals()
+        other = torch.as_tensor(other_sumsq, dtype=torch.float64, device=totals.device).reshape(1)
         if self.group is not None and dist.is_initialized():
-            dist.all_reduce(local, group=self.group)
-        return math.sqrt(float(local[0])), int(local[1])
+            dist.all_reduce(other, group=self.group)
+        return math.sqrt(float(totals[0] + other[0])), int(totals[1])
 
     def _coefficient(self, norm: float | None) -> float:
         if norm is None or not math.isfinite(norm):
@@ -413,17 +419,22 @@ class ForgeController:
 def global_names(chunk: torch.nn.Module) -> list[str]:
     """The names of a model chunk's covered weights (in covered_params' order) in the whole model:
     a transformer layer's local index (per pipeline stage and virtual chunk) replaced by its
-    global one (Megatron's layer_number - 1)."""
-    layers = {prefix + ".": module.layer_number - 1 for prefix, module in chunk.named_modules()
-              if type(module).__name__ == "TransformerLayer" and hasattr(module, "layer_number")}
+    global one (Megatron's layer_number - 1), and a local expert's index by its global one (its
+    expert-parallel rank's offset plus the local index), so a name is the same at every layout."""
+    renumber = {}  # module prefix + "." -> (the prefix of the index to replace, its global value)
+    for prefix, module in chunk.named_modules():
+        if type(module).__name__ == "TransformerLayer" and hasattr(module, "layer_number"):
+            renumber[prefix + "."] = module.layer_number - 1
+        elif type(module).__name__ == "SequentialMLP":
+            offset = module.ep_group.rank() * module.num_local_experts
+            for index in range(module.num_local_experts):
+                renumber[f"{prefix}.local_experts.{index}."] = offset + index
     out = []
     for name, _ in covered_params([chunk]):
-        prefix = max((p for p in layers if name.startswith(p)), key=len, default=None)
-        if prefix is None:
-            out.append(name)
-            continue
-        head = prefix[:-1].rsplit(".", 1)[0]
-        out.append(f"{head}.{layers[prefix]}.{name[len(prefix):]}")
+        for prefix in sorted((p for p in renumber if name.startswith(p)), key=len, reverse=True):
+            head, rest = prefix[:-1].rsplit(".", 1)[0], name[len(prefix):]
+            name = f"{head}.{renumber[prefix]}.{rest}"
+        out.append(name)
     return out
 
 

@@ -125,19 +125,14 @@ def attach_to_optimizer(optimizer, controller: ForgeController, args) -> None:
     grads_for_norm = first.get_grads_for_grad_norm
 
     def get_grads_for_grad_norm(grad_norm_group=None):
-        # One extra "gradient" whose squared norm is this rank's FORGE sum of squares; Megatron
-        # sums the squares of all grads and all-reduces over the model-parallel group. FORGE's
+        # One extra "gradient" whose squared norm is this rank's share of FORGE's sum of squares;
+        # Megatron sums the squares of all grads over its optimizer's grad-stats group. FORGE's
         # weights count in the main norm only (not in a separate group's, e.g. MTP's).
         grads = grads_for_norm(grad_norm_group)
         return grads if grad_norm_group is not None else [*grads, controller.local_sumsq().float().sqrt().reshape(1)]
 
     first.get_grads_for_grad_norm = get_grads_for_grad_norm
-    # Megatron's distributed optimizer reduces grad-norm contributions over its data-parallel
-    # ranks too, where FORGE's owners hold one block each; its other optimizers over the
-    # model-parallel ranks only, where FORGE contributes the owners' sum.
-    controller.optimizer_sums_over_data_parallel = (
-        torch.distributed.get_world_size(first.get_grad_stats_parallel_group())
-        > torch.distributed.get_world_size(parallel_state.get_model_parallel_group()))
+    controller.norm_group_size = torch.distributed.get_world_size(first.get_grad_stats_parallel_group())
 
     step = optimizer.step
 
