@@ -1,16 +1,17 @@
 """The torch twin (core/tiled.py) runs a weight a panel of whole tiles at a time (at most
 tiled.PANEL_ELEMENTS gradient values) and its tokens tiled.TOKEN_CHUNK at a time. The other tests'
 weights fit one panel and their tokens one chunk, so here: a 64 x 1040 weight with the shipped
-constants (two column panels, the last 16 columns wide), and a 130 x 600 weight with the panel
-lowered to two tiles and the chunk to 16 tokens (the twin reads both constants at each call):
-three panels each way and three chunks, the last of each partial.
+constants (two column panels, the last 16 columns wide), and a 40 x 300 weight with 16 x 64 tiles,
+panels of two tiles and chunks of 16 tokens (the twin reads both constants at each call): three
+panels each way and three chunks, the last of each partial.
 
 References that know nothing of panels: the gradient is dy^T x in float64 within the fp32 dot
 bound (gamma_T |dy|^T |x|); the by-products are the float64 per-tile sums of squares of that
 gradient; the update and the bf16 accumulation buffer are the whole-tensor unfused step
 (helpers.reference_step) and stochastic rounding (numerics.py) on it, bit for bit, so that every
 element's random bits and every 8-bit block are checked where they sit in the whole weight. A
-non-finite value in a later panel skips its tiles and no other."""
+non-finite value skips its column of tiles and no other.
+"""
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def _assert_stored(weight, state, expected_w, expected_s, what):
 
 @pytest.mark.parametrize("regime", REGIMES, ids=lambda r: f"{str(r[0])[6:]}-{r[1]}-{r[2]}")
 def test_a_weight_of_several_panels_is_updated_everywhere(layout, regime, gen):
+    """Two AdamW steps in each precision regime, the second with a non-finite gradient column."""
     tokens, n_out, n_in, config, bad_col = layout
     weight_dtype, store, state_dtype = regime
     weight = randn(gen, n_out, n_in).to(weight_dtype)
@@ -101,7 +103,7 @@ def test_a_weight_of_several_panels_is_updated_everywhere(layout, regime, gen):
 def test_a_bf16_accumulation_buffer_over_several_panels(layout, gen):
     """Two micro-batches summed in a bf16 buffer (each sum rounded stochastically with its
     micro-batch's bits), the total held (apply=False) and then applied from the buffer."""
-    tokens, n_out, n_in, config, bad_col = layout
+    tokens, n_out, n_in, config, _ = layout
     weight = randn(gen, n_out, n_in)
     state = ForgeState(weight, "adamw", seed=2, weight_id=5, lr=1e-2)
     batches = [(randn(gen, tokens, n_in), randn(gen, tokens, n_out)) for _ in range(2)]
