@@ -103,7 +103,7 @@ def test_a_held_gradients_by_products_come_before_its_update(backend, gen, devic
     writes the by-products the update writes (+inf, -inf and NaN counted) and nothing else."""
     weight = randn(gen, 130, 70, device=device)
     buffer = randn(gen, 130, 70, device=device)
-    buffer[7, 3], buffer[100, 60], buffer[70, 40] = float("inf"), float("-inf"), float("nan")  # in three tiles
+    buffer[7, 3], buffer[100, 60], buffer[70, 40] = float("inf"), float("-inf"), float("nan")
     state = ForgeState(weight, "adamw", lr=1e-2, weight_decay=0.1)
     w0, s0 = snapshot(weight, state)
     held = apply_accumulated(weight, state, buffer, apply=False, backend=backend).stats.clone()
