@@ -5,6 +5,7 @@ import secrets
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     # Must be set before any module defining @triton.jit kernels is imported.
@@ -12,6 +13,31 @@ if not torch.cuda.is_available():
 
 # pytest-xdist runs two workers (pyproject.toml): one thread each, as many as the CI machine has cores.
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
+
+
+# Property tests (hypothesis). The default profile, "ci" (the README's command, hence CI), is
+# derandomized: every run on every machine tries the same examples, so a pass is not luck and a
+# failure reproduces by running the test again. HYPOTHESIS_PROFILE=explore draws other examples from a
+# seed, FORGE_HYPOTHESIS_SEED=<n> or a random one, printed in pytest's header: rerun a failure with it.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Under "explore", fix the run's seed before hypothesis's plugin reads it (xdist workers get
+    the controller's options, so every worker uses the same seed)."""
+    if not settings.default.derandomize and config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = os.environ.get("FORGE_HYPOTHESIS_SEED", str(secrets.randbits(32)))
+
+
+def pytest_report_header(config):
+    if settings.default.derandomize:
+        return f"hypothesis profile {settings.get_current_profile_name()!r}: derandomized (the same examples every run)"
+    seed = config.getoption("hypothesis_seed")
+    return (f"hypothesis profile {settings.get_current_profile_name()!r}: seed {seed} (rerun with "
+            f"HYPOTHESIS_PROFILE={settings.get_current_profile_name()} FORGE_HYPOTHESIS_SEED={seed})")
 
 
 @pytest.fixture

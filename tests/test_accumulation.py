@@ -6,6 +6,7 @@ taken in the order Megatron's fp32 main_grad takes it (((G1 + G2) + G3) + ...), 
 kernel's own fp32 GEMM of micro-batch j; the two-pass route (the total stored, then
 apply_accumulated) gives the same bits. bf16 buffers round stochastically: unbiased."""
 
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from helpers import BACKENDS, assert_bits_equal, randn, reference_step, rule_cases, snapshot
 
 from forge_megatron import Accumulation, ForgeState, apply_accumulated, fused_update
+from forge_megatron.core import numerics
 
 SHAPES = [(37, 130, 70), (5, 17, 33)]  # (tokens per micro-batch, out, in): ragged tiles
 
@@ -98,10 +100,10 @@ def test_the_two_pass_route_gives_the_same_bits(backend, gen, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_held_gradients_by_products_come_before_its_update(backend, gen, device):
     """apply_accumulated(apply=False) (a held gradient's norm, before the coefficient is known)
-    writes the by-products the update writes (a non-finite value included) and nothing else."""
+    writes the by-products the update writes (+inf, -inf and NaN counted) and nothing else."""
     weight = randn(gen, 130, 70, device=device)
     buffer = randn(gen, 130, 70, device=device)
-    buffer[7, 3] = float("inf")
+    buffer[7, 3], buffer[100, 60], buffer[70, 40] = float("inf"), float("-inf"), float("nan")
     state = ForgeState(weight, "adamw", lr=1e-2, weight_decay=0.1)
     w0, s0 = snapshot(weight, state)
     held = apply_accumulated(weight, state, buffer, apply=False, backend=backend).stats.clone()
@@ -112,7 +114,7 @@ def test_a_held_gradients_by_products_come_before_its_update(backend, gen, devic
     applied = apply_accumulated(weight, state, buffer, backend=backend)
     assert_bits_equal(held, applied.stats, "by-products")
     assert state.step == 1
-    assert int(applied.nonfinite) == 1 and not torch.equal(weight, w0)
+    assert int(applied.nonfinite) == 3 and not torch.equal(weight, w0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,6 +140,40 @@ def test_a_bf16_buffer_accumulates_without_bias(backend, gen, device):
         total += buffer.double()
     mean = total / n
     assert bool(((mean - exact).abs() <= 6 * spacing * math.sqrt(k) / (2 * math.sqrt(n)) + 1e-30).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_micro_batch_rounds_a_bf16_buffer_with_its_own_bits(backend, gen, device):
+    """A bf16 buffer's stochastic rounding is keyed by its micro-batch (`Accumulation.micro`, which
+    a data-parallel rank sets to k * rank + j, else the index j): the same gradient stored as
+    micro-batches 0 to 5 draws the host's bits for each (numerics.stream_keys_int), and the rounding
+    directions of any two are uncorrelated. With u_j = 1 where micro-batch j rounded away from zero
+    and p its probability, mean((u_j - p)(u_k - p)) over N elements is 0 within 6 standard
+    deviations, sqrt(sum (p (1 - p))^2) / N, for independent bits; with the same bits it is
+    mean(p (1 - p)), about 1/6."""
+    tokens, n_out, n_in = 8, 64, 64
+    weight = randn(gen, n_out, n_in, device=device)
+    x, dy = randn(gen, tokens, n_in, device=device), randn(gen, tokens, n_out, device=device)
+    grad = _kernel_gradient(x, dy, weight, backend)
+    state = ForgeState(weight, "sgd", seed=3, weight_id=7)
+    index = numerics.global_index_torch(torch.arange(n_out, device=device), torch.arange(n_in, device=device),
+                                        state.placement)
+    toward_zero = (grad.view(torch.int32) & ~0xFFFF).view(torch.float32)  # the bf16 neighbour rounding down
+    away = ((grad.view(torch.int32) & ~0xFFFF) + 0x10000).view(torch.float32)
+    p = ((grad - toward_zero) / (away - toward_zero)).double()
+    directions = []
+    for micro in range(6):
+        window = torch.full((n_out, n_in), float("nan"), dtype=torch.bfloat16, device=device)
+        fused_update(x, dy, weight, state, apply=False, backend=backend,
+                     accumulate=Accumulation(window, 0, 1, micro=micro))
+        keys = numerics.stream_keys_int(3, 7, 1, numerics.ACCUMULATION_STREAM, micro)
+        expected = numerics.stochastic_round_to_bf16_torch(grad, numerics.random_bits_torch(index, *keys))
+        assert_bits_equal(window.view(torch.int16), expected.view(torch.int16), f"micro-batch {micro}")
+        directions.append((window.float() != toward_zero).double())
+    sd = float((p * (1 - p)).square().sum().sqrt()) / p.numel()
+    for a, b in itertools.combinations(range(len(directions)), 2):
+        covariance = float(((directions[a] - p) * (directions[b] - p)).mean())
+        assert abs(covariance) <= 6 * sd, f"micro-batches {a} and {b} round alike: {covariance:.3g} (sd {sd:.2g})"
 
 
 def test_refusals_leave_everything_untouched(gen):

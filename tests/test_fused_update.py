@@ -20,6 +20,7 @@ from helpers import (
 )
 
 from forge_megatron import ForgeState, fused_update
+from forge_megatron.core.plan import ShardPlacement
 from forge_megatron.core.update import default_tile_config, resolve_backend
 
 # (tokens, out, in): unit, odd, a single token, many tokens, more than one tile per dimension
@@ -170,28 +171,45 @@ def test_non_finite_gradient_skips_only_its_tiles(backend, poison, gen, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_update_does_not_depend_on_sharding(backend, gen, device):
+@pytest.mark.parametrize("regime", [(torch.float32, "fp32"), (torch.bfloat16, "bf16")], ids=["fp32", "bf16-sr"])
+def test_update_does_not_depend_on_sharding(backend, regime, gen, device):
     """Row shards (column-parallel) and column shards (row-parallel) of one weight, at offsets that
     are not tile multiples, get exactly the bits of the unsharded update (inputs exact on CPU,
-    see shard_invariance_inputs)."""
-    tokens, n_out, n_in = 90, 130, 150
+    see shard_invariance_inputs); bf16 weights and states, stochastically rounded, draw the bits
+    their elements draw unsharded (each shard's placement says where it sits; a smaller weight, as
+    the interpreter's random bits are slow)."""
+    weight_dtype, state_dtype = regime
+    tokens, n_out, n_in, cuts = (90, 130, 150, (37, 101)) if state_dtype == "fp32" else (16, 70, 90, (37,))
     x = shard_invariance_inputs(gen, tokens, n_in, device=device)
     dy = shard_invariance_inputs(gen, tokens, n_out, device=device)
-    weight = randn(gen, n_out, n_in, device=device)
-    full, full_state = weight.clone(), ForgeState(weight, "adamw")
+    weight = randn(gen, n_out, n_in, device=device).to(weight_dtype)
+
+    def state_of(shard, placement):
+        st = ForgeState(shard, "adamw", weight_store="sr", state_dtype=state_dtype, seed=4, weight_id=3)
+        st.placement = placement
+        return st
+
+    def bits(t):
+        return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+    full = weight.clone()
+    full_state = state_of(full, ShardPlacement.whole(weight.shape))
     fused_update(x, dy, full, full_state, backend=backend)
-    for cut in (37, 101):
+    for cut in cuts:
         for rows in (slice(0, cut), slice(cut, n_out)):
             shard = weight[rows].clone()
-            st = ForgeState(shard, "adamw")
+            st = state_of(shard, ShardPlacement(row_offset=rows.start, global_cols=n_in))
             fused_update(x, dy[:, rows], shard, st, backend=backend)
-            assert_bits_equal(shard, full[rows], f"row shard {rows}")
-            assert_bits_equal(st.tensors["exp_avg_sq"], full_state.tensors["exp_avg_sq"][rows], "row shard state")
+            assert_bits_equal(bits(shard), bits(full[rows]), f"row shard {rows}")
+            for name, tensor in st.tensors.items():
+                assert_bits_equal(bits(tensor), bits(full_state.tensors[name][rows]), f"row shard {name}")
         for cols in (slice(0, cut), slice(cut, n_in)):
             shard = weight[:, cols].clone()
-            st = ForgeState(shard, "adamw")
+            st = state_of(shard, ShardPlacement(col_offset=cols.start, global_cols=n_in))
             fused_update(x[:, cols], dy, shard, st, backend=backend)
-            assert_bits_equal(shard, full[:, cols], f"column shard {cols}")
+            assert_bits_equal(bits(shard), bits(full[:, cols]), f"column shard {cols}")
+            for name, tensor in st.tensors.items():
+                assert_bits_equal(bits(tensor), bits(full_state.tensors[name][:, cols]), f"column shard {name}")
 
 
 def test_backends_agree_bit_for_bit_when_the_gradient_is_exact(gen, device):

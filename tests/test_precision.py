@@ -67,9 +67,13 @@ def test_the_kernels_stream_keys_are_the_hosts(stream, micro, gen, device):
         assert tuple(out.tolist()) == expected, (seed, weight_id, step, micro)
 
 
-def test_stream_keys_differ_by_weight_step_and_stream():
+def test_stream_keys_differ_by_weight_step_stream_and_micro_batch():
+    """The weight's and the states' streams, and the accumulation stream's per micro-batch (16 here:
+    k micro-batches on each of D data-parallel ranks use k * rank + j)."""
     keys = {numerics.stream_keys_int(5, w, step, stream) for w in range(4) for step in range(1, 50) for stream in range(4)}
-    assert len(keys) == 4 * 49 * 4
+    keys |= {numerics.stream_keys_int(5, w, step, numerics.ACCUMULATION_STREAM, micro)
+             for w in range(4) for step in range(1, 50) for micro in range(16)}
+    assert len(keys) == 4 * 49 * (4 + 16)
 
 
 def test_random_bits_and_stochastic_rounding_match_the_torch_twins(gen, device):

@@ -11,13 +11,18 @@ Tolerances, per stored value y with float64 reference r (u = 2^-24):
     implementation may differ from float64, without loosening the bound elsewhere;
   bf16 (stochastically or nearest-rounded): plus one bf16 spacing, 2^-7 |r|;
   int8 states: plus one step of the code table, (r_table - 1) |r| + floor x the block's absmax.
+
+Examples: six per rule variant. Under the default hypothesis profile ("ci", tests/conftest.py) they
+are derandomized, the same on every run; HYPOTHESIS_PROFILE=explore draws others from a seed printed
+in pytest's header (FORGE_HYPOTHESIS_SEED=<seed> reruns them).
 """
 
 import math
 
+import pytest
 import reference_rules
 import torch
-from helpers import BACKENDS, rule_cases
+from helpers import BACKENDS, case_id, rule_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -78,11 +83,12 @@ def _sensitivity(rule, p0, g, s0, t, hp, gen) -> tuple[torch.Tensor, dict]:
     return (r_p, spread_p), {k: (r_s[k], spread_s[k]) for k in r_s}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("case", CASES, ids=case_id)  # every rule and variant, whatever hypothesis draws
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     tokens=st.integers(1, 70), n_out=st.integers(1, 90), n_in=st.integers(1, 90),
     act_dtype=st.sampled_from([torch.float32, torch.bfloat16]), regime=st.sampled_from(REGIMES),
-    case=st.sampled_from(CASES), backend=st.sampled_from(BACKENDS),
+    backend=st.sampled_from(BACKENDS),
     seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1.0, 0.5, 3.0]), steps=st.integers(2, 4),
 )
 def test_every_step_stores_the_float64_rule_within_the_formats_rounding(

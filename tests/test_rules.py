@@ -172,10 +172,19 @@ TORCH_OPTIM = [
     ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2)),
     ("adagrad", torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 ]
+# The formulas' other branches (plain SGD; RMSprop's momentum and centering apart), on one backend:
+# both run the one rule function (test_fused_update: the backends store the same bits).
+TORCH_OPTIM_BRANCHES = [
+    ("sgd", torch.optim.SGD, dict(lr=0.05, weight_decay=0.01)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, alpha=0.9, momentum=0.5, weight_decay=0.1)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, alpha=0.9, centered=True)),
+]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rule, optim_cls, hp", TORCH_OPTIM, ids=lambda v: getattr(v, "__name__", None))
+@pytest.mark.parametrize("backend, rule, optim_cls, hp",
+                         [(b, *case) for b in BACKENDS for case in TORCH_OPTIM]
+                         + [("torch", *case) for case in TORCH_OPTIM_BRANCHES],
+                         ids=lambda v: getattr(v, "__name__", None))
 def test_ten_steps_match_torch_optim(rule, optim_cls, hp, backend, gen, device):
     """x is a permutation matrix, so FORGE's fp32 GEMM is exact and both optimizers see the same
     gradient, the float64 one (dy^T permuted): the test measures the rules' formulas alone. They
@@ -197,13 +206,16 @@ def test_ten_steps_match_torch_optim(rule, optim_cls, hp, backend, gen, device):
     assert float(rel) <= 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ten_steps_match_the_lion_paper_in_float64(backend, gen, device):
+@pytest.mark.parametrize("backend, lr, wd", [("torch", 1e-3, 0.1), ("triton", 1e-3, 0.1), ("torch", 0.1, 0.5)])
+def test_ten_steps_match_the_lion_paper_in_float64(lr, wd, backend, gen, device):
     """Lion, Algorithm 2 of Chen et al. (2023), computed in float64 from the same exact gradient
     (x is a permutation matrix, as in test_ten_steps_match_torch_optim). An element whose sign
     argument comes within 1e-6 of zero may flip between fp32 and float64 (a 2 lr jump): such
-    elements (rare: fp32 rounds the argument by ~1e-8) are left out of the comparison."""
-    lr, wd, (b1, b2) = 1e-3, 0.1, (0.9, 0.99)
+    elements (rare: fp32 rounds the argument by ~1e-8) are left out of the comparison. torch.optim
+    has no Lion. With lr * wd large (0.05) the order of decay and sign step shows: decaying after
+    the step moves each weight by lr^2 wd = 5e-3 more per step (one backend: the rule function is
+    the same on both)."""
+    b1, b2 = 0.9, 0.99
     n_out, n_in = 40, 70
     weight = randn(gen, n_out, n_in, device=device)
     p, m = weight.double().clone(), torch.zeros_like(weight, dtype=torch.float64)
