@@ -238,3 +238,25 @@ def test_a_step_repeats_the_same_device_work_so_a_graph_of_it_replays(gen):
         assert_bits_equal(weight, w0, "weight")
         for name, tensor in state.tensors.items():
             assert_bits_equal(param.state.tensors[name], tensor, name)
+
+
+@pytest.mark.parametrize("flags, named", [
+    ([], None),
+    (["--cuda-graph-impl", "local"], "--cuda-graph-impl local"),
+    (["--cuda-graph-impl", "full_iteration"], "--cuda-graph-impl full_iteration"),
+    (["--enable-cuda-graph"], "--enable-cuda-graph"),
+    (["--external-cuda-graph", "--optimizer-cuda-graph"], "--external-cuda-graph and --optimizer-cuda-graph"),
+])
+def test_megatrons_cuda_graph_options_are_refused_in_one_line(flags, named, monkeypatch):
+    """Parsed by Megatron's own parser (megatron-core 0.19.2's names); the line names the flags."""
+    from megatron.training.arguments import parse_args
+
+    from forge_megatron.megatron.args import cuda_graph_refusal
+
+    monkeypatch.setattr("sys.argv", ["pretrain_gpt.py", *flags])
+    refusal = cuda_graph_refusal(parse_args())
+    if named is None:
+        assert refusal is None
+    else:
+        assert refusal.startswith(named) and refusal.endswith("drop them" if " and " in named else "drop it")
+        assert "\n" not in refusal
