@@ -117,8 +117,8 @@ def traced():
             setattr(torch.Tensor, name, method)
 
 
-def _layers(gen, config: ForgeConfig):
-    weights = [randn(gen, *shape) for shape in SHAPES]
+def _layers(gen, config: ForgeConfig, device):
+    weights = [randn(gen, *shape, device=device) for shape in SHAPES]
     return weights, [ForgeParam(w, config) for w in weights]
 
 
@@ -128,17 +128,17 @@ def _forward_backward(weights, params, xs, dys):
         out.backward(dy)
 
 
-def _inputs(gen):
-    xs = [randn(gen, TOKENS, 1, n_in).requires_grad_(True) for _, n_in in SHAPES]
-    return xs, [randn(gen, TOKENS, 1, n_out) for n_out, _ in SHAPES]
+def _inputs(gen, device):
+    xs = [randn(gen, TOKENS, 1, n_in, device=device).requires_grad_(True) for _, n_in in SHAPES]
+    return xs, [randn(gen, TOKENS, 1, n_out, device=device) for n_out, _ in SHAPES]
 
 
 @pytest.mark.parametrize("bound", [False, True], ids=["standalone", "bound to a table"])
-def test_a_covered_backward_neither_waits_for_the_device_nor_copies_from_the_host(bound, gen):
+def test_a_covered_backward_neither_waits_for_the_device_nor_copies_from_the_host(bound, gen, device):
     """ForgeLinearFunction's backward through a ForgeParam (its scale from the host, or bound to a
     StepTable) and a standalone fused_update, at the second and third steps (the first makes the
     standalone slots): no op that reads the device on the host, none that copies host data."""
-    weights, params = _layers(gen, ForgeConfig("adamw", {"lr": 1e-2, "weight_decay": 0.1}, backend="triton"))
+    weights, params = _layers(gen, ForgeConfig("adamw", {"lr": 1e-2, "weight_decay": 0.1}, backend="triton"), device)
     table = None
     if bound:
         table = StepTable([p.state for p in params], [step_tiles(w, p.state, "triton") for w, p in
@@ -146,11 +146,11 @@ def test_a_covered_backward_neither_waits_for_the_device_nor_copies_from_the_hos
         for param, slots in zip(params, table.slots):
             param.bind(slots)
     else:
-        params[1].grad_scale = torch.tensor(0.5)  # a device tensor (a clip coefficient) is taken as it is
+        params[1].grad_scale = torch.tensor(0.5, device=device)  # a device tensor (a clip coefficient) is taken as it is
     standalone_weight = weights[0].clone()
     standalone = ForgeState(standalone_weight, "sgd", lr=0.1, momentum=0.9)
     for step in (1, 2, 3):
-        xs, dys = _inputs(gen)
+        xs, dys = _inputs(gen, device)
         if table is not None:
             table.write(0.5)
             for p in params:
@@ -165,14 +165,14 @@ def test_a_covered_backward_neither_waits_for_the_device_nor_copies_from_the_hos
     assert torch.isfinite(standalone_weight).all()
 
 
-def test_the_standalone_path_keeps_its_slots_and_copies_only_what_changed(gen):
+def test_the_standalone_path_keeps_its_slots_and_copies_only_what_changed(gen, device):
     """fused_update without slots reuses the state's device slots: at a step after the last, with
     the same lr and weight decay, nothing is copied to the device (the step advances there); after
     an lr change, one copy; after a step set by hand, one copy; the coefficients are the host's."""
-    weight = randn(gen, 40, 64)
+    weight = randn(gen, 40, 64, device=device)
     state = ForgeState(weight, "adamw", lr=1e-2)
-    x, dy = randn(gen, 8, 64), randn(gen, 8, 40)
-    fused_update(x, dy, weight, state, backend="torch")
+    x, dy = randn(gen, 8, 64, device=device), randn(gen, 8, 40, device=device)
+    fused_update(x, dy, weight, state, backend="triton")
     slots = state.own_table.slots[0]
     for change, copies in ((None, 0), ("lr", 1), (None, 0), ("step", 1)):
         if change == "lr":
@@ -185,11 +185,11 @@ def test_the_standalone_path_keeps_its_slots_and_copies_only_what_changed(gen):
         expected = torch.tensor([1.0, state.step + 1, *state.rule.coefficients(state.hyperparameters, state.step + 1)],
                                 dtype=torch.float64).float()
         assert_bits_equal(slots.coefs[:len(expected)], expected, f"after {change}")
-        fused_update(x, dy, weight, state, backend="torch")
+        fused_update(x, dy, weight, state, backend="triton")
     assert state.own_table.slots[0] is slots
 
 
-def test_a_step_repeats_the_same_device_work_so_a_graph_of_it_replays(gen):
+def test_a_step_repeats_the_same_device_work_so_a_graph_of_it_replays(gen, device):
     """The region a CUDA graph would capture: the table advanced on the device (step + 1, every
     rule's coefficients derived from the device schedule), then two covered layers' forward and
     backward from static input buffers. After a warm-up step, steps 2 and 3 run the same ops and launches on the same
@@ -198,18 +198,18 @@ def test_a_step_repeats_the_same_device_work_so_a_graph_of_it_replays(gen):
     device memory the host writes outside the region (the inputs, an lr). After three steps the
     weights and states are those of three eager steps with the host's coefficients."""
     config = ForgeConfig("adamw", {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.9)}, backend="triton")
-    weights, params = _layers(gen, config)
+    weights, params = _layers(gen, config, device)
     start = [w.clone() for w in weights]
     table = StepTable([p.state for p in params], [step_tiles(w, p.state, "triton") for w, p in zip(weights, params)],
                       weights[0].device)
     for param, slots in zip(params, table.slots):
         param.bind(slots)
-    static_x, static_dy = _inputs(gen)
+    static_x, static_dy = _inputs(gen, device)
     table.write(1.0)  # step 1's rows (host values, one copy)
     table.schedule[:, 2] -= 1  # so that the region's advance gives step 1
     regions, feeds = [], []
     for step in (1, 2, 3):
-        xs, dys = _inputs(gen)
+        xs, dys = _inputs(gen, device)
         lr = 1e-2 if step < 3 else 4e-3
         feeds.append((xs, dys, lr))
         with torch.no_grad():  # the host fills the static buffers and the schedule, outside the region

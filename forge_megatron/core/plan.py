@@ -158,5 +158,7 @@ TILE_SPACE: dict[str, tuple[TileConfig, ...]] = {
         TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=3),
         TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=4),
         TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3),
+        TileConfig(64, 64, 128, group_m=8, num_warps=8, num_stages=2),
+        TileConfig(32, 64, 64, group_m=8, num_warps=4, num_stages=3),
     ),
 }
