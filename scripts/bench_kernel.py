@@ -229,29 +229,41 @@ def main(argv=None):
     shapes, tokens = (["smoke"], [16]) if args.smoke else (args.shapes, args.tokens)
     ceiling = ceilings(device, args.smoke)
     report = CaseReport(args.out, {**environment(device), "ceilings": ceiling, "part": "kernel"})
-    cases = [("case", family, layer, t) for t in tokens for family in shapes for layer in SHAPES[family]]
+    main_cases = [("case", family, layer, t) for t in tokens for family in shapes for layer in SHAPES[family]]
+    sweep_cases = []
     if args.sweep:
         sweep = {"smoke": ("fc",)} if args.smoke else SWEEP
-        cases += [("sweep", family, layer, t, regime) for t in (tokens if args.smoke else SWEEP_TOKENS)
-                  for family in shapes for layer in sweep.get(family, ()) for regime in REGIMES]
+        sweep_cases = [("sweep", family, layer, t, regime) for t in (tokens if args.smoke else SWEEP_TOKENS)
+                       for family in shapes for layer in sweep.get(family, ()) for regime in REGIMES]
+    # the first two token counts, then the sweep, then the rest: a short budget keeps the most telling
+    first = sum(1 for case in main_cases if case[3] in tokens[:2])
+    cases = main_cases[:first] + sweep_cases + main_cases[first:]
     stopped = None
     for kind, family, layer, t, *regime in cases:
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             stopped = f"budget of {args.budget_s:.0f} s spent; {len(cases) - len(report.report['cases'])} cases left"
             break
-        shape = SHAPES[family][layer]
-        if kind == "case":
-            case = {"family": family, "layer": layer, **run_case(shape, t, device, ceiling, args.peers)}
-            line = (f"{family:12s} {layer:5s} T={t:6d}  baseline {case['baseline_ms']:8.3f} ms  " + "  ".join(
-                f"{name.removeprefix('forge-')} x{case[f'{name}_speedup_vs_baseline']:.2f}" for name in REGIMES)
-                + f"  master {100 * case['forge-master_fraction_of_copy_bw']:.0f}% of copy bw, "
-                f"{100 * case['forge-master_fraction_of_matmul']:.0f}% of matmul")
-        else:
-            case = {"family": family, "layer": layer, **sweep_case(shape, t, regime[0], sweep_configs(regime[0]),
-                                                                   device)}
-            line = f"sweep {family:12s} {layer:5s} T={t:6d} {regime[0]:14s} fastest {case['fastest']}"
+        try:
+            case, line = measure_case(kind, family, layer, t, regime, device, ceiling, args.peers)
+        except Exception as error:  # noqa: BLE001 - one failing case must not cost the others
+            case, line = {"family": family, "layer": layer, "tokens": t, "error": repr(error)[-1500:]}, \
+                f"{family} {layer} T={t}: ERROR {error!r}"[:300]
         report.add({"kind": kind, **case}, line)
     return report.finish(stopped=stopped, seconds=time.monotonic() - start)
+
+
+def measure_case(kind, family, layer, t, regime, device, ceiling, with_peers) -> tuple[dict, str]:
+    """One case of the run (kind "case": the comparison; "sweep": the tile configs) and its line."""
+    shape = SHAPES[family][layer]
+    if kind == "sweep":
+        case = {"family": family, "layer": layer, **sweep_case(shape, t, regime[0], sweep_configs(regime[0]), device)}
+        return case, f"sweep {family:12s} {layer:5s} T={t:6d} {regime[0]:14s} fastest {case['fastest']}"
+    case = {"family": family, "layer": layer, **run_case(shape, t, device, ceiling, with_peers)}
+    line = (f"{family:12s} {layer:5s} T={t:6d}  baseline {case['baseline_ms']:8.3f} ms  " + "  ".join(
+        f"{name.removeprefix('forge-')} x{case[f'{name}_speedup_vs_baseline']:.2f}" for name in REGIMES)
+        + f"  master {100 * case['forge-master_fraction_of_copy_bw']:.0f}% of copy bw, "
+        f"{100 * case['forge-master_fraction_of_matmul']:.0f}% of matmul")
+    return case, line
 
 
 if __name__ == "__main__":
