@@ -206,3 +206,20 @@ def test_the_swept_tile_configs_compile_without_spills_on_both_tritons(monkeypat
         records = report["space"]
         assert {(r["space"], r["config"]) for r in records} == wanted
         assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in records), [r for r in records if r["spill_stores"]]
+
+
+def test_the_devices_triton_compiles_every_rule_and_regime_cleanly():
+    """The committed compile report under the GPU machine's Triton (scripts/compile_report.py run
+    in a Triton 3.6 venv, as tests/test_compile.py checks under the venv's): every rule in every
+    regime without spills, with wgmma for bf16, correctly rounded division and square root, and
+    no epilogue FMA (the control with contraction on has some)."""
+    from forge_megatron import registered_rules
+
+    with open(os.path.join(RESULTS, "compile_sm90_triton3.6.json")) as f:
+        report = json.load(f)
+    assert report["triton"].startswith("3.6") and report["target"] == "sm_90a"
+    *records, control = report["records"]
+    assert {r["rule"] for r in records} == set(registered_rules()) and len(records) == 6 * len(registered_rules())
+    assert all(r["spill_stores"] == r["spill_loads"] == r["epilogue_fmas"] == 0 and r["cp_async"] for r in records)
+    assert all(r["wgmma"] for r in records if "bfloat16" in r["dtype"])
+    assert not any(r["div_full"] or r["sqrt_approx"] for r in records) and control["epilogue_fmas"] > 0
