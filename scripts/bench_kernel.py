@@ -217,7 +217,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="*", default=["llama8b", "llama8b-tp8"], choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes and token counts, any device")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, one token count and two tile configs per regime, any device")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sweep", action="store_true", help="also time each regime's tile configs (plan.TILE_SPACE)")
     parser.add_argument("--peers", action="store_true", help="also time bitsandbytes, FlashOptim, torchao (installed)")
@@ -244,7 +245,8 @@ def main(argv=None):
             stopped = f"budget of {args.budget_s:.0f} s spent; {len(cases) - len(report.report['cases'])} cases left"
             break
         try:
-            case, line = measure_case(kind, family, layer, t, regime, device, ceiling, args.peers)
+            case, line = measure_case(kind, family, layer, t, regime, device, ceiling, args.peers,
+                                      2 if args.smoke else None)
         except Exception as error:  # noqa: BLE001 - one failing case must not cost the others
             case, line = {"family": family, "layer": layer, "tokens": t, "error": repr(error)[-1500:]}, \
                 f"{family} {layer} T={t}: ERROR {error!r}"[:300]
@@ -252,11 +254,14 @@ def main(argv=None):
     return report.finish(stopped=stopped, seconds=time.monotonic() - start)
 
 
-def measure_case(kind, family, layer, t, regime, device, ceiling, with_peers) -> tuple[dict, str]:
-    """One case of the run (kind "case": the comparison; "sweep": the tile configs) and its line."""
+def measure_case(kind, family, layer, t, regime, device, ceiling, with_peers, configs: int | None = None
+                 ) -> tuple[dict, str]:
+    """One case of the run (kind "case": the comparison; "sweep": the first `configs` tile configs,
+    all by default) and its line."""
     shape = SHAPES[family][layer]
     if kind == "sweep":
-        case = {"family": family, "layer": layer, **sweep_case(shape, t, regime[0], sweep_configs(regime[0]), device)}
+        case = {"family": family, "layer": layer,
+                **sweep_case(shape, t, regime[0], sweep_configs(regime[0])[:configs], device)}
         return case, f"sweep {family:12s} {layer:5s} T={t:6d} {regime[0]:14s} fastest {case['fastest']}"
     case = {"family": family, "layer": layer, **run_case(shape, t, device, ceiling, with_peers)}
     line = (f"{family:12s} {layer:5s} T={t:6d}  baseline {case['baseline_ms']:8.3f} ms  " + "  ".join(
