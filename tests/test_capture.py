@@ -260,3 +260,18 @@ def test_megatrons_cuda_graph_options_are_refused_in_one_line(flags, named, monk
     else:
         assert refusal.startswith(named) and refusal.endswith("drop them" if " and " in named else "drop it")
         assert "\n" not in refusal
+
+
+def test_every_weights_slots_reach_the_kernel_aligned(device):
+    """Triton compiles a kernel variant per pointer alignment: each weight's coefficient row (64
+    bytes) and by-products (16-byte aligned, the padding rows zero) are aligned alike, whatever
+    the tile counts before them; the padding changes no total."""
+    from forge_megatron.core.table import WIDTH
+
+    states = [ForgeState(torch.zeros(4, 4, device=device), "sgd", lr=0.1) for _ in range(4)]
+    table = StepTable(states, [3, 5, 2, 1], device)
+    for slots, tiles in zip(table.slots, [3, 5, 2, 1]):
+        assert slots.coefs.data_ptr() % 64 == 0 and slots.stats.data_ptr() % 16 == 0
+        assert slots.coefs.shape == (WIDTH,) and slots.stats.shape == (tiles, 2)
+        slots.stats.fill_(1.0)
+    assert table.totals().tolist() == [11.0, 11.0]
