@@ -9,14 +9,18 @@ micro-batch 1, sequence 4096, torch's fused attention in both layers.
             buffer) and Megatron's own optimizer (get_megatron_optimizer: fp32 masters of the bf16
             weights, Adam with Megatron's parameter groups, masters copied back);
   forge     the FORGE layer spec: the four linears update inside backward (bf16 weights with an
-            fp32 master, fp32 states); only the two norms go through DDP and the same optimizer.
+            fp32 master, fp32 states), bound to one StepTable written once per step, as Megatron's
+            loop does with FORGE's controller (each weight's step is then one launch); only the two
+            norms go through DDP and the same optimizer.
 
 Times are medians of triton.testing.do_bench on a GPU (wall clock on CPU, --smoke only, where the
 difference below is noise): the forward alone, and forward + backward + step; "backward + step" is
 their difference. Peak memory is torch.cuda.max_memory_allocated (LiveTensorMemory's tensor bytes
 on CPU) during one full step above the resting state (weights, masters and states allocated). The
-run also checks that one step from the same weights and inputs moves both layers' fp32 masters
-alike: the norm-wise relative difference of the two updates, per weight.
+run also checks, from the same weights and inputs, each covered weight's gradient (FORGE's,
+materialized for that step, against the standard layer's in Megatron's fp32 grad buffer) and the
+first update of every weight (norm-wise relative differences). The gradient check sees the
+gradient's scale, which the first AdamW update from zero state (about -lr sign(g)) does not.
 
     python scripts/bench_layer.py --out bench/results/layer_h100.json          # on a GPU
     python scripts/bench_layer.py --smoke --dtype fp32                          # tiny, any device
@@ -30,8 +34,10 @@ import torch
 
 from forge_megatron import ForgeConfig
 from forge_megatron.core.param import ForgeParam
+from forge_megatron.core.table import StepTable
+from forge_megatron.core.update import step_tiles
 from forge_megatron.megatron.world import init_world_of_one
-from forge_megatron.tools.benchmarking import bench, device_name, peak_bytes, write_report
+from forge_megatron.tools.benchmarking import bench, environment, peak_bytes, write_report
 
 SHAPES = {"llama8b-tp8": {"hidden_size": 4096, "num_attention_heads": 4, "num_query_groups": 1, "kv_channels": 128,
                           "ffn_hidden_size": 1792},
@@ -107,6 +113,21 @@ def masters(layer, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
+LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def gradients(layer) -> dict[str, torch.Tensor]:
+    """The last step's weight gradient of each linear: FORGE's materialized one where FORGE covers
+    it, else the one in Megatron's fp32 grad buffer (main_grad)."""
+    out = {}
+    for name in LINEARS:
+        module = layer.get_submodule(name)
+        forge = getattr(module, "forge", None)
+        grad = forge.grad if isinstance(forge, ForgeParam) else module.weight.main_grad
+        out[f"{name}.weight"] = grad.detach().float().clone()
+    return out
+
+
 def _covered(layer):
     return [(n, m) for n, m in layer.named_modules() if isinstance(getattr(m, "forge", None), ForgeParam)]
 
@@ -117,16 +138,26 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
     x = torch.randn(seq, 1, shape["hidden_size"], device=device, generator=gen).to(dtype).requires_grad_(True)
     dy = (torch.randn(seq, 1, shape["hidden_size"], device=device, generator=gen) * 1e-2).to(dtype)
     out = {"shape": shape_name, **shape, "dtype": dtype_name, "seq_length": seq, "micro_batch": 1}
-    moved = {}
+    moved, grads = {}, {}
     for name in ("standard", "forge"):
         layer = build_layer(shape, dtype, name == "forge", device)
         ddp, optimizer = wrap_and_optimizer(layer, dtype)
         before = masters(layer, optimizer)
+        covered = [m.forge for _, m in _covered(layer)]
+        table = StepTable([p.state for p in covered], [step_tiles(p.rows(m.weight), p.state) for p, (_, m) in
+                                                       zip(covered, _covered(layer))], device) if covered else None
+        for param, slots in zip(covered, table.slots if table else []):
+            param.bind(slots)
+            param.materialize = True  # the first step's gradient, for the check
 
         def forward(ddp=ddp):  # with autograd recording, as in the step; the graph is dropped
             ddp(x, attention_mask=None)
 
-        def step(ddp=ddp, optimizer=optimizer):
+        def step(ddp=ddp, optimizer=optimizer, table=table, covered=covered):
+            if table is not None:  # the controller's per-step work: one table write for all weights
+                table.write(1.0)
+                for param in covered:
+                    param.begin_iteration(1)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             output, _ = ddp(x, attention_mask=None)
@@ -138,6 +169,9 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
         step()  # the first step: compared across the two layers, and allocates the optimizer states
         after = masters(layer, optimizer)
         moved[name] = {k: after[k] - before[k] for k in after}
+        grads[name] = gradients(layer)
+        for param in covered:
+            param.materialize, param.grad = False, None
         out[f"{name}_forward_ms"] = bench(forward, device)
         out[f"{name}_step_ms"] = bench(step, device)
         out[f"{name}_backward_and_step_ms"] = out[f"{name}_step_ms"] - out[f"{name}_forward_ms"]
@@ -147,6 +181,8 @@ def run(shape_name: str, dtype_name: str, seq: int, device: torch.device) -> dic
     out["speedup_backward_and_step"] = out["standard_backward_and_step_ms"] / out["forge_backward_and_step_ms"]
     out["speedup_step"] = out["standard_step_ms"] / out["forge_step_ms"]
     out["peak_ratio"] = out["forge_peak_bytes"] / out["standard_peak_bytes"]
+    out["gradient_relative_difference"] = {
+        k: float((grads["forge"][k] - grads["standard"][k]).norm() / grads["standard"][k].norm()) for k in grads["standard"]}
     out["first_update_relative_difference"] = {
         k: float((moved["forge"][k] - moved["standard"][k]).norm() / moved["standard"][k].norm())
         for k in moved["standard"]}
@@ -168,12 +204,12 @@ def main(argv=None):
     init_single_rank(device)
     shape, seq = ("smoke", 24) if args.smoke else ("llama8b-tp8", args.seq_length)
     result = run(shape, args.dtype, seq, device)
-    report = {"device": device_name(device), "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "timer": "triton.testing.do_bench median" if device.type == "cuda" else "wall clock (smoke)",
-              **result}
+    report = {**environment(device), **result}
     print(f"{shape} {args.dtype} seq {seq}: backward + step  standard {result['standard_backward_and_step_ms']:.3f} ms"
           f"  forge {result['forge_backward_and_step_ms']:.3f} ms  x{result['speedup_backward_and_step']:.2f};  "
           f"whole step x{result['speedup_step']:.2f};  peak ratio {result.get('peak_ratio')}", flush=True)
+    print("gradient, FORGE vs standard (relative):",
+          {k: f"{v:.1e}" for k, v in result["gradient_relative_difference"].items()}, flush=True)
     print("first update, FORGE vs standard (relative):",
           {k: f"{v:.1e}" for k, v in result["first_update_relative_difference"].items()}, flush=True)
     write_report(args.out, report)

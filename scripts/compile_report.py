@@ -5,6 +5,10 @@ fused multiply-adds (must be 0) and correctly rounded division/sqrt. Prints JSON
 tests/test_compile.py reads it) and, with --table, the markdown table of docs/performance.md.
 
     env -u TRITON_INTERPRET .venv/bin/python scripts/compile_report.py --table [--out bench/results/compile_sm90.json]
+    env -u TRITON_INTERPRET .venv/bin/python scripts/compile_report.py --space bench/results/compile_sm90_space_triton3.8.json
+
+Under the device's Triton (a scratch venv, scripts/triton_venv.sh 3.6) the same commands write the
+reports named for that version (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -58,6 +62,28 @@ def report() -> list[dict]:
     return out
 
 
+SPACE_REGIMES = {"bf16": [(plan.WEIGHT_MASTER, "fp32"), (plan.WEIGHT_SR, "fp32"), (plan.WEIGHT_SR, "bf16")],
+                 "bf16-int8": [(plan.WEIGHT_SR, "int8"), (plan.WEIGHT_MASTER, "int8")]}
+
+
+def _space_record(job) -> dict:
+    key, config, store, states = job
+    compiled, resources, _ = kernels.compile_for_target(rules.get_rule("adamw"), torch.bfloat16, config, arch=90,
+                                                        weight_store=store, state_format=FORMATS[states])
+    return dict(space=key, config=repr(config), store=STORES[store], states=states, **resources,
+                shared_bytes=compiled.metadata.shared, wgmma="wgmma.mma_async" in compiled.asm["ptx"])
+
+
+def space_report(workers: int) -> list[dict]:
+    """AdamW compiled with every config of plan.TILE_SPACE in each regime it serves (in parallel)."""
+    import concurrent.futures
+
+    jobs = [(key, config, store, states) for key, configs in plan.TILE_SPACE.items() for config in configs
+            for store, states in SPACE_REGIMES[key]]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_space_record, jobs))
+
+
 def table(records: list[dict]) -> str:
     lines = ["| activations, weights, states | config | registers (min–max over rules) | shared KB | spills |",
              "| --- | --- | --- | --- | --- |"]
@@ -76,7 +102,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", action="store_true", help="also print the markdown table")
     parser.add_argument("--out", default=None, help="write the records as JSON here")
+    parser.add_argument("--space", default=None, metavar="PATH",
+                        help="instead: compile plan.TILE_SPACE (AdamW, every config and regime) and write it here")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiles for --space")
     args = parser.parse_args(argv)
+    if args.space:
+        records = space_report(args.workers)
+        os.makedirs(os.path.dirname(os.path.abspath(args.space)), exist_ok=True)
+        with open(args.space, "w") as f:
+            json.dump({"target": "sm_90a", "triton": __import__("triton").__version__, "space": records}, f, indent=1)
+        print(json.dumps(records))
+        return
     records = report()
     if args.table:
         print(table(records))

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Download the wheels the GPU machine lacks (it has torch and triton but no package index) into
-# .whl/ (git-ignored), for scripts/gpu_bench.sh: megatron-core, and the memory-lean peers
-# (torchao, bitsandbytes, FlashOptim), and hypothesis (with its dependencies) for the property tests.
+# The wheels the GPU machine lacks (it has torch 2.11, triton 3.6, transformers, hypothesis, pytest,
+# tensorboard, pybind11, but no megatron-core and no package index), into .whl/ (git-ignored) for
+# scripts/device_plan.sh. Pinned, one version of each (two versions of a package stop the install):
+# .whl/ is emptied first. PEERS=1 adds the memory-lean optimizers the kernel part compares with.
+#   bash scripts/fetch_gpu_wheels.sh            # megatron-core only (layer, memory, e2e parts)
+#   PEERS=1 bash scripts/fetch_gpu_wheels.sh    # + torchao, bitsandbytes, flashoptim
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+rm -rf .whl && mkdir .whl
+wheels=(megatron-core==0.19.2)  # requires torch, numpy, packaging: all on the machine
+if [ "${PEERS:-0}" = 1 ]; then
+    wheels+=(torchao==0.18.0 bitsandbytes==0.50.2 flashoptim==0.1.4)
+fi
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
     platforms+=(--platform "$p")
 done
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-    -d .whl megatron-core==0.19.2 torchao==0.18.0 bitsandbytes flashoptim==0.1.4 hypothesis sortedcontainers attrs
+    -d .whl "${wheels[@]}"
 ls -la .whl

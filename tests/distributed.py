@@ -3,11 +3,16 @@
 A scenario is a module-level function taking no arguments; it sets up Megatron's model
 parallelism itself, asserts inside the worker and returns something picklable. `run_scenarios`
 returns {name: [result of rank 0, rank 1, ...]}; a scenario that raised on any rank reports
-the traceback, which `result()` re-raises in the test that reads it.
+the traceback, which `result()` re-raises in the test that reads it, and a rank that died
+without reporting fails the test at once. On a machine with CUDA the ranks run on it as they
+are (gloo still carries the process group: these scenarios exchange CPU tensors, if any); without
+it, Megatron's loop is shimmed for the CPU (forge_megatron/megatron/cpu.py).
 """
 
 from __future__ import annotations
 
+import queue as queues
+import time
 import traceback
 from datetime import timedelta
 
@@ -33,9 +38,20 @@ def run_scenarios(world_size: int, scenarios) -> dict[str, list]:
     for p in procs:
         p.start()
     results: dict[str, list] = {fn.__name__: [None] * world_size for fn in scenarios}
-    for _ in range(world_size * len(scenarios)):
-        name, rank, outcome = queue.get(timeout=TIMEOUT_S)
+    deadline, pending = time.monotonic() + TIMEOUT_S, world_size * len(scenarios)
+    while pending:
+        try:
+            name, rank, outcome = queue.get(timeout=5)
+        except queues.Empty:
+            dead = {rank: p.exitcode for rank, p in enumerate(procs) if p.exitcode not in (None, 0)}
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise ScenarioError(f"ranks {dead} exited before reporting" if dead else
+                                    f"no report within {TIMEOUT_S} s") from None
+            continue
         results[name][rank] = outcome
+        pending -= 1
     for p in procs:
         p.join(timeout=60)
     return results
@@ -54,13 +70,21 @@ def _worker(rank, world_size, port, scenarios, queue):
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
-    from forge_megatron.megatron.cpu import enable_megatron_on_cpu
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        else:
+            from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
-    enable_megatron_on_cpu()
-    # A rank that fails inside a collective must not hang the others for gloo's 30-minute default.
-    timeout = timedelta(seconds=120)
-    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+            enable_megatron_on_cpu()
+        # A rank that fails inside a collective must not hang the others for gloo's 30-minute default.
+        timeout = timedelta(seconds=120)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    except BaseException:  # every scenario reports the set-up's failure
+        for fn in scenarios:
+            queue.put((fn.__name__, rank, ("error", traceback.format_exc())))
+        return
     for fn in scenarios:
         try:
             outcome = ("ok", fn())

@@ -129,14 +129,14 @@ def test_norms_only_pass_writes_nothing_but_the_by_products(backend, gen, device
     weight = randn(gen, n_out, n_in, device=device)
     state = ForgeState(weight, "adamw")
     w0, s0 = snapshot(weight, state)
-    norms = fused_update(x, dy, weight, state, grad_scale=0.5, apply=False, backend=backend)
+    norms = fused_update(x, dy, weight, state, grad_scale=0.5, apply=False, backend=backend).stats.clone()
     assert state.step == 0
     assert_bits_equal(weight, w0, "weight after a norms-only pass")
     for name, tensor in state.tensors.items():
         assert_bits_equal(tensor, s0[name], name)
     applied = fused_update(x, dy, weight, state, grad_scale=0.5, backend=backend)
-    assert_bits_equal(norms.sumsq, applied.sumsq, "sumsq")
-    assert int(norms.nonfinite) == int(applied.nonfinite) == 0
+    assert_bits_equal(norms, applied.stats, "by-products")  # the step's slot: the applied step overwrote it
+    assert int(applied.nonfinite) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -269,7 +269,8 @@ def test_torch_backend_memory_is_a_panel_not_the_gradient(regime, gen):
     panel of at most tiled.PANEL_ELEMENTS gradient values with the epilogue's panel-sized
     temporaries (the rule's fp32 intermediates, its float64 square roots, int64 random bits):
     within tiled.workspace_bytes plus 8 bytes of by-products a tile, the same for weights of
-    1024 x 1040 and 8192 x 2080 (whose fp32 gradient, 68 MB, is over ten times it)."""
+    1024 x 1040 and 8192 x 2080 (whose fp32 gradient, 68 MB, is over ten times it). Measured at
+    the second step: the first makes the state's slots (by-products and scalars), which it keeps."""
     from forge_megatron.core.tiled import DEFAULT_CONFIG, workspace_bytes
     from forge_megatron.tools.benchmarking import LiveTensorMemory
 
@@ -279,6 +280,7 @@ def test_torch_backend_memory_is_a_panel_not_the_gradient(regime, gen):
         weight = randn(gen, *shape, dtype=dtype)
         x, dy = randn(gen, 40, shape[1], dtype=dtype), randn(gen, 40, shape[0], dtype=dtype)
         state = ForgeState(weight, "adamw", weight_store=store, state_dtype=state_dtype)
+        fused_update(x, dy, weight, state, backend="torch")
         with LiveTensorMemory() as tracker:
             fused_update(x, dy, weight, state, backend="torch")
         assert tracker.current == 0  # nothing left behind

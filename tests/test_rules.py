@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, assert_bits_equal, randn, reference_step, snapshot
+from helpers import BACKENDS, VARIANTS, assert_bits_equal, randn, reference_step, snapshot
 
 from forge_megatron import (
     ForgeState,
@@ -234,3 +234,46 @@ def test_ten_steps_match_the_lion_paper_in_float64(lr, wd, backend, gen, device)
     rel = (weight.double() - p)[~ambiguous].norm() / p.norm()
     print(f"relative difference after 10 steps: {float(rel):.2e} ({int(ambiguous.sum())} ambiguous signs)")
     assert float(rel) <= 1e-6
+
+
+def _keeps(p, g, state, coef):
+    return p, state
+
+
+def _branches_on_the_step(cls, hp, step):
+    return (hp["lr"] if step == 1 else 2 * hp["lr"],)
+
+
+def _sqrt_of_the_lr(cls, hp, step):
+    return (math.sqrt(hp["lr"]),)
+
+
+@pytest.mark.parametrize("coefficients", [_branches_on_the_step, _sqrt_of_the_lr])
+def test_register_rejects_coefficients_the_device_cannot_derive(coefficients, scratch_registry):
+    """The table derives coefficients on the device from float64 tensors of lr, weight decay and
+    the step: a branch on the step or math.sqrt of the lr would need their values on the host."""
+    rule = _rule_class(_keeps)
+    rule.coefficients = classmethod(coefficients)
+    with pytest.raises(ValueError, match=r"must also run with lr and step as float64 tensors.*coefficient_sqrt"):
+        register_rule(rule)
+
+
+@pytest.mark.parametrize("rule", registered_rules())
+def test_the_device_derives_the_hosts_coefficients(rule, device):
+    """A StepTable derives every step's row on the device from its lr, weight decay and step,
+    advancing the step there: the same fp32 values as the rule's coefficients on the host, over
+    30 steps and an lr and weight decay that change (copied) and hold (advanced on the device)."""
+    from forge_megatron.core.table import StepTable
+
+    hp = dict(VARIANTS.get(rule, [{}])[-1])
+    state = ForgeState(torch.zeros(4, 4, device=device), rule, **hp)
+    table = StepTable([state], [1], device)
+    for step in range(1, 31):
+        if step % 10 == 0:
+            state.set_hyperparameters(**{k: state.hyperparameters[k] * 0.5 for k in rules.SCHEDULED
+                                         if k in state.hyperparameters})
+        table.write(0.25)
+        host = [0.25, float(step), *state.rule.coefficients(state.hyperparameters, step)]
+        expected = torch.tensor(host, dtype=torch.float64).float()
+        assert_bits_equal(table.coefs[0, :len(host)], expected, f"step {step}")
+        state.step = step

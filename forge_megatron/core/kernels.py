@@ -347,7 +347,8 @@ def _placement_args(weight, plan: StepPlan) -> tuple:
 
 def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, weight_store: int = None,
                        state_format: int = STATE_FP32, shape: tuple[int, int] = (4096, 4096), tokens: int = 8192,
-                       apply: bool = True, fp_fusion: bool = False):
+                       apply: bool = True, fp_fusion: bool = False, materialize: bool = False,
+                       hyperparameters: dict | None = None):
     """Compile the kernel for an NVIDIA target without a GPU, as a launch would compile it: the
     arguments `launch` passes for contiguous [tokens, in] x and [tokens, out] dy and a weight of
     `shape` (placeholders that allocate nothing) go through Triton's own binder, so that pointers
@@ -359,7 +360,10 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
     (with an fp32 master unless `weight_store` says otherwise). `rule` is a registered Rule; its
     default hyperparameters decide which states are stored. `apply=False` compiles the norms-only
     variant (no epilogue); `fp_fusion` lets the compiler contract mul+add into FMA (off in every
-    real launch; for the test that shows the check would see it). Returns the compiled kernel
+    real launch; for the test that shows the check would see it); `materialize` the debug variant
+    that writes the gradient out; `hyperparameters` (the rule's defaults otherwise) decide which
+    states are stored. The compiled kernel lands in Triton's cache, where a launch with the same
+    specialization finds it (scripts/device_plan.py compiles ahead this way, in parallel). Returns the compiled kernel
     (`.asm["ptx"]`, `.asm["cubin"]`), ptxas's resource report (registers, spill bytes) and the
     specialization (which arguments became constants, which got divisibility).
     """
@@ -369,7 +373,7 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
 
     if weight_store is None:
         weight_store = WEIGHT_FP32 if dtype == torch.float32 else WEIGHT_MASTER
-    hp = rule.hyperparameters()
+    hp = rule.hyperparameters(**(hyperparameters or {}))
     names = rule.states
     n_out, n_in = shape
     weight_dtype = torch.float32 if weight_store == WEIGHT_FP32 else torch.bfloat16
@@ -379,16 +383,20 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
         return torch.empty(rows, cols, dtype=dtype_, device="meta")
 
     weight = placeholder(n_out, n_in, weight_dtype)
-    states = [placeholder(n_out, n_in, state_dtype) for _ in names]
-    scales = [placeholder(n_out, -(-n_in // QBLOCK), torch.float32) for _ in names]
+    stored = tuple(n in rule.stored_states(hp) for n in names)
+    # as ForgeState.kernel_states passes them: the weight where a state (or its int8 scales) is not stored
+    states = [placeholder(n_out, n_in, state_dtype) if keep else weight for keep in stored]
+    scales = [placeholder(n_out, -(-n_in // QBLOCK), torch.float32) if keep and state_format == STATE_INT8 else weight
+              for keep in stored]
     plan = StepPlan(
         update_fn=rule.triton_update, weight_store=weight_store,
         master=placeholder(n_out, n_in, torch.float32) if weight_store == WEIGHT_MASTER else None,
-        states=states, scales=scales, stored=tuple(n in rule.stored_states(hp) for n in names),
+        states=states, scales=scales, stored=stored,
         signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
         coefs=torch.empty(COEF_HEAD + rule.num_coefficients, device="meta"), num_coefs=rule.num_coefficients,
         seed=1234, weight_id=7, tables=torch.empty(2, 256, device="meta"), placement=ShardPlacement.whole(shape),
-        grad_out=None, stats=torch.empty(num_tiles(shape, config), 2, device="meta"), apply=apply)
+        grad_out=placeholder(n_out, n_in, torch.float32) if materialize else None,
+        stats=torch.empty(num_tiles(shape, config), 2, device="meta"), apply=apply)
     args, kwargs = _launch_arguments(placeholder(tokens, n_in, dtype), placeholder(tokens, n_out, dtype), weight, plan,
                                      config)
     kwargs["enable_fp_fusion"] = fp_fusion

@@ -53,12 +53,18 @@ LOWBIAS_A, LOWBIAS_B = 0x7FEB352D, 0x846CA68B
 # -- round to nearest even -------------------------------------------------------------------
 
 
+BF16_NAN = 0x7FC0  # the quiet NaN a NaN rounds to (torch's own fp32 -> bf16 conversion gives it too)
+_NAN_BITS = tl.constexpr(BF16_NAN)  # the same, as a constant kernels may read
+
+
 @triton.jit
 def round_to_bf16(x):
-    """fp32 -> bf16, round to nearest, ties to even (inf stays inf; overflow goes to inf)."""
+    """fp32 -> bf16, round to nearest, ties to even (inf stays inf; overflow goes to inf; NaN
+    stays NaN: adding the rounding bias to a NaN whose low bits are set, such as a GPU's
+    canonical 0x7FFFFFFF, would carry into the sign bit and give -0.0)."""
     bits = x.to(tl.uint32, bitcast=True)
     lsb = (bits >> 16) & 1
-    rounded = (bits + 0x7FFF + lsb) >> 16
+    rounded = tl.where(x != x, _NAN_BITS, (bits + 0x7FFF + lsb) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
@@ -157,16 +163,18 @@ def random_bits_torch(index: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
 
 @triton.jit
 def stochastic_round_to_bf16(x, bits):
-    """fp32 -> bf16, rounding up with probability (distance to the lower value) / spacing."""
+    """fp32 -> bf16, rounding up with probability (distance to the lower value) / spacing; NaN
+    stays NaN (BF16_NAN; the random bits would carry a NaN's payload into its sign, or wrap it
+    to zero)."""
     xb = x.to(tl.uint32, bitcast=True)
-    rounded = (xb + (bits & 0xFFFF)) >> 16
+    rounded = tl.where(x != x, _NAN_BITS, (xb + (bits & 0xFFFF)) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 def stochastic_round_to_bf16_torch(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Torch twin of `stochastic_round_to_bf16` (x fp32, bits int64 from random_bits_torch)."""
     xb = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = ((xb + (bits & 0xFFFF)) >> 16) & 0xFFFF
+    rounded = torch.where(torch.isnan(x), BF16_NAN, ((xb + (bits & 0xFFFF)) >> 16) & 0xFFFF)
     return rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
 
 
@@ -205,15 +213,18 @@ def dequantize(codes, scales, table_ptr):
 def quantize(x, bits, table_ptr, QB: tl.constexpr):
     """fp32 [M, N] -> (codes uint8 [M, N], block scales fp32 [M, N // QB]), rounding stochastically.
 
-    Scale = the block's absmax (1 for an all-zero block). y = x / scale lies between table[j] and
-    table[j + 1], j = the number of table[1:] values <= y (binary lifting over 255 sorted values);
-    the code is j + 1 with probability (y - table[j]) / (table[j + 1] - table[j]), drawn from the
-    top 24 of the 32 random `bits`."""
+    Scale = the block's absmax (1 for an all-zero block; NaN for a block with a NaN or an infinite
+    value, so that the whole block reads back as NaN: `tl.max` would skip a NaN where torch.amax
+    keeps it). y = x / scale lies between table[j] and table[j + 1], j = the number of table[1:]
+    values <= y (binary lifting over 255 sorted values; 0 for a NaN y); the code is j + 1 with
+    probability (y - table[j]) / (table[j + 1] - table[j]), drawn from the top 24 of the 32 random
+    `bits`."""
     M: tl.constexpr = x.shape[0]
     N: tl.constexpr = x.shape[1]
     blocks = tl.reshape(x, (M, N // QB, QB))
     absmax = tl.max(tl.abs(blocks), axis=2)
-    scale = tl.where(absmax > 0, absmax, 1.0)
+    finite = tl.min((tl.abs(blocks) < float("inf")).to(tl.int32), axis=2) > 0
+    scale = tl.where(finite, tl.where(absmax > 0, absmax, 1.0), float("nan"))
     y = tl.reshape(tl.div_rn(blocks, scale[:, :, None]), (M, N))
     j = tl.zeros((M, N), dtype=tl.int32)
     for k in tl.static_range(8):
@@ -237,9 +248,11 @@ def quantize_torch(x: torch.Tensor, table: torch.Tensor, bits: torch.Tensor) -> 
     m, n = x.shape
     blocks = x.reshape(m, n // QBLOCK, QBLOCK)
     absmax = blocks.abs().amax(dim=2)
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    finite = (blocks.abs() < float("inf")).all(dim=2)
+    scale = torch.where(finite, torch.where(absmax > 0, absmax, torch.ones_like(absmax)), float("nan"))
     y = torch.div(blocks, scale[:, :, None]).reshape(m, n).contiguous()
     j = torch.searchsorted(table[1:].contiguous(), y, right=True)  # = #{table[1:] <= y}
+    j = torch.where(torch.isnan(y), 0, j)  # the kernel's search finds no table value <= NaN
     lo, hi = table[j], table[(j + 1).clamp(max=255)]
     up = torch.div(y - lo, torch.where(hi > lo, hi - lo, torch.ones_like(hi)))
     uniform = (bits >> 8).float() * (1.0 / 16777216.0)

@@ -130,3 +130,35 @@ def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = 
         return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
     # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
     return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def tile_space_key(dtype: torch.dtype, state_dtype: str = "fp32") -> str:
+    """The TILE_SPACE entry of an activation dtype and state dtype (default_config's cases)."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "bf16-int8" if state_dtype == "int8" else "bf16"
+
+
+# A few tile configs per regime for a GPU run to time against each other at Llama shapes
+# (scripts/bench_kernel.py --sweep): block sizes, warps and pipeline stages around the default
+# (first). Each compiles for sm_90a without register spills for AdamW in its regimes under the
+# device's Triton and the venv's (bench/results/compile_sm90_space_triton*.json; the test reads
+# them). A config with another block_t sums the tokens in another order: it is a speed choice to
+# make once, for every shape (the bits of a run then follow it).
+TILE_SPACE: dict[str, tuple[TileConfig, ...]] = {
+    "bf16": (
+        TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=3),
+        TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
+        TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3),
+        TileConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=3),
+        TileConfig(128, 64, 32, group_m=8, num_warps=8, num_stages=4),
+        TileConfig(128, 64, 128, group_m=8, num_warps=8, num_stages=2),
+    ),
+    "bf16-int8": (
+        TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=3),
+        TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=4),
+        TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3),
+        TileConfig(64, 64, 128, group_m=8, num_warps=8, num_stages=2),
+        TileConfig(32, 64, 64, group_m=8, num_warps=4, num_stages=3),
+    ),
+}

@@ -10,8 +10,12 @@ A rule says four things:
   them the unsigned code table, twice the resolution of the signed one.
 * `defaults`: its hyperparameters (torch.optim names), checked by `check`.
 * `coefficients(hp, step)`: the scalars the update needs at this step (step counts from 1, as
-  in torch.optim), computed once on the host in float64 and rounded once to float32. Bias
-  corrections, decoupled decay factors and signs live here, not in the update.
+  in torch.optim), computed in float64 and rounded once to float32. Bias corrections, decoupled
+  decay factors and signs live here, not in the update. FORGE derives them on the device
+  (table.py), where the scheduled hyperparameters (SCHEDULED: lr, weight_decay) and the step are
+  float64 tensors: so the function is written with `+ - * / **` on those, `coefficient_sqrt`
+  and `past_first_step`, and branches only on the other hyperparameters (`register_rule`
+  checks it runs on tensors and gives the host's values there).
 * `update(p, g, state, coef) -> (p, state)`: the element-wise formula on fp32 values, written
   with `+ - *` and the `ops` vocabulary (ops.sqrt, ops.div, ops.where, ops.abs, ops.sign,
   ops.maximum, ops.minimum). `register_rule` compiles this one function twice: as a Triton
@@ -33,6 +37,7 @@ import types
 from numbers import Real
 from typing import Any, Callable, ClassVar, Mapping
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,6 +47,7 @@ from forge_megatron.core import ops_torch as ops  # rebound per backend by regis
 MAX_STATES = 3
 MAX_COEFS = 12
 VOCABULARY = tuple(ops_torch.__all__)
+SCHEDULED = ("lr", "weight_decay")  # hyperparameters a schedule changes: device tensors in `coefficients`
 
 _RULES: dict[str, type["Rule"]] = {}
 
@@ -122,11 +128,47 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
     unknown_states = set(cls.stored_states(hp)) - set(cls.states)
     if unknown_states:
         raise ValueError(f"rule '{name}': stored_states names {sorted(unknown_states)}, not in `states`")
+    _check_coefficients_on_tensors(name, cls, hp)
     cls.num_coefficients = n
     cls.torch_update = staticmethod(_rebind(fn, ops_torch))
     cls.triton_update = triton.jit(_rebind(fn, ops_triton))
     _RULES[name] = cls
     return cls
+
+
+def coefficient_sqrt(x):
+    """The correctly rounded float64 square root of a float or a float64 tensor, for
+    `coefficients` (math.sqrt cannot take a tensor)."""
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def past_first_step(step):
+    """1.0 after the first step, 0.0 at it (float64 on a tensor step), for `coefficients`: a
+    choice made by the step as a factor, never a branch (a branch cannot read a device tensor)."""
+    return (step > 1).to(step.dtype) if isinstance(step, torch.Tensor) else float(step > 1)
+
+
+def _check_coefficients_on_tensors(name: str, cls: type[Rule], hp: Mapping[str, Any]) -> None:
+    """`coefficients` with the scheduled hyperparameters and the step as float64 tensors (two
+    rows: steps 1 and 3), as table.py derives them on the device, must run and round to the
+    host's fp32 values."""
+    steps = (1, 3)
+    tensors = {k: torch.full((2,), float(hp[k]), dtype=torch.float64) for k in SCHEDULED if k in hp}
+    try:
+        on_tensors = cls.coefficients({**hp, **tensors}, torch.tensor(steps, dtype=torch.float64))
+        rows = [[float(torch.as_tensor(v, dtype=torch.float64).expand(2)[i].float()) for v in on_tensors]
+                for i in range(2)]
+    except Exception as error:  # noqa: BLE001 - any failure means the rule cannot run on the device
+        raise ValueError(
+            f"rule '{name}': coefficients(hp, step) must also run with {', '.join(tensors) or 'no hyperparameter'} "
+            f"and step as float64 tensors (FORGE derives coefficients on the device): write them with + - * / **, "
+            f"coefficient_sqrt and past_first_step, and branch only on the other hyperparameters; it raised "
+            f"{type(error).__name__}: {error}") from None
+    for step, row in zip(steps, rows):
+        host = [float(torch.tensor(float(v), dtype=torch.float64).float()) for v in cls.coefficients(hp, step)]
+        if row != host:
+            raise ValueError(f"rule '{name}': coefficients at step {step} are {row} on float64 tensors but {host} on "
+                             "the host; compute them with the same float64 operations on both")
 
 
 def get_rule(rule: str | type[Rule]) -> type[Rule]:
@@ -248,7 +290,7 @@ class AdamW(Rule):
         bias_correction2 = 1.0 - beta2**step
         l2, decay = (0.0, 1.0 - lr * wd) if cls.decoupled else (wd, 1.0)
         return (l2, decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, -lr / bias_correction1,
-                math.sqrt(bias_correction2), hp["eps"])
+                coefficient_sqrt(bias_correction2), hp["eps"])
 
 
 @register_rule
@@ -265,7 +307,7 @@ class SGD(Rule):
     """torch.optim.SGD: momentum, dampening, nesterov, L2 weight decay.
 
     The first step sets the buffer to g (torch clones the gradient): momentum and (1 - dampening)
-    are replaced by 0 and 1 at step 1. Which of g and the buffer moves p is chosen by two
+    are replaced by 0 and 1 at step 1 (`past_first_step` scales the momentum and the dampening). Which of g and the buffer moves p is chosen by two
     coefficients, so one formula covers plain, momentum and nesterov SGD exactly.
     """
 
@@ -290,8 +332,8 @@ class SGD(Rule):
     @classmethod
     def coefficients(cls, hp, step):
         momentum = hp["momentum"]
-        first = step == 1
-        buffer_decay, buffer_gain = (0.0, 1.0) if first else (momentum, 1.0 - hp["dampening"])
+        later = past_first_step(step)  # exactly 0 or 1: momentum * 1 and 1 - dampening * 1 are exact
+        buffer_decay, buffer_gain = momentum * later, 1.0 - hp["dampening"] * later
         if momentum == 0:
             g_weight, buffer_weight = 1.0, 0.0
         elif hp["nesterov"]:

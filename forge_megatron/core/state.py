@@ -74,6 +74,7 @@ class ForgeState:
             else:
                 self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[state_dtype], device=weight.device)
         self.master: torch.Tensor | None = None
+        self.own_table = None  # a standalone step's device slots (update.py), made at its first step
         self.adopt(weight)
 
     def adopt(self, weight: torch.Tensor, previous: torch.Tensor | None = None) -> None:
@@ -117,6 +118,7 @@ class ForgeState:
         block.tensors = {name: t[start:stop].clone() for name, t in self.tensors.items()}
         block.master = None if self.master is None else self.master[start:stop].clone()
         block.hyperparameters = dict(self.hyperparameters)
+        block.own_table = None
         return block
 
     def set_hyperparameters(self, **changes: Any) -> None:

@@ -26,7 +26,7 @@ from forge_megatron.core.plan import (
     num_tiles,
 )
 from forge_megatron.core.state import WEIGHT_DTYPES, ForgeState
-from forge_megatron.core.table import StepSlots, coefficient_row
+from forge_megatron.core.table import StepSlots, StepTable
 
 BACKENDS = ("triton", "torch")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -34,7 +34,8 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 
 @dataclass
 class UpdateResult:
-    """By-products of one fused step, left on the device (reading them synchronizes)."""
+    """By-products of one fused step, left on the device (reading them synchronizes). `stats` is
+    the step's slot: the weight's next step overwrites it (clone it to keep it)."""
 
     stats: torch.Tensor  # fp32 [tiles, 2]: per tile, sum of squares of the raw gradient and non-finite count
     grad: torch.Tensor | None = None  # the scaled gradient, only with materialize=True (debug)
@@ -112,8 +113,9 @@ def fused_update(
 
     `slots` (table.StepSlots, from a StepTable the caller has written for this step) hold the
     gradient scale, step and coefficients on the device and receive the by-products: the step is
-    then one kernel launch (`grad_scale` must be left at its default). Without them the scalars
-    are copied to the device here.
+    then one kernel launch (`grad_scale` must be left at its default). Without them the state's
+    own one-weight StepTable is written here, on the device (no copy from the host unless the lr,
+    weight decay or step changed other than by one step; no sync).
 
     `accumulate` (an Accumulation) makes this one micro-batch of a step summed over several;
     state.step counts only the step's last, updating micro-batch.
@@ -133,7 +135,7 @@ def fused_update(
     n_tiles = num_tiles(weight.shape, config)
     step = state.step + 1
     if slots is None:
-        slots = _own_slots(state, grad_scale, step, n_tiles, weight.device)
+        slots = _own_slots(state, grad_scale, n_tiles, weight.device)
     elif not (isinstance(grad_scale, Real) and grad_scale == 1.0):
         raise ValueError("with slots, the gradient scale is the table's (StepTable.write / set_scale); "
                          "leave grad_scale at 1.0")
@@ -179,7 +181,7 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     config = config or default_tile_config(which, weight.device, weight.dtype, state.state_dtype)
     n_tiles = num_tiles(weight.shape, config)
     step = state.step + 1
-    slots = slots if slots is not None else _own_slots(state, grad_scale, step, n_tiles, weight.device)
+    slots = slots if slots is not None else _own_slots(state, grad_scale, n_tiles, weight.device)
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
     plan = _plan(state, weight, which, slots, grad, apply)
     plan.buffer = buffer
@@ -214,15 +216,15 @@ def step_tiles(weight: torch.Tensor, state: ForgeState, backend: str | None = No
                                                                  state.state_dtype))
 
 
-def _own_slots(state: ForgeState, grad_scale, step: int, n_tiles: int, device) -> StepSlots:
-    """Slots for one standalone step: the coefficient row copied to the device, a by-product buffer."""
-    if isinstance(grad_scale, torch.Tensor):
-        coefs = torch.tensor(coefficient_row(state, 1.0, step), dtype=torch.float32).to(device, non_blocking=True)
-        coefs[:1].copy_(grad_scale.reshape(1))
-    else:
-        coefs = torch.tensor(coefficient_row(state, grad_scale, step), dtype=torch.float32).to(device)
-    # Poisoned, so that a tile that fails to write its by-products shows up.
-    return StepSlots(coefs=coefs, stats=torch.full((n_tiles, 2), float("nan"), dtype=torch.float32, device=device))
+def _own_slots(state: ForgeState, grad_scale, n_tiles: int, device) -> StepSlots:
+    """A standalone step's slots: the state's own one-weight StepTable, kept and written on the
+    device (made again when the device or the tile count changes)."""
+    table = state.own_table
+    if table is None or table.coefs.device != device or table.slots[0].stats.shape[0] != n_tiles:
+        table = state.own_table = StepTable([state], [n_tiles], device)
+        table.slots[0].stats.fill_(float("nan"))  # poisoned: a tile that never writes its by-products shows up
+    table.write(grad_scale)
+    return table.slots[0]
 
 
 def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply: bool) -> StepPlan:

@@ -348,3 +348,25 @@ def forge_argument_checks(argv: list[str] | None = None):
         yield
     finally:
         arguments.validate_args = validate_args
+
+
+def cuda_graph_refusal(args) -> str | None:
+    """Megatron's CUDA-graph options with --use-forge, refused in one line (None: none is set).
+    They would replay a covered layer's backward without its Python: FORGE's per-iteration
+    bookkeeping (the micro-batch and update counters behind the one-update guard, the host's step
+    count the checkpoint saves, the data-parallel collectives' callbacks) would not run. FORGE's
+    step itself reads only device memory (core/table.py: StepTable.advance is capturable).
+    Checked after Megatron's own validation, which turns --enable-cuda-graph and
+    --external-cuda-graph into --cuda-graph-impl local / transformer_engine; to be yielded from
+    `_refusals`."""
+    flags = [f"--cuda-graph-impl {args.cuda_graph_impl}"] if getattr(args, "cuda_graph_impl", "none") != "none" else []
+    flags += [flag for flag, name in (("--enable-cuda-graph", "enable_cuda_graph"),
+                                      ("--external-cuda-graph", "external_cuda_graph"),
+                                      ("--optimizer-cuda-graph", "optimizer_cuda_graph"),
+                                      ("--rl-training-cuda-graphs", "rl_training_cuda_graphs"))
+              if getattr(args, name, False)]
+    if not flags:
+        return None
+    return (f"{' and '.join(flags)} would replay covered layers' backward without FORGE's per-iteration "
+            "bookkeeping (its update guard, step count and data-parallel callbacks run in Python); drop "
+            f"{'them' if len(flags) > 1 else 'it'}")

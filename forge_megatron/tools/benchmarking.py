@@ -122,17 +122,31 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def pretrain_records(argv: list[str], nproc: int = 1, env: dict | None = None) -> list[dict] | None:
+def environment(device: torch.device) -> dict:
+    """Where and how a report was measured: the device, the versions, the timer."""
+    import triton
+
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "timer": ("triton.testing.do_bench median (CUDA events, 25 ms warm-up, 100 ms of repeats)"
+                      if device.type == "cuda" else "wall clock, median of 3 after one warm-up call (CPU: not a "
+                      "measurement of anything but that the code runs)")}
+
+
+def pretrain_records(argv: list[str], nproc: int = 1, env: dict | None = None,
+                     timeout: float | None = None) -> list[dict] | None:
     """Run forge-pretrain-gpt (Megatron's loop) in fresh processes, `nproc` of them under
     torchrun, so that an out-of-memory run cannot poison the caller; its per-iteration records
-    from Megatron's own tensorboard log (see `tensorboard_records`), or None if it failed.
+    from Megatron's own tensorboard log (see `tensorboard_records`), or None if it ran out of
+    device memory. Any other failure (or running past `timeout` seconds) raises: it is not a
+    measurement.
     Megatron logs every iteration: "iteration-time" (seconds, from the second iteration) and its
     memory counters ("mem-max-allocated-bytes": the peak so far, on a GPU)."""
     with tempfile.TemporaryDirectory() as tmp:
         logging = ["--tensorboard-dir", tmp, "--tensorboard-log-interval", "1", "--log-interval", "1",
                    "--log-timers-to-tensorboard", "--log-memory-to-tensorboard"]
-        proc = run_pretrain([*argv, *logging], nproc=nproc, env=env)
-        if proc.returncode != 0:
+        proc = run_pretrain([*argv, *logging], nproc=nproc, env=env, timeout=timeout)
+        if not ran_to_the_end(proc):
             return None
         return tensorboard_records(tmp)
 
@@ -148,18 +162,17 @@ class RankMemory(NamedTuple):
     held: int  # allocated after the last step: what the rank holds between steps
 
 
-def pretrain_memory(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False) -> list[RankMemory] | None:
+def pretrain_memory(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False,
+                    timeout: float | None = None) -> list[RankMemory] | None:
     """Each rank's memory over a forge-pretrain-gpt run (`nproc` ranks under torchrun), from the
     memory report Megatron prints on every data-parallel rank 0 after each step
     (`--log-memory-interval`: torch.cuda.memory_allocated and max_memory_allocated, live tensor
     bytes under `measure_cpu_memory`), in rank order; None if the run ran out of device memory.
     Any other failure raises: it is not a measurement."""
     proc = run_pretrain([*argv, "--log-interval", "1", "--log-memory-interval", "1"], nproc=nproc,
-                        measure_cpu_memory=measure_cpu_memory)
-    if proc.returncode != 0:
-        if "OutOfMemoryError" in proc.stdout + proc.stderr:
-            return None
-        raise RuntimeError(f"the run failed (exit {proc.returncode}):\n" + proc.stdout[-2000:] + proc.stderr[-3000:])
+                        measure_cpu_memory=measure_cpu_memory, timeout=timeout)
+    if not ran_to_the_end(proc):
+        return None
     peaks: dict[int, float] = {}
     held: dict[int, float] = {}
     for rank, allocated, max_allocated in MEMORY_REPORT.findall(proc.stdout):
@@ -170,9 +183,24 @@ def pretrain_memory(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = 
     return [RankMemory(round(peaks[rank] * 2**20), round(held[rank] * 2**20)) for rank in sorted(peaks)]
 
 
+OUT_OF_MEMORY = ("torch.OutOfMemoryError", "CUDA out of memory", "torch.cuda.OutOfMemoryError")
+
+
+def ran_to_the_end(proc: subprocess.CompletedProcess) -> bool:
+    """True if the run succeeded, False if it ran out of device memory; any other failure raises
+    with the end of its output (a crash is not an out-of-memory result)."""
+    if proc.returncode == 0:
+        return True
+    if any(marker in proc.stdout + proc.stderr for marker in OUT_OF_MEMORY):
+        return False
+    raise RuntimeError(f"the run failed (exit {proc.returncode}), not for lack of memory:\n" + proc.stdout[-2000:]
+                       + proc.stderr[-3000:])
+
+
 def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = False, env: dict | None = None,
                  timeout: float | None = None) -> subprocess.CompletedProcess:
-    """forge-pretrain-gpt `argv` in a subprocess (under torchrun for nproc > 1), output captured."""
+    """forge-pretrain-gpt `argv` in a subprocess (under torchrun for nproc > 1), output captured;
+    past `timeout` seconds it is killed and subprocess.TimeoutExpired raised."""
     module = "forge_megatron.tools.measured_pretrain" if measure_cpu_memory else "forge_megatron.cli.pretrain_gpt"
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *argv]
@@ -221,9 +249,39 @@ def median_iteration_ms(records: list[dict], skip: int = 2) -> float:
 
 
 def write_report(path: str | None, report: dict) -> None:
-    """Write `report` as indented JSON to `path` (creating its folder); nothing if path is None."""
+    """Write `report` as indented JSON to `path` (creating its folder); nothing if path is None.
+    Written to a temporary file, flushed to disk and renamed over `path`: a process killed at any
+    moment leaves the previous complete report or this one, never a partial file."""
     if path is None:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CaseReport:
+    """A report written case by case: `header` (device, versions, ...) plus a list of cases, the
+    whole file rewritten (write_report) after every case, so that a part stopped at any moment
+    has returned every case it finished. `add` also prints the case's `line` (flushed)."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.report = path, {**header, "complete": False, "cases": []}
+        write_report(self.path, self.report)
+
+    def add(self, case: dict, line: str | None = None) -> dict:
+        self.report["cases"].append(case)
+        write_report(self.path, self.report)
+        if line is not None:
+            print(line, flush=True)
+        return case
+
+    def finish(self, **fields) -> dict:
+        """Mark the report complete (every planned case ran, or the budget stopped it: `fields` say)."""
+        self.report.update(fields, complete=True)
+        write_report(self.path, self.report)
+        return self.report
