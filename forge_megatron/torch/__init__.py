@@ -68,16 +68,23 @@ def cover(model: nn.Module, rule: str = "adamw", *, include: Iterable[Selector] 
                          state_dtype=state_dtype, seed=seed, backend=backend, accumulation_dtype=accumulation_dtype)
     if process_group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         process_group = dist.group.WORLD
-    rest_params = _rest_parameters(model, {id(module.weight) for _, module in covered})
-    rest_optimizer = _rest_optimizer(rest, rest_params, rule, hyperparameters)
-    params = [ForgeParam(module.weight, config) for _, module in covered]  # validates before anything changes
+    rest_optimizer = _rest_optimizer(rest, _rest_parameters(model, {id(m.weight) for _, m in covered}), rule,
+                                     hyperparameters)
+    # Everything is checked before the model changes: a refusal leaves it as it was.
+    names, weights = [f"{name}.weight" for name, _ in covered], [m.weight for _, m in covered]
+    carrier = GradNormCarrier(weights[0].device)
+    try:
+        params = [ForgeParam(w, config) for w in weights]
+        optimizer = ForgeOptimizer(names, weights, params, carrier, config, rest_optimizer,
+                                   micro_batches=micro_batches, clip_mode=clip_mode,
+                                   max_nonfinite_steps=max_nonfinite_steps, process_group=process_group)
+    except BaseException:
+        for w in weights:
+            vars(w).pop("_forge_param", None)
+        raise
     for (_, module), param in zip(covered, params):
-        cover_layer(module, param)
-    carrier = GradNormCarrier(covered[0][1].weight.device)
+        cover_layer(module, param, optimizer.covered_backward)
     model.add_module(CARRIER, carrier)
-    optimizer = ForgeOptimizer(covered, carrier, config, rest_optimizer, micro_batches=micro_batches,
-                               clip_mode=clip_mode, max_nonfinite_steps=max_nonfinite_steps,
-                               process_group=process_group)
     optimizer.uncovered = uncovered
     return optimizer
 

@@ -31,7 +31,7 @@ class CoveredLayer:
 
     forge: ForgeParam  # the weight's FORGE state
     transposed: bool  # the weight is [in, out] (Conv1D)
-    forge_step = None  # set by ForgeOptimizer: (x, dy, weight) -> this weight's part of a backward pass
+    forge_step = None  # (x, dy, weight): this weight's part of a backward pass (ForgeOptimizer's)
 
     def forward(self, input):
         if self.forge_step is None:
@@ -51,10 +51,11 @@ def covered_class(base: type) -> type:
     return type(f"Forge{base.__name__}", (CoveredLayer, base), {"__module__": __name__})
 
 
-def cover_layer(module: nn.Module, forge: ForgeParam) -> None:
-    """Turn `module` (nn.Linear, or Conv1D) into its covered class, in place."""
+def cover_layer(module: nn.Module, forge: ForgeParam, forge_step) -> None:
+    """Turn `module` (nn.Linear, or Conv1D) into its covered class, in place; `forge_step(x, dy,
+    weight)` is its weight's part of each backward pass."""
     module.__class__ = covered_class(type(module))
-    module.forge = forge
+    module.forge, module.forge_step = forge, forge_step
     module.transposed = not isinstance(module, nn.Linear)
     module.weight.requires_grad_(False)
 

@@ -45,35 +45,31 @@ class ForgeOptimizer(torch.optim.Optimizer):
     weight_decay, betas, ...); the rest optimizer's groups follow, the same dicts, so that
     torch.optim.lr_scheduler schedulers drive both. Built by `forge_megatron.torch.cover`."""
 
-    def __init__(self, covered: list[tuple[str, nn.Module]], carrier: GradNormCarrier, config: ForgeConfig,
-                 rest: torch.optim.Optimizer | None, micro_batches: int = 1, clip_mode: str = "stale",
-                 max_nonfinite_steps: int = 3, process_group=None):
+    def __init__(self, names: list[str], weights: list[nn.Parameter], params: list[ForgeParam],
+                 carrier: GradNormCarrier, config: ForgeConfig, rest: torch.optim.Optimizer | None,
+                 micro_batches: int = 1, clip_mode: str = "stale", max_nonfinite_steps: int = 3, process_group=None):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be a positive integer, got {max_nonfinite_steps!r}")
-        self.names = [f"{name}.weight" for name, _ in covered]
-        self.weights = [module.weight for _, module in covered]
-        self.params = [module.forge for _, module in covered]
+        self.names, self.weights, self.params = names, weights, params
         self.carrier, self.config, self.rest, self.clip_mode = carrier, config, rest, clip_mode
         self.micro_batches = micro_batches
         self.max_nonfinite_steps = max_nonfinite_steps
-        hyperparameters = dict(self.params[0].state.hyperparameters)
-        super().__init__([{"params": list(zip(self.names, self.weights))}], hyperparameters)
-        self.forge_group = self.param_groups[0]
-        if rest is not None:
-            self.param_groups.extend(rest.param_groups)
         self.group = process_group  # data parallelism: each rank owns a block of every covered weight's rows
         self.collectives = Collectives()
         if process_group is not None:
-            for name, weight, param in zip(self.names, self.weights, self.params):
+            for name, weight, param in zip(names, weights, params):
                 try:
                     param.own_rows(weight, process_group, collectives=self.collectives)
                 except ValueError as error:
                     raise ValueError(f"covered weight {name}: {error}; exclude it from cover()") from None
-        for i, ((_, module), param) in enumerate(zip(covered, self.params)):
+        for i, param in enumerate(params):
             param.state.weight_id = i  # keys stochastic rounding: the same on every rank
-            module.forge_step = self._backward
+        super().__init__([{"params": list(zip(names, weights))}], dict(params[0].state.hyperparameters))
+        self.forge_group = self.param_groups[0]
+        if rest is not None:
+            self.param_groups.extend(rest.param_groups)
         self.coefficient = 1.0  # 'stale': the clip coefficient of the covered weights' next update
         self.nonfinite_streak = 0
         self.table: StepTable | None = None
@@ -102,7 +98,7 @@ class ForgeOptimizer(torch.optim.Optimizer):
 
     # -- backward -------------------------------------------------------------------------------
 
-    def _backward(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
+    def covered_backward(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
         """A covered layer's part of a backward pass (its autograd function calls this)."""
         if not self._open:
             self._begin()
@@ -163,7 +159,7 @@ class ForgeOptimizer(torch.optim.Optimizer):
         finally:
             for param in self.params:
                 param.free_buffer()
-            self._open = False
+            self._open, self._totals = False, None
             self.carrier.clear()
 
     def _step(self) -> None:
