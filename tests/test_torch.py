@@ -256,7 +256,7 @@ def test_a_checkpoint_resumes_on_the_same_bits(regime, tmp_path):
 def test_bf16_with_stochastic_rounding_stays_within_one_percent_of_fp32():
     """A byte-level tiny Llama on the stdlib text, 200 steps: bf16 weights with stochastic rounding
     (no master; the other parameters on fp32 masters) against fp32: every 20 steps' mean loss at
-    most 1 % above fp32's (tools/torch_study.py; round-to-nearest ends 3-5 % above, docs/torch.md)."""
+    most 1 % above fp32's (tools/torch_study.py; rounded to nearest it ends 4-6 % above, docs/torch.md)."""
     result = bf16_against_fp32("sr")
     assert max(result["excess"]) <= 0.01, result
 
@@ -322,7 +322,7 @@ def test_refusals_name_the_fix():
     model(input_ids=x, labels=x).loss.backward()
     with pytest.raises(ValueError, match="cannot re-run a closure"):
         optimizer.step(lambda: None)
-    with pytest.raises(RuntimeError, match="step\\(\\) after 1 backward passes .* of 2 micro-batches"):
+    with pytest.raises(RuntimeError, match="step\\(\\) after 1 of 2 micro-batches: set cover"):
         optimizer.step()
     with pytest.raises(ValueError, match="holds rule 'adamw'"):
         cover(tiny_llama(), "sgd").load_state_dict(optimizer.state_dict())
@@ -368,7 +368,7 @@ def test_a_covered_layer_outside_any_forward_is_reported_at_step():
     model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
     optimizer = cover(model)
     model["used"](torch.randn(3, 4)).sum().backward()
-    with pytest.raises(RuntimeError, match="covered weight unused.weight .* every covered layer"):
+    with pytest.raises(RuntimeError, match="covered weight unused.weight ran 0 backward passes .* every covered"):
         optimizer.step()
 
 
@@ -415,10 +415,10 @@ def _ddp_against_torch(k, mode, clip):
     assert all(p.owner is not None and p.owner.size == 2 for p in optimizer.params)
     ddp_reference, ddp = DistributedDataParallel(reference), DistributedDataParallel(model)
     torch_optimizer = torch.optim.AdamW(reference.parameters(), **hp)
-    batches = rank_batches(10 * k, dist.get_rank())
+    batches = rank_batches(6 * k, dist.get_rank())
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR
-    expected = ddp_train(ddp_reference, torch_optimizer, cosine(torch_optimizer, 10), batches, k, clip)
-    norms = ddp_train(ddp, optimizer, cosine(optimizer, 10), batches, k, clip)
+    expected = ddp_train(ddp_reference, torch_optimizer, cosine(torch_optimizer, 6), batches, k, clip)
+    norms = ddp_train(ddp, optimizer, cosine(optimizer, 6), batches, k, clip)
     weights = torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()  # numpy: pickled by value
     return max_difference(model, reference), norms, expected, weights
 
@@ -471,7 +471,7 @@ def test_ddp_matches_ddp_with_torch_adamw(ddp_results, scenario):
         assert norms == pytest.approx(expected, rel=1e-5)
         assert difference <= 1e-6
     if scenario.startswith("ddp_two_pass"):
-        assert sum(n > 1.0 for n in ranks[0][2]) >= 5
+        assert sum(n > 1.0 for n in ranks[0][2]) >= 4
     assert (ranks[0][3] == ranks[1][3]).all()
 
 

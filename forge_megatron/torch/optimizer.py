@@ -163,13 +163,18 @@ class ForgeOptimizer(torch.optim.Optimizer):
             self.carrier.clear()
 
     def _step(self) -> None:
-        behind = [(n, p.backwards) for n, p in zip(self.names, self.params) if p.backwards != p.micro_batches]
-        if behind:
+        counts = {p.backwards for p in self.params}
+        if len(counts) > 1:
+            name, count = min(((n, p.backwards) for n, p in zip(self.names, self.params)), key=lambda c: c[1])
+            raise RuntimeError(f"FORGE: covered weight {name} ran {count} backward passes in this step, others "
+                               f"{max(counts)}: every covered layer must take part in every forward and backward "
+                               "(exclude the others from cover())")
+        if counts != {self.micro_batches}:
             raise RuntimeError(
-                f"FORGE: step() after {behind[0][1]} backward passes of covered weight {behind[0][0]} in a step of "
-                f"{self.micro_batches} micro-batches: set cover(..., micro_batches=) (or optimizer.micro_batches) to "
-                "the loop's gradient accumulation steps, and let every covered layer take part in every forward and "
-                "backward (exclude the others)")
+                f"FORGE: step() after {counts.pop()} of {self.micro_batches} micro-batches: set cover(..., "
+                "micro_batches=) (or optimizer.micro_batches) to the loop's gradient accumulation steps (a Trainer "
+                "epoch whose number of batches is not a multiple of gradient_accumulation_steps ends with a shorter "
+                "step)")
         sumsq, nonfinite = (float(v) for v in self._totals)
         coefficient = self.carrier.coefficient()
         if nonfinite or not math.isfinite(sumsq) or not math.isfinite(coefficient):
