@@ -66,7 +66,7 @@ def data(tmp_path_factory):
 # machine). pytest-xdist's loadfile hands files to the workers in collection order, so these go
 # first and the short files fill in behind them: both workers finish together.
 LONG_FILES = ("test_pretrain_gpt.py", "test_per_token_loss.py", "test_accumulation_pp.py", "test_memory_measured.py",
-              "test_scripts.py", "test_data_parallel.py", "test_hf.py", "test_finetune_cpu.py")
+              "test_scripts.py", "test_data_parallel.py", "test_hf.py", "test_torch.py", "test_finetune_cpu.py")
 
 
 def pytest_collection_modifyitems(items):

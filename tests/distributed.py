@@ -1,7 +1,8 @@
 """Run scenario functions on N gloo ranks on CPU: one spawn per test module, many scenarios.
 
 A scenario is a module-level function taking no arguments; it sets up Megatron's model
-parallelism itself, asserts inside the worker and returns something picklable. `run_scenarios`
+parallelism itself (or, with megatron=False, uses the plain torch.distributed world, and Megatron
+is not imported), asserts inside the worker and returns something picklable. `run_scenarios`
 returns {name: [result of rank 0, rank 1, ...]}; a scenario that raised on any rank reports
 the traceback, which `result()` re-raises in the test that reads it, and a rank that died
 without reporting fails the test at once. On a machine with CUDA the ranks run on it as they
@@ -27,14 +28,15 @@ class ScenarioError(AssertionError):
     pass
 
 
-def run_scenarios(world_size: int, scenarios) -> dict[str, list]:
+def run_scenarios(world_size: int, scenarios, megatron: bool = True) -> dict[str, list]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     # The test process hosts the ranks' store on a port the kernel picks as it binds (no port
     # number is chosen first and raced for by the other xdist worker's runs).
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     port = store.port
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, scenarios, queue)) for rank in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, scenarios, queue, megatron))
+             for rank in range(world_size)]
     for p in procs:
         p.start()
     results: dict[str, list] = {fn.__name__: [None] * world_size for fn in scenarios}
@@ -66,14 +68,15 @@ def result(results: dict[str, list], name: str) -> list:
     return [o[1] for o in outcomes]
 
 
-def _worker(rank, world_size, port, scenarios, queue):
+def _worker(rank, world_size, port, scenarios, queue, megatron):
     torch.set_num_threads(1)
-    from megatron.core import parallel_state
+    if megatron:
+        from megatron.core import parallel_state
 
     try:
         if torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        else:
+        elif megatron:
             from forge_megatron.megatron.cpu import enable_megatron_on_cpu
 
             enable_megatron_on_cpu()
@@ -91,6 +94,7 @@ def _worker(rank, world_size, port, scenarios, queue):
         except BaseException:  # reported to the test, which fails with this traceback
             outcome = ("error", traceback.format_exc())
         finally:
-            parallel_state.destroy_model_parallel()
+            if megatron:
+                parallel_state.destroy_model_parallel()
         queue.put((fn.__name__, rank, outcome))
     dist.destroy_process_group()

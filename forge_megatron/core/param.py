@@ -45,7 +45,9 @@ class ForgeParam:
     `begin_iteration(k)` says how many micro-batches the iteration has: the first k - 1 backward
     passes add their gradient into an accumulation buffer (allocated at first need, in
     `config.accumulation_dtype`), the k-th runs the rule on the sum. At most one update is applied
-    per iteration: another backward is an error, never a second step.
+    per iteration: another backward is an error, never a second step. With apply=False (two-pass
+    clipping) the k-th writes the total and its by-products, for `apply_accumulated`; at k = 1 only
+    with `hold` (a loop that cannot replay the micro-batch), else it writes the by-products alone.
     """
 
     def __init__(self, weight: torch.Tensor, config: ForgeConfig):
@@ -62,13 +64,13 @@ class ForgeParam:
                                 seed=config.seed, **config.hyperparameters)
         self.grad_scale: float | torch.Tensor = 1.0  # standalone only
         self.apply = True  # False: a norms-only pass (two-pass clipping); nothing is written
+        self.hold = False  # with apply=False, keep even one micro-batch's gradient for `apply_accumulated`
         self.materialize = False  # debug: keep the last weight gradient in `self.grad` (exactness tests)
         self.grad: torch.Tensor | None = None
         self.result: UpdateResult | None = None  # the last step's by-products
         self.slots: StepSlots | None = None
         self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
-        self.hold = False  # this iteration's gradient is held in the buffer even at one micro-batch (bound only)
         self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
@@ -161,7 +163,7 @@ class ForgeParam:
         if self.owner is not None:
             return self._data_parallel_step(x, dy, weight)
         accumulate = None
-        if bound and (self.micro_batches > 1 or self.hold):
+        if bound and (self.micro_batches > 1 or (self.hold and not self.apply)):
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         last = accumulate is None or accumulate.last
         result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale if not bound else 1.0,
