@@ -180,8 +180,7 @@ def scenario_float16_module_keeps_forge_state_in_fp32():
 def scenario_unsupported_configurations_are_refused_with_the_fix():
     messages = []
     config = setup()
-    for kwargs, expected in [({"is_expert": True}, r"expert \(MoE\) layers"),
-                             ({"skip_weight_param_allocation": True}, "passed at forward time")]:
+    for kwargs, expected in [({"skip_weight_param_allocation": True}, "passed at forward time")]:
         with pytest.raises(ValueError, match=expected) as err:
             ForgeColumnParallelLinear(HIDDEN, FFN, config=config, init_method=init_std, **kwargs)
         messages.append(str(err.value))
@@ -244,4 +243,4 @@ def test_float16_module_keeps_forge_state_in_fp32(results):
 
 def test_unsupported_configurations_are_refused_with_the_fix(results):
     messages = result(results, "scenario_unsupported_configurations_are_refused_with_the_fix")[0]
-    assert len(messages) == 5
+    assert len(messages) == 4

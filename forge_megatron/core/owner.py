@@ -32,24 +32,26 @@ class OwnerRows:
     size: int
     start: int
     stop: int
-    average: bool = True  # reduce to the mean over the group (else the sum)
+    scale: float | None = None  # each rank's gradient's factor before the sum (None: 1 / size, the mean)
 
     @classmethod
-    def of(cls, rows: int, group, average: bool = True) -> "OwnerRows":
+    def of(cls, rows: int, group, scale: float | None = None) -> "OwnerRows":
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if rows % size:
             raise ValueError(f"a weight of {rows} rows cannot be split into {size} equal data-parallel blocks")
         block = rows // size
-        return cls(group=group, rank=rank, size=size, start=rank * block, stop=(rank + 1) * block, average=average)
+        return cls(group=group, rank=rank, size=size, start=rank * block, stop=(rank + 1) * block, scale=scale)
 
     def reduce_scatter(self, gradient: torch.Tensor, async_op: bool = False):
-        """The mean (or with average=False the sum) over the group of this block's rows of
-        `gradient` (each rank's [rows, cols]), as Megatron's data-parallel reduction computes it:
-        each rank's gradient scaled by 1/size, then summed. `gradient` is scaled in place. With
-        async_op, (block, work): the block holds the result once work.wait() returns, and
-        `gradient` must live until then."""
-        if self.average:
-            gradient.mul_(1.0 / self.size)
+        """This block's rows of the group's sum of every rank's `gradient` ([rows, cols]) scaled
+        by `scale`, as Megatron's data-parallel reduction computes it: by default the mean (each
+        rank's gradient scaled by 1/size, then summed); a per-token loss sums (scale 1); an expert's
+        gradient is scaled by 1 / the whole data-parallel size and summed over its expert-data-
+        parallel group. `gradient` is scaled in place. With async_op, (block, work): the block
+        holds the result once work.wait() returns, and `gradient` must live until then."""
+        scale = 1.0 / self.size if self.scale is None else self.scale
+        if scale != 1.0:
+            gradient.mul_(scale)
         block = torch.empty((self.stop - self.start, *gradient.shape[1:]), dtype=gradient.dtype,
                             device=gradient.device)
         work = _reduce_scatter(block, gradient, group=self.group, async_op=async_op)

@@ -71,6 +71,7 @@ class ForgeParam:
         self.slots: StepSlots | None = None
         self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
+        self.empty_backwards = 0  # backward passes without a token in this iteration (bound only)
         self.backwards = 0  # backward passes run in this iteration (bound only)
         self.updates = 0  # updates applied in this iteration (bound only)
         self.owner: OwnerRows | None = None  # data-parallel: the rows this rank owns (`own_rows`)
@@ -82,7 +83,7 @@ class ForgeParam:
         weight._forge_param = self
 
     def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None,
-                 collectives: Collectives | None = None, average: bool = True) -> None:
+                 collectives: Collectives | None = None, scale: float | None = None) -> None:
         """Train with the data-parallel `group`: this rank keeps the optimizer state (and master)
         of its block of rows only, and each step's gradient is reduce-scattered to the blocks'
         owners, who update them, and all-gathered back (core/owner.py). `owner_sums`: over several
@@ -92,14 +93,13 @@ class ForgeParam:
         the local gradient's, as it is reduce-scattered; a local sum over several micro-batches is
         the accumulation buffer itself, which must then have that dtype. `collectives`: the
         model's (shared by its weights, to overlap one weight's reduce-scatter with the next
-        weight's gradient); by default this weight's own, synchronous. `average`: the owners receive
-        the mean over the group (Megatron's data-parallel reduction), else the sum (a per-token
-        loss, divided by the global token count later)."""
+        weight's gradient); by default this weight's own, synchronous. `scale`: each rank's gradient's
+        factor before the owners sum it (OwnerRows.reduce_scatter; by default the mean's 1/size)."""
         grad_dtype = grad_dtype or self.config.accumulation_dtype
         if grad_dtype not in ACCUMULATION_DTYPES:
             raise ValueError(f"unknown data-parallel gradient dtype {grad_dtype!r}; choose one of "
                              f"{tuple(ACCUMULATION_DTYPES)}")
-        owner = OwnerRows.of(weight.shape[0], group, average=average)
+        owner = OwnerRows.of(weight.shape[0], group, scale=scale)
         # The gradient pass computes the whole shard's gradient without a rule: a state with no
         # tensors but the weight's ids and placement, which key the bf16 buffer's rounding.
         gradient_state = ForgeState(weight, "sgd", weight_store="sr", seed=self.state.seed,
@@ -150,6 +150,7 @@ class ForgeParam:
                              f"accumulation dtype ({self.config.accumulation_dtype}) must be the data-parallel "
                              f"gradient dtype ({self.grad_dtype}), or sum in the owner's rows")
         self.micro_batches, self.backwards, self.updates, self.hold = micro_batches, 0, 0, hold
+        self.empty_backwards = 0
         if self.owner is not None:
             self.buffer = None  # an owner's rows held for an update that was skipped
 
@@ -160,6 +161,7 @@ class ForgeParam:
             raise RuntimeError(f"FORGE: a covered weight's backward ran {self.backwards + 1} times in an iteration of "
                                f"{self.micro_batches} micro-batches (a second update would be applied); each "
                                "iteration must run one backward per micro-batch")
+        self.empty_backwards += x.numel() == 0  # no tokens (an expert nothing was routed to): a zero gradient
         if self.owner is not None:
             return self._data_parallel_step(x, dy, weight)
         accumulate = None

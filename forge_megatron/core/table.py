@@ -12,7 +12,11 @@ are updated on the device.
   tensors there), once per rule and set of fixed hyperparameters for all its weights;
 * a by-product buffer [tiles of all weights, 2] (fp32): per tile, the sum of squares of the raw
   gradient and the non-finite count, written by the kernels (every tile writes its slot) and
-  reduced once per step for all weights (`totals`).
+  reduced once per step for all weights (`totals`);
+* per weight a fixed gradient multiplier (`set_multipliers`, 1 by default): its gradient scale is
+  the step's scale times it, and its sum of squares counts times its square (a data-parallel
+  reduction's factor that no reduction applies, e.g. an expert's 1 / data-parallel size when its
+  expert-data-parallel group is one rank).
 
 Rows are 64 bytes and every weight's by-products start 16-byte aligned, so each weight's slots
 reach the kernel with the same pointer alignment (Triton compiles one variant per alignment).
@@ -70,6 +74,9 @@ class StepTable:
         self.slots = [StepSlots(self.coefs[i], self.stats[start:start + n])
                       for i, (start, n) in enumerate(zip(starts, tiles))]
         self.schedule = torch.zeros(len(states), 3, dtype=torch.float64, device=device)
+        self.multipliers = torch.ones(len(states), dtype=torch.float32, device=device)
+        self._tiles = [(start, n) for start, n in zip(starts, tiles)]
+        self._tile_weights: torch.Tensor | None = None  # float64 [stats rows]: each tile's multiplier squared
         self._host: list[tuple[float, float, int]] | None = None  # the schedule as the host last set it
         self._fixed: list[tuple] | None = None
         self._groups: list[_Group] = []
@@ -108,14 +115,30 @@ class StepTable:
             self._host = [(lr, wd, step + 1) for lr, wd, step in self._host]
 
     def set_scale(self, grad_scale: float | torch.Tensor) -> None:
-        """Every weight's gradient scale, on the device (one op; a one-element device tensor is
-        copied there, without a sync)."""
+        """Every weight's gradient scale (times its multiplier), on the device (one op; a
+        one-element device tensor is copied there, without a sync)."""
         self.coefs[:, 0].fill_(grad_scale.reshape(()) if isinstance(grad_scale, torch.Tensor) else grad_scale)
+        if self._tile_weights is not None:
+            self.coefs[:, 0].mul_(self.multipliers)
+
+    def set_multipliers(self, multipliers: list[float]) -> None:
+        """Each weight's fixed gradient multiplier (see the module docstring)."""
+        self.multipliers.copy_(torch.tensor(multipliers, dtype=torch.float32))
+        if all(m == 1.0 for m in multipliers):
+            self._tile_weights = None
+            return
+        weights = torch.zeros(self.stats.shape[0], dtype=torch.float64)
+        for m, (start, n) in zip(multipliers, self._tiles):
+            weights[start:start + n] = float(m) ** 2
+        self._tile_weights = weights.to(self.stats.device)
 
     def totals(self) -> torch.Tensor:
         """[sum of squares, non-finite count] of the last pass over all weights (float64, one
-        reduction)."""
-        return self.stats.sum(0, dtype=torch.float64)
+        reduction; the sums of squares of the multiplied gradients)."""
+        if self._tile_weights is None:
+            return self.stats.sum(0, dtype=torch.float64)
+        stats = self.stats.double()
+        return torch.stack([(stats[:, 0] * self._tile_weights).sum(), stats[:, 1].sum()])
 
     def _regroup(self) -> None:
         """Group the weights by rule and fixed hyperparameters (again, if those changed)."""

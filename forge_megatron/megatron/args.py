@@ -267,9 +267,6 @@ def _refusals(args):
     yield (args.transformer_impl != "local") and (
         f"FORGE trains megatron-core's local linear layers, which --transformer-impl {args.transformer_impl} "
         "replaces; use --transformer-impl local (the default under --use-forge)")
-    yield getattr(args, "num_experts", None) and (
-        "mixture-of-experts layers are not covered yet (experts see a different token set per rank and need the "
-        "expert-data-parallel reduction); drop --num-experts")
     yield getattr(args, "mtp_detach_heads", False) and (
         "--mtp-detach-heads clips the multi-token-prediction layers with a grad norm of their own, which FORGE "
         "does not keep; drop --mtp-detach-heads")

@@ -39,7 +39,7 @@ class ForgeController:
                  clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
                  dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False,
-                 per_token_loss: bool = False, pipeline_parallel: bool = False):
+                 per_token_loss: bool = False, pipeline_parallel: bool = False, expert_data_parallel_group=None):
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"unknown FORGE clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
         if dp_accumulation not in DP_ACCUMULATIONS:
@@ -63,19 +63,29 @@ class ForgeController:
         self.max_nonfinite_iterations = max_nonfinite_iterations
         self.free_accumulation_buffers = free_accumulation_buffers
         self.group = model_parallel_group
-        # Data parallelism: each rank owns a block of every covered weight's rows (core/owner.py).
-        self.dp_group = data_parallel_group if data_parallel_group is not None and dist.get_world_size(
-            data_parallel_group) > 1 else None
+        # Data parallelism: each rank owns a block of every covered weight's rows (core/owner.py),
+        # over Megatron's data-parallel group, or an expert's over its expert-data-parallel group.
+        # Megatron's DDP scales each rank's gradient by 1 / data-parallel size before summing it
+        # (a per-token loss: by 1), experts' too; an expert alone in its expert-data-parallel group
+        # has no reduction to scale in, so the factor multiplies its kernel's gradient scale.
+        data_parallel_size = dist.get_world_size(data_parallel_group) if data_parallel_group is not None else 1
+        self.dp_group = data_parallel_group if data_parallel_size > 1 else None
         self.collectives = Collectives(overlap=dp_overlap)  # one weight's reduce-scatter overlaps the next's backward
-        if self.dp_group is not None:
-            for (name, weight), param in zip(self.named, self.params):
-                try:
-                    param.own_rows(weight, self.dp_group, owner_sums=dp_accumulation == "owner",
-                                   grad_dtype=dp_grad_dtype, collectives=self.collectives,
-                                   average=not per_token_loss)
-                except ValueError as error:
-                    raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
-                                             "size that divides every covered weight's rows") from None
+        factor = 1.0 if per_token_loss else 1.0 / data_parallel_size
+        self.multipliers = []
+        for (name, weight), param in zip(self.named, self.params):
+            expert = not getattr(weight, "allreduce", True)  # Megatron's mark of an expert weight
+            group = expert_data_parallel_group if expert else self.dp_group
+            if group is None or dist.get_world_size(group) == 1:
+                self.multipliers.append(factor if expert else 1.0)
+                continue
+            self.multipliers.append(1.0)
+            try:
+                param.own_rows(weight, group, owner_sums=dp_accumulation == "owner", grad_dtype=dp_grad_dtype,
+                               collectives=self.collectives, scale=factor)
+            except ValueError as error:
+                raise ConfigurationError(f"--use-forge: covered weight {name}: {error}; choose a data-parallel "
+                                         "size that divides every covered weight's rows") from None
         # How many ranks Megatron's optimizer sums its grad-norm contributions over (its plain
         # optimizer: the model-parallel group; its distributed optimizer: every rank).
         self.norm_group_size = 1
@@ -271,6 +281,7 @@ class ForgeController:
             tiles = [step_tiles(p.rows(w), p.state, p.config.backend, p.config.tile_config)
                      for (_, w), p in zip(self.named, self.params)]
             self.table = StepTable([p.state for p in self.params], tiles, self.named[0][1].device)
+            self.table.set_multipliers(self.multipliers)
             for param, slots in zip(self.params, self.table.slots):
                 param.bind(slots)
         return self.table
@@ -321,6 +332,8 @@ class ForgeController:
         if writer is not None:
             writer.add_scalar("forge/grad-scale", self.grad_scale, iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
+            # covered weights (on this rank) whose backward saw no token: experts nothing was routed to
+            writer.add_scalar("forge/empty-backwards", sum(p.empty_backwards for p in self.params), iteration)
             hyperparameters = self.params[0].state.hyperparameters
             writer.add_scalar("forge/learning-rate", hyperparameters["lr"], iteration)
             if "weight_decay" in hyperparameters:

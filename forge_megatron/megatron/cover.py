@@ -2,8 +2,9 @@
 builder chose its layers) and before DDP wraps it, every megatron-core `ColumnParallelLinear` and
 `RowParallelLinear` whose weight FORGE can own becomes its FORGE class in place
 (`ForgeColumnParallelLinear` / `ForgeRowParallelLinear`: same weight, buffers and attributes; only
-the autograd function changes). Attention and MLA projections, MLPs, shared experts, the
-multi-token-prediction layers and the output layer are covered alike.
+the autograd function changes). Attention and MLA projections, MLPs, mixture-of-experts experts
+(each local expert's linears) and shared experts, the multi-token-prediction layers and the output
+layer are covered alike.
 
 A weight FORGE cannot own stays with Megatron's optimizer, and the log line says why: it is tied
 or shared (the output layer of a model with tied embeddings, a parameter reachable from two
@@ -96,8 +97,6 @@ def _why_standard(module, name: str, chunk, owners, multi_token_prediction: bool
     if cls not in (ColumnParallelLinear, RowParallelLinear) and (
             not cls.__module__.startswith("megatron.core.") or "_forward_impl" in vars(cls)):
         return f"{cls.__name__}: a linear of its own kind, which FORGE does not cover"
-    if module.is_expert:
-        return "expert layers are not covered yet"
     if module is getattr(chunk, "output_layer", None):
         if getattr(chunk, "share_embeddings_and_output_weights", False):
             return "tied to the embedding: add --untie-embeddings-and-output-weights to cover it"

@@ -12,8 +12,9 @@ One shim per CUDA assumption met on the way, each applied only when no CUDA devi
      schedules and buffers (and the JIT warm-up) -> those modules see a `torch` whose factories
      put "cuda" tensors on the CPU;
   6. the model is moved with `Module.cuda()` before DDP wraps it -> it stays where it is;
-  7. DDP is built under a fresh `torch.cuda.Stream()` and syncs on streams -> streams that do
-     nothing (CPU collectives are synchronous);
+  7. DDP is built under a fresh `torch.cuda.Stream()` and syncs on streams, as the MoE alltoall
+     dispatcher does for its device-to-host copies -> streams and events that do nothing (CPU
+     collectives are synchronous);
   8. `torch.cuda.synchronize`, `empty_cache` and the memory counters Megatron's timers and logs
      read -> no-ops, and the counters of the memory tracker set with `set_memory_counter` (live
      tensor bytes; zeros without one);
@@ -28,6 +29,9 @@ One shim per CUDA assumption met on the way, each applied only when no CUDA devi
  11. WrappedTorchNorm (the local spec's norm) refuses sequence parallelism -> it is built without
      the flag and its parameters are tagged `sequence_parallel = True`, as Megatron's fused norms
      are, so finalize_model_grads all-reduces their gradients across tensor-parallel ranks.
+ 14. the MoE alltoall dispatcher moves its split sizes to the host with `maybe_move_tensor_to_cpu(...,
+     as_numpy=True)`, which converts only CUDA tensors; torch's all_to_all_single refuses a tensor
+     of sizes -> a CPU tensor asked for as numpy is converted too.
 Idempotent.
 """
 
@@ -58,6 +62,7 @@ _MODULES_ON_CPU = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.exchange_utils",
 )
@@ -101,6 +106,8 @@ def enable_megatron_on_cpu() -> None:
     _accept_cpu_tensors_in_type_checks()
     # 11. sequence-parallel norms
     _tag_sequence_parallel_norms()
+    # 14. the MoE alltoall dispatcher's split sizes
+    _moe_split_sizes_as_numpy()
     _ENABLED = True
 
 
@@ -110,9 +117,20 @@ def adapt_args_to_cpu(args) -> None:
         args.distributed_backend = "gloo"
 
 
+class _NullEvent:
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+
 class _NullStream:
     def wait_event(self, event):
         pass
+
+    def record_event(self, event=None):
+        return _NullEvent()
 
     def wait_stream(self, stream):
         pass
@@ -245,3 +263,16 @@ def _tag_sequence_parallel_norms() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = new_norm
+
+
+def _moe_split_sizes_as_numpy() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu

@@ -99,7 +99,8 @@ def _pre_wrap_hook(model_chunks):
         free_accumulation_buffers=args.forge_free_accumulation_buffers,
         data_parallel_group=parallel_state.get_data_parallel_group(), dp_accumulation=args.forge_dp_accumulation,
         dp_grad_dtype=args.forge_dp_grad_dtype, dp_overlap=args.overlap_grad_reduce,
-        per_token_loss=args.calculate_per_token_loss, pipeline_parallel=args.pipeline_model_parallel_size > 1)
+        per_token_loss=args.calculate_per_token_loss, pipeline_parallel=args.pipeline_model_parallel_size > 1,
+        expert_data_parallel_group=parallel_state.get_expert_data_parallel_group() if args.num_experts else None)
     _STATE["controller"] = controller
     grad_bytes = 4 if (args.accumulate_allreduce_grads_in_fp32 or not args.bf16) else 2
     total = sum(p.numel() for chunk in model_chunks for p in chunk.parameters())

@@ -29,11 +29,6 @@ class _ForgeLinear:
 
     @staticmethod
     def _refuse_unsupported(kind: str, config, kwargs) -> None:
-        if kwargs.get("is_expert"):
-            raise ValueError(
-                f"{kind}: expert (MoE) layers are not supported by FORGE (experts see a different token "
-                "set per rank and step); build the experts with the standard linear layers"
-            )
         if kwargs.get("skip_weight_param_allocation"):
             raise ValueError(
                 f"{kind}: skip_weight_param_allocation means the weight is passed at forward time (a "
