@@ -46,6 +46,11 @@ class ForgeState:
 
     def __init__(self, weight: torch.Tensor, rule: str | type[Rule] = "adamw", *, weight_store: str = "master",
                  state_dtype: str = "fp32", seed: int = 0, weight_id: int | None = None, **hyperparameters: Any):
+        self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
+        self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
+        self._allocate(weight)
+
+    def _configure(self, rule, weight_store: str, state_dtype: str, seed: int, hyperparameters: dict) -> None:
         if weight_store not in WEIGHT_STORES:
             raise ValueError(f"unknown weight_store {weight_store!r}; choose one of {WEIGHT_STORES}")
         if state_dtype not in STATE_DTYPES:
@@ -55,24 +60,28 @@ class ForgeState:
         self.weight_store = weight_store
         self.state_dtype = state_dtype
         self.seed = int(seed)
-        self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
+
+    def _allocate(self, weight: torch.Tensor) -> None:
+        """The state tensors, shaped like the weight ([out, in], or [E, out, in] for stacked experts:
+        the int8 scales then [E, out, blocks]), and the master (`adopt`)."""
         self.step = 0
         self.shape = tuple(weight.shape)
-        self.placement = ShardPlacement.whole(self.shape)
+        self.placement = ShardPlacement.whole(self.shape[-2:])
         init = self.rule.state_init(self.hyperparameters)
         self.tensors: dict[str, torch.Tensor] = {}
         for name in self.rule.stored_states(self.hyperparameters):
             value = float(init.get(name, 0.0))
-            if state_dtype == "int8":
+            if self.state_dtype == "int8":
                 if value != 0.0:
                     raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
                                      f"{value}: use state_dtype='bf16' or 'fp32'")
                 self.tensors[name] = torch.full(self.shape, code_of_zero(self.rule, name), dtype=torch.uint8,
                                                 device=weight.device)
-                self.tensors[f"{name}.scale"] = torch.ones(self.shape[0], num_blocks(self.shape[1]),
+                self.tensors[f"{name}.scale"] = torch.ones(*self.shape[:-1], num_blocks(self.shape[-1]),
                                                            dtype=torch.float32, device=weight.device)
             else:
-                self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[state_dtype], device=weight.device)
+                self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[self.state_dtype],
+                                                device=weight.device)
         self.master: torch.Tensor | None = None
         self.own_table = None  # a standalone step's device slots (update.py), made at its first step
         self.adopt(weight)
@@ -174,6 +183,66 @@ class ForgeState:
         for name, tensor in self.named_tensors().items():
             tensor.copy_(sd[f"state.{name}"])
         self.step = int(sd["step"])
+
+
+
+class GroupedForgeState(ForgeState):
+    """The state of E experts' weights of one kind stacked as one tensor [E, out, in] (a grouped
+    experts module's weight, stepped by update.fused_update_grouped): the states, their int8
+    scales and the master stacked the same way; one rule, one set of hyperparameters and one step
+    count for all (the experts step together: one without tokens takes the step of a zero
+    gradient). Expert e keys its random streams with its own id, `weight_ids[e]`: the id its own
+    ForgeState has on the per-expert path, so that switching between the grouped and the
+    per-expert step keeps every expert's random bits (E fresh ids unless given). `placement` is
+    every expert's: where its [out, in] shard sits in its unsharded weight."""
+
+    def __init__(self, weight: torch.Tensor, rule: str | type[Rule] = "adamw", *, weight_store: str = "master",
+                 state_dtype: str = "fp32", seed: int = 0, weight_ids=None, **hyperparameters: Any):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] < 1:
+            raise ValueError(f"a grouped state is for E >= 1 experts' weights stacked [E, out, in]; got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        if "weight_id" in hyperparameters:
+            raise TypeError("a grouped state keys each expert's random streams by its own id: pass weight_ids, "
+                            "one per expert, not weight_id")
+        self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
+        self._allocate(weight)
+        self.weight_ids = [next(ForgeState._ids) for _ in range(weight.shape[0])] if weight_ids is None else weight_ids
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0]
+
+    @property
+    def weight_ids(self) -> tuple[int, ...]:
+        return self._weight_ids
+
+    @weight_ids.setter
+    def weight_ids(self, ids) -> None:
+        ids = tuple(ids)
+        if len(ids) != self.shape[0]:
+            raise ValueError(f"weight_ids has {len(ids)} ids for {self.shape[0]} experts: give one per expert")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**63 for i in ids):
+            raise TypeError(f"weight_ids must be non-negative ints (random-stream ids), got {ids}")
+        self._weight_ids = ids
+        self._ids_on_device = None
+
+    @property
+    def weight_id(self):
+        raise AttributeError("a grouped state has one random-stream id per expert: weight_ids")
+
+    @weight_id.setter
+    def weight_id(self, value):
+        raise AttributeError("a grouped state has one random-stream id per expert: set weight_ids, one per expert")
+
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        """The experts' ids as an int64 [E] tensor on `device`, for the kernel (kept between steps)."""
+        if self._ids_on_device is None or self._ids_on_device.device != device:
+            self._ids_on_device = torch.tensor(self._weight_ids, dtype=torch.int64).to(device)
+        return self._ids_on_device
+
+    def rows(self, start: int, stop: int) -> "ForgeState":
+        raise ValueError("data-parallel owner rows of a grouped weight are not supported; give each expert its own "
+                         "ForgeState (the per-expert path) to shard its rows")
 
 
 def code_of_zero(rule: type[Rule], state: str) -> int:
