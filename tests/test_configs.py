@@ -106,6 +106,7 @@ REFUSALS = [
     (["--mtp-num-layers", "1", "--mtp-detach-heads"], 1, "drop --mtp-detach-heads"),
     (["--optimizer", "muon"], 1, "FORGE has no rule for --optimizer muon.*--forge-mix-optimizers"),
     (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
+    (["--cuda-graph-impl", "local"], 1, "--cuda-graph-impl local would replay covered layers' backward.*drop it"),
 ]
 
 
