@@ -24,11 +24,16 @@ import sys
 import tempfile
 import time
 
-# What forge-pretrain-gpt imports before it trains (importing is all a server does before forking).
+from forge_megatron.tools import benchmarking
+
+launch_in_subprocess = benchmarking.launch  # torchrun itself, for the tests of what torchrun shows
+
+# What forge-pretrain-gpt imports before it trains (importing is all a server does before forking;
+# the entry modules themselves are left to the rank, which runs them as __main__).
 PRELOAD = ("torch", "megatron.training", "megatron.training.training", "megatron.core.models.gpt",
            "megatron.core.transformer.moe.moe_layer", "megatron.core.transformer.multi_latent_attention",
-           "megatron.core.dist_checkpointing", "forge_megatron.cli.pretrain_gpt", "forge_megatron.megatron.hook",
-           "forge_megatron.megatron.cpu", "forge_megatron.tools.measured_pretrain", "tensorboard")
+           "megatron.core.dist_checkpointing", "forge_megatron.megatron.hook", "forge_megatron.megatron.cpu",
+           "forge_megatron.tools.benchmarking", "tensorboard")
 
 
 def launch(module: str, argv: list[str], nproc: int, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
