@@ -224,19 +224,21 @@ def config_from_megatron_args(args, vocab_size: int | None = None) -> dict:
 
 def _model_type_of(args) -> str:
     """The Hugging Face model type of a checkpoint's arguments: Qwen2 (q/k/v biases), Llama,
-    Qwen3-MoE (experts with q/k norms), Mixtral (experts without); what none of them is, refused."""
-    flag = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - older checkpoints lack some
-    if not flag("num_experts"):
-        if flag("qk_layernorm"):
+    Qwen3-MoE (experts with q/k norms), Mixtral (experts without); what none of them is, refused.
+    (Checkpoints saved before a flag existed lack its argument: it is read with its default.)"""
+    qk_norms = getattr(args, "qk_layernorm", False)
+    if not getattr(args, "num_experts", None):
+        if qk_norms:
             raise ConversionError("the checkpoint has q/k norms (--qk-layernorm) without experts: a dense Qwen3, which "
                                   "this exporter does not map")
         return "qwen2" if args.add_qkv_bias else "llama"
-    if (flag("moe_layer_freq", 1) != 1 or flag("moe_shared_expert_intermediate_size")
-            or flag("moe_router_topk_scaling_factor") or flag("moe_router_score_function", "softmax") != "softmax"
-            or flag("moe_router_enable_expert_bias") or args.add_qkv_bias):
+    if (getattr(args, "moe_layer_freq", 1) != 1 or getattr(args, "moe_shared_expert_intermediate_size", None)
+            or getattr(args, "moe_router_topk_scaling_factor", None)
+            or getattr(args, "moe_router_score_function", "softmax") != "softmax"
+            or getattr(args, "moe_router_enable_expert_bias", False) or args.add_qkv_bias):
         raise ConversionError("the checkpoint's mixture of experts is neither Qwen3-MoE's nor Mixtral's (every layer "
                               "routed by softmax, no shared expert, expert bias or score scaling, no q/k/v biases)")
-    if not flag("qk_layernorm") and flag("moe_router_pre_softmax"):
+    if not qk_norms and getattr(args, "moe_router_pre_softmax", False):
         raise ConversionError("--moe-router-pre-softmax without q/k norms: Mixtral always renormalizes its top-k "
                               "probabilities (Megatron's default router)")
-    return "qwen3_moe" if flag("qk_layernorm") else "mixtral"
+    return "qwen3_moe" if qk_norms else "mixtral"

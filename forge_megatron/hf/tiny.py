@@ -1,4 +1,4 @@
-"""A tiny Hugging Face Llama (or Qwen3-MoE) to try the import, fine-tune and export on a CPU in seconds: random
+"""A tiny Hugging Face Llama to try the import, fine-tune and export on a CPU in seconds: random
 weights from transformers, and a byte-level BPE tokenizer trained with the `tokenizers` library on
 the text it will be fine-tuned on, saved beside the weights as transformers saves one (a model made
 from a config alone has no tokenizer, and forge-hf-dataset needs one). Used by
@@ -31,38 +31,19 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | None = Non
     return fast
 
 
-TINY = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-        "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
-# A Qwen3-30B-A3B in miniature: 8 experts of SwiGLU 64, top 2 renormalized (norm_topk_prob, as published),
-# q/k norms, a head dimension that is not hidden / heads (128 against 2048 / 32 there), rope base 10^6.
-TINY_QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "norm_topk_prob": True,
-                  "head_dim": 32, "rope_theta": 1000000.0}
-
-
 def tiny_llama(out_dir: str, texts: list[str], vocab_size: int = 512, seed: int = 0, **shape):
     """A random LlamaForCausalLM (2 layers, hidden 64, 4 heads in 2 query groups, SwiGLU 176,
     untied embeddings; `shape` overrides LlamaConfig fields) and its tokenizer trained on `texts`,
     saved in `out_dir`; returns (model, tokenizer)."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _tiny(LlamaConfig, LlamaForCausalLM, out_dir, texts, vocab_size, seed, shape)
-
-
-def tiny_qwen3_moe(out_dir: str, texts: list[str], vocab_size: int = 512, seed: int = 0, **shape):
-    """A random Qwen3MoeForCausalLM: tiny_llama's shape with every MLP a mixture of 8 experts
-    (TINY_QWEN3_MOE); saved with its tokenizer in `out_dir`; returns (model, tokenizer)."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    return _tiny(Qwen3MoeConfig, Qwen3MoeForCausalLM, out_dir, texts, vocab_size, seed, {**TINY_QWEN3_MOE, **shape})
-
-
-def _tiny(config_class, model_class, out_dir: str, texts: list[str], vocab_size: int, seed: int, shape: dict):
-    import torch
-
     tokenizer = train_tokenizer(texts, vocab_size, out_dir)
-    config = config_class(**{**TINY, "vocab_size": vocab_size, **shape})
+    config = LlamaConfig(**{"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "vocab_size": vocab_size,
+                            "pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, **shape})
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out_dir)
     return model, tokenizer
