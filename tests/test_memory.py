@@ -264,6 +264,8 @@ COMMITTED = [
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "2"}, 4, "llama3_8b_tp2_dp4"),
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "1"}, 8, "llama3_8b_tp1_dp8"),
     ("llama3_70b_tp8.sh", "LLAMA3_70B_TP8_ARGS", {}, 1, "llama3_70b_tp8"),
+    ("qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS", {}, 8, "qwen3_30b_a3b_tp1_ep8_dp8"),
+    ("qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS", {}, 16, "qwen3_30b_a3b_tp1_ep8_dp16"),
 ]
 SMALL_GRID = ["--gpu-gib", "80", "--seq-lengths", "2048", "--sweep-gib", "79", "80"]
 
