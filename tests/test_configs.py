@@ -87,6 +87,27 @@ def test_llama3_8b_data_parallel_config(tp, monkeypatch):
     assert args.forge_dp_accumulation == "owner" and args.clip_grad > 0
 
 
+def test_qwen3_30b_a3b_one_node_config(monkeypatch):
+    """One node of 8 ranks: expert parallel 8 (16 experts each, expert-data-parallel size 1), data
+    parallel 8 for the dense weights; the model's 30.5 B parameters (29.0 B in the experts), as
+    published; FORGE's leanest regime."""
+    from forge_megatron.tools import memory
+
+    argv = config_args("configs/qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS")
+    args = parse([*argv, "--mock-data"], 8, monkeypatch)
+    assert (args.expert_model_parallel_size, args.data_parallel_size, args.num_experts, args.moe_router_topk,
+            args.moe_ffn_hidden_size, args.qk_layernorm) == (8, 8, 128, 8, 768, True)
+    forge = validate_forge_args(args)
+    assert (forge.rule, forge.weight_store, forge.state_dtype, forge.accumulation_dtype) == ("adamw", "sr", "int8",
+                                                                                            "bf16")
+    whole = memory.parse_megatron_args([*argv, "--expert-model-parallel-size", "1"], extra_args_provider=add_forge_args)
+    assert memory.parameters_per_rank(whole) == pytest.approx(30.53e9, rel=1e-3)
+    assert memory.expert_parameters_per_rank(whole) == 48 * 128 * 3 * 2048 * 768
+    on_rank = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=8)
+    assert memory.expert_data_parallel_size(on_rank) == 1
+    assert memory.expert_parameters_per_rank(on_rank) * 8 == memory.expert_parameters_per_rank(whole)
+
+
 def test_tiny_cpu_config(monkeypatch):
     args = parse(tiny(), 1, monkeypatch)
     assert args.data_path == ["data/stdlib_text_document"] and args.num_layers == 4 and args.vocab_size == 257

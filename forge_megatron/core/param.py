@@ -60,8 +60,10 @@ class ForgeParam:
             raise ValueError(f"unknown accumulation dtype {config.accumulation_dtype!r}; choose one of "
                              f"{tuple(ACCUMULATION_DTYPES)}")
         self.config = config
+        # Deferred: allocated at first use (at the latest the first iteration), or, data-parallel,
+        # only this rank's rows of it (`own_rows`), so the whole shard's state never exists there.
         self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, state_dtype=config.state_dtype,
-                                seed=config.seed, **config.hyperparameters)
+                                seed=config.seed, defer=True, **config.hyperparameters)
         self.grad_scale: float | torch.Tensor = 1.0  # standalone only
         self.apply = True  # False: a norms-only pass (two-pass clipping); nothing is written
         self.hold = False  # with apply=False, keep even one micro-batch's gradient for `apply_accumulated`
@@ -149,6 +151,7 @@ class ForgeParam:
             raise ValueError(f"a data-parallel step summed in a local buffer reduce-scatters that buffer: the "
                              f"accumulation dtype ({self.config.accumulation_dtype}) must be the data-parallel "
                              f"gradient dtype ({self.grad_dtype}), or sum in the owner's rows")
+        self.state.materialize()  # a deferred state's tensors exist before the iteration's first forward
         self.micro_batches, self.backwards, self.updates, self.hold = micro_batches, 0, 0, hold
         self.empty_backwards = 0
         if self.owner is not None:

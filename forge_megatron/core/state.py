@@ -39,16 +39,18 @@ class ForgeState:
     unless given: training sets it to the weight's position in the model, the same on every rank
     and at every parallel layout. `placement` (plan.ShardPlacement) says where this shard's
     elements sit in the unsharded weight, so a tensor-parallel shard draws the bits its elements
-    draw unsharded.
+    draw unsharded. With `defer` nothing is allocated until the tensors are first used
+    (`materialize`), and `rows` then allocates only its block (a data-parallel owner's).
     """
 
     _ids = itertools.count(2**20)  # ids the model's own (0, 1, ...) never reach
 
     def __init__(self, weight: torch.Tensor, rule: str | type[Rule] = "adamw", *, weight_store: str = "master",
-                 state_dtype: str = "fp32", seed: int = 0, weight_id: int | None = None, **hyperparameters: Any):
+                 state_dtype: str = "fp32", seed: int = 0, weight_id: int | None = None, defer: bool = False,
+                 **hyperparameters: Any):
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
         self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
-        self._allocate(weight)
+        self._allocate(weight, defer)
 
     def _configure(self, rule, weight_store: str, state_dtype: str, seed: int, hyperparameters: dict) -> None:
         if weight_store not in WEIGHT_STORES:
@@ -61,30 +63,86 @@ class ForgeState:
         self.state_dtype = state_dtype
         self.seed = int(seed)
 
-    def _allocate(self, weight: torch.Tensor) -> None:
+    def _allocate(self, weight: torch.Tensor, defer: bool) -> None:
         """The state tensors, shaped like the weight ([out, in], or [E, out, in] for stacked experts:
-        the int8 scales then [E, out, blocks]), and the master (`adopt`)."""
+        the int8 scales then [E, out, blocks]), and the master (`adopt`); or, with `defer`, nothing yet."""
         self.step = 0
         self.shape = tuple(weight.shape)
         self.placement = ShardPlacement.whole(self.shape[-2:])
         init = self.rule.state_init(self.hyperparameters)
-        self.tensors: dict[str, torch.Tensor] = {}
+        # (name, initial value) of each stored state: the tensors are made from these constants.
+        self._initial: list[tuple[str, float]] = []
         for name in self.rule.stored_states(self.hyperparameters):
             value = float(init.get(name, 0.0))
-            if self.state_dtype == "int8":
-                if value != 0.0:
-                    raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
-                                     f"{value}: use state_dtype='bf16' or 'fp32'")
-                self.tensors[name] = torch.full(self.shape, code_of_zero(self.rule, name), dtype=torch.uint8,
-                                                device=weight.device)
-                self.tensors[f"{name}.scale"] = torch.ones(*self.shape[:-1], num_blocks(self.shape[-1]),
-                                                           dtype=torch.float32, device=weight.device)
-            else:
-                self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[self.state_dtype],
-                                                device=weight.device)
-        self.master: torch.Tensor | None = None
+            if self.state_dtype == "int8" and value != 0.0:
+                raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
+                                 f"{value}: use state_dtype='bf16' or 'fp32'")
+            self._initial.append((name, value))
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._master: torch.Tensor | None = None
+        self._deferred: torch.Tensor | None = None  # the weight a deferred state is made from (`defer`)
         self.own_table = None  # a standalone step's device slots (update.py), made at its first step
+        if defer:
+            # Nothing allocated yet: the tensors, and the master copied from this tensor of the
+            # weight (a module conversion that replaces the parameter's data then goes through
+            # `adopt`, as for a state made at once), are made at their first use, or only a block
+            # of their rows (`rows`): a data-parallel owner never holds the whole weight's state,
+            # not even while the model is being set up.
+            self._check_weight(weight)
+            self._deferred = weight.detach()
+            return
+        self._tensors = self._initial_tensors(weight, 0, self.shape[0])
         self.adopt(weight)
+
+    def _initial_tensors(self, weight: torch.Tensor, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The state tensors of rows [start, stop) at their initial values, on the weight's device."""
+        shape = (stop - start, *self.shape[1:])
+        tensors = {}
+        for name, value in self._initial:
+            if self.state_dtype == "int8":
+                tensors[name] = torch.full(shape, code_of_zero(self.rule, name), dtype=torch.uint8,
+                                           device=weight.device)
+                tensors[f"{name}.scale"] = torch.ones(*shape[:-1], num_blocks(shape[-1]), dtype=torch.float32,
+                                                      device=weight.device)
+            else:
+                tensors[name] = torch.full(shape, value, dtype=STATE_DTYPES[self.state_dtype], device=weight.device)
+        return tensors
+
+    def _initial_master(self, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) of the master a new state takes from `weight` (None if it has none)."""
+        if weight.dtype == torch.float32 or self.weight_store != "master":
+            return None
+        return weight[start:stop].detach().to(device=weight.device, dtype=torch.float32, copy=True)
+
+    def materialize(self) -> None:
+        """Allocate a deferred state's tensors and master (from its weight as it is now); nothing
+        if they are already allocated."""
+        weight, self._deferred = self._deferred, None
+        if weight is not None:
+            self._tensors = self._initial_tensors(weight, 0, self.shape[0])
+            self._master = self._initial_master(weight, 0, self.shape[0])
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state tensors by name (a deferred state's are allocated at this first use)."""
+        self.materialize()
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, value: dict[str, torch.Tensor]) -> None:
+        self.materialize()
+        self._tensors = value
+
+    @property
+    def master(self) -> torch.Tensor | None:
+        """The fp32 master (bf16 weights, master store; allocated at first use if deferred)."""
+        self.materialize()
+        return self._master
+
+    @master.setter
+    def master(self, value: torch.Tensor | None) -> None:
+        self.materialize()
+        self._master = value
 
     def adopt(self, weight: torch.Tensor, previous: torch.Tensor | None = None) -> None:
         """Follow the weight's device and dtype after a module conversion (.cuda(), .bfloat16()).
@@ -93,15 +151,7 @@ class ForgeState:
         master, copied from `previous` (its value before the conversion) when given, so no
         precision is lost; a weight that became fp32 takes the master's value, which is dropped.
         """
-        if weight.dtype == torch.float16:
-            raise TypeError(
-                "fp16 weights are not supported: FORGE applies the update inside backward, before a loss scaler "
-                "could unscale the gradient or skip the step; train in bf16 (--bf16) or fp32"
-            )
-        if weight.dtype not in WEIGHT_DTYPES:
-            raise TypeError(f"FORGE weights must be float32 or bfloat16, got {weight.dtype}")
-        if tuple(weight.shape) != self.shape:
-            raise ValueError(f"state was built for a weight of shape {self.shape}, this weight is {tuple(weight.shape)}")
+        self._check_weight(weight)
         for name, tensor in self.tensors.items():
             self.tensors[name] = tensor.to(weight.device)
         if weight.dtype == torch.float32 or self.weight_store != "master":
@@ -115,17 +165,34 @@ class ForgeState:
         else:
             self.master = self.master.to(weight.device)
 
+    def _check_weight(self, weight: torch.Tensor) -> None:
+        if weight.dtype == torch.float16:
+            raise TypeError(
+                "fp16 weights are not supported: FORGE applies the update inside backward, before a loss scaler "
+                "could unscale the gradient or skip the step; train in bf16 (--bf16) or fp32"
+            )
+        if weight.dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"FORGE weights must be float32 or bfloat16, got {weight.dtype}")
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"state was built for a weight of shape {self.shape}, this weight is {tuple(weight.shape)}")
+
     def rows(self, start: int, stop: int) -> "ForgeState":
         """The state of rows [start, stop) only (copies: the rest can be freed), its placement and
         ids those of the rows in the whole weight, so that its updates are the whole state's there
-        (a data-parallel owner block)."""
+        (a data-parallel owner block). Of a deferred state, only the rows are allocated (the
+        values the whole state would have had there)."""
         if not 0 <= start < stop <= self.shape[0]:
             raise ValueError(f"rows [{start}, {stop}) are not rows of a state of shape {self.shape}")
         block = copy.copy(self)
         block.shape = (stop - start, self.shape[1])
         block.placement = self.placement.rows(start, stop)
-        block.tensors = {name: t[start:stop].clone() for name, t in self.tensors.items()}
-        block.master = None if self.master is None else self.master[start:stop].clone()
+        block._deferred = None
+        if self._deferred is not None:
+            block._tensors = self._initial_tensors(self._deferred, start, stop)
+            block._master = self._initial_master(self._deferred, start, stop)
+        else:
+            block._tensors = {name: t[start:stop].clone() for name, t in self._tensors.items()}
+            block._master = None if self._master is None else self._master[start:stop].clone()
         block.hyperparameters = dict(self.hyperparameters)
         block.own_table = None
         return block
@@ -141,7 +208,9 @@ class ForgeState:
         self.hyperparameters = hp
 
     def state_names(self) -> tuple[str, ...]:
-        return tuple(n for n in self.tensors if not n.endswith(".scale"))
+        if self._deferred is not None:
+            return tuple(name for name, _ in self._initial)
+        return tuple(n for n in self._tensors if not n.endswith(".scale"))
 
     def kernel_states(self, placeholder: torch.Tensor):
         """Per declared state: the tensor (`placeholder` where not stored), its int8 scales
@@ -185,7 +254,6 @@ class ForgeState:
         self.step = int(sd["step"])
 
 
-
 class GroupedForgeState(ForgeState):
     """The state of E experts' weights of one kind stacked as one tensor [E, out, in] (a grouped
     experts module's weight, stepped by update.fused_update_grouped): the states, their int8
@@ -205,7 +273,7 @@ class GroupedForgeState(ForgeState):
             raise TypeError("a grouped state keys each expert's random streams by its own id: pass weight_ids, "
                             "one per expert, not weight_id")
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
-        self._allocate(weight)
+        self._allocate(weight, defer=False)
         self.weight_ids = [next(ForgeState._ids) for _ in range(weight.shape[0])] if weight_ids is None else weight_ids
 
     @property
