@@ -289,7 +289,27 @@ def _refusals(args):
     yield math.isfinite(getattr(args, "grad_norm_skip_threshold", math.inf)) and (
         "grad_norm_skip_threshold skips a step after FORGE has already applied it; leave it unset")
     yield (args.forge_max_nonfinite_iterations < 1) and "--forge-max-nonfinite-iterations must be at least 1"
+    yield from _grouped_experts_refusals(args)
     yield cuda_graph_refusal(args)
+
+
+def _grouped_experts_refusals(args):
+    """--moe-grouped-gemm under --use-forge: FORGE's grouped experts module (megatron/experts.py),
+    which keeps every local expert whole on its rank and each weight kind whole in one state."""
+    if not (getattr(args, "moe_grouped_gemm", False) and getattr(args, "num_experts", None)):
+        return
+    etp = getattr(args, "expert_tensor_parallel_size", 1) or 1
+    yield etp > 1 and (
+        f"--moe-grouped-gemm with --use-forge keeps every expert whole on its rank (FORGE's grouped experts); set "
+        f"--expert-tensor-parallel-size 1 (it is {etp}), or drop --moe-grouped-gemm")
+    expert_dp = args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+    yield expert_dp > 1 and (
+        f"--moe-grouped-gemm with --use-forge updates each expert weight kind as one stacked tensor, which is not "
+        f"split into data-parallel owner rows; the expert-data-parallel size is {expert_dp}: raise "
+        "--expert-model-parallel-size to the data-parallel size, or drop --moe-grouped-gemm")
+    yield getattr(args, "add_bias_linear", False) and (
+        "--moe-grouped-gemm with --use-forge: FORGE's grouped experts have no biases; add --disable-bias-linear, "
+        "or drop --moe-grouped-gemm")
 
 
 def apply_defaults(args, argv: list[str]) -> list[str]:
@@ -333,10 +353,17 @@ def forge_argument_checks(argv: list[str] | None = None):
             print(f"FORGE: set {' '.join(set_flags)} (the command line did not say; "
                   f"{'FORGE trains local linears' if args.use_forge else 'this machine has no CUDA'})", flush=True)
         arguments._print_args = lambda *unused: None
+        # Megatron checks the GPU's compute capability for Transformer Engine's grouped GEMM; FORGE's
+        # grouped experts (megatron/experts.py) need neither TE nor a GPU
+        grouped = args.use_forge and getattr(args, "moe_grouped_gemm", False) and not _has_cuda()
+        if grouped:
+            args.moe_grouped_gemm = False
         try:
             validate_args(args, defaults or {})
         finally:
             arguments._print_args = print_args
+            if grouped:
+                args.moe_grouped_gemm = True
         validate_forge_args(args)
         print_args("arguments", args)
         return args

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron.core.owner import Collectives
-from forge_megatron.core.param import ForgeParam
+from forge_megatron.core.param import ForgeParam, GroupedForgeParam
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
 from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS
@@ -51,13 +51,23 @@ class ForgeController:
                              "megatron-core's ColumnParallelLinear / RowParallelLinear)")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
         self.global_names = [name for chunk in model_chunks for name in global_names(chunk)]
-        for name, param in zip(self.global_names, self.params):  # the same on every rank and parallel layout
-            param.state.weight_id = weight_id(name)
-        if len({p.state.weight_id for p in self.params}) != len(self.params):
+        # a grouped experts weight's (experts.py): each expert's global name on the per-expert path
+        self.expert_names = [names for chunk in model_chunks for names in expert_names(chunk)]
+        ids = []
+        for name, experts, param in zip(self.global_names, self.expert_names, self.params):
+            # the same on every rank and parallel layout, and for an expert on both experts' paths
+            if experts is None:
+                param.state.weight_id = weight_id(name)
+                ids.append(param.state.weight_id)
+            else:
+                param.state.weight_ids = [weight_id(n) for n in experts]
+                ids.extend(param.state.weight_ids)
+        if len(set(ids)) != len(ids):
             raise ValueError("two covered weights' names hash to one random-stream id")
         self.table: StepTable | None = None  # built at the first step, when the weights' dtypes are final
-        self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
-                                             config_overrides)
+        # (a grouped weight is in the parameter group of its experts' weights, which Megatron built)
+        self.groups = _megatron_param_groups(model_chunks, [getattr(p, "_forge_group_param", p) for _, p in self.named],
+                                             optimizer_config, config_overrides)
         self.clip_grad = float(clip_grad)
         self.clip_mode = clip_mode if self.clip_grad > 0 else "off"
         self.max_nonfinite_iterations = max_nonfinite_iterations
@@ -105,6 +115,22 @@ class ForgeController:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for _, p in self.named)
+
+    def checkpoint_units(self) -> list[tuple[str, torch.Tensor, str, Any]]:
+        """(name, weight, global name, param) of each weight as checkpoints hold it: a covered weight,
+        or each expert of a grouped experts weight (its own weight Parameter, its per-expert global
+        name and its part of the grouped state, GroupedForgeParam.expert), so that the keys are the
+        per-expert path's."""
+        units = []
+        for (name, weight), global_name, experts, param in zip(self.named, self.global_names, self.expert_names,
+                                                               self.params):
+            if experts is None:
+                units.append((name, weight, global_name, param))
+                continue
+            head, kind = name.rsplit(".", 2)[:2]
+            for e, (expert_weight, expert_name) in enumerate(zip(weight._forge_expert_weights, experts)):
+                units.append((f"{head}.local_experts.{e}.{kind}.weight", expert_weight, expert_name, param.expert(e)))
+        return units
 
     # -- schedules --------------------------------------------------------------------------------
 
@@ -435,21 +461,43 @@ def global_names(chunk: torch.nn.Module) -> list[str]:
     a transformer layer's local index (per pipeline stage and virtual chunk) replaced by its
     global one (Megatron's layer_number - 1), and a local expert's index by its global one (its
     expert-parallel rank's offset plus the local index), so a name is the same at every layout."""
+    globalize = _globalizer(chunk)
+    return [globalize(name) for name, _ in covered_params([chunk])]
+
+
+def expert_names(chunk: torch.nn.Module) -> list[list[str] | None]:
+    """Per covered weight of the chunk (covered_params' order): for a grouped experts weight
+    ('<experts module>.linear_fc1.weight', experts.py) its experts' global names on the per-expert
+    path ('<experts module>.local_experts.<global index>.linear_fc1.weight'); None for the others."""
+    globalize = _globalizer(chunk)
+    out = []
+    for name, weight in covered_params([chunk]):
+        param = weight._forge_param
+        if not isinstance(param, GroupedForgeParam):
+            out.append(None)
+            continue
+        head, kind = name.rsplit(".", 2)[:2]
+        out.append([globalize(f"{head}.local_experts.{e}.{kind}.weight") for e in range(param.experts)])
+    return out
+
+
+def _globalizer(chunk: torch.nn.Module) -> Callable[[str], str]:
     renumber = {}  # module prefix + "." -> (the prefix of the index to replace, its global value)
     for prefix, module in chunk.named_modules():
         if type(module).__name__ == "TransformerLayer" and hasattr(module, "layer_number"):
             renumber[prefix + "."] = module.layer_number - 1
-        elif type(module).__name__ == "SequentialMLP":
+        elif type(module).__name__ in ("SequentialMLP", "ForgeGroupedMLP"):
             offset = module.ep_group.rank() * module.num_local_experts
             for index in range(module.num_local_experts):
                 renumber[f"{prefix}.local_experts.{index}."] = offset + index
-    out = []
-    for name, _ in covered_params([chunk]):
+
+    def globalize(name: str) -> str:
         for prefix in sorted((p for p in renumber if name.startswith(p)), key=len, reverse=True):
             head, rest = prefix[:-1].rsplit(".", 1)[0], name[len(prefix):]
             name = f"{head}.{renumber[prefix]}.{rest}"
-        out.append(name)
-    return out
+        return name
+
+    return globalize
 
 
 def weight_id(global_name: str) -> int:
@@ -459,10 +507,15 @@ def weight_id(global_name: str) -> int:
     return zlib.crc32(global_name.encode())
 
 
-def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, weight) of every FORGE-covered weight, in module order."""
-    return [(name, p) for chunk in model_chunks for name, p in chunk.named_parameters()
-            if getattr(p, "_forge_param", None) is not None]
+def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every FORGE-covered weight, in module order, then each chunk's grouped
+    experts weights ('<experts module>.linear_fc1.weight', stacked [E, out, in]; experts.py)."""
+    out = []
+    for chunk in model_chunks:
+        out += [(name, p) for name, p in chunk.named_parameters() if getattr(p, "_forge_param", None) is not None]
+        out += [(f"{prefix}.{kind}.weight", module.stacked(kind)) for prefix, module in chunk.named_modules()
+                if hasattr(module, "forge_params") for kind in module.forge_params()]
+    return out
 
 
 class _Recorder:
