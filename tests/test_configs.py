@@ -291,3 +291,47 @@ def test_each_refusal_docs_megatron_md_lists_names_the_flag(monkeypatch):
             setattr(args, name, value)
         with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
             validate_forge_args(args)
+
+
+GROUPED = ["--num-experts", "4", "--moe-ffn-hidden-size", "96", "--moe-grouped-gemm"]
+GROUPED_REFUSALS = [  # (world size, args changed after parsing, the one line): FORGE's grouped experts (experts.py)
+    (1, {"expert_tensor_parallel_size": 2}, r"set --expert-tensor-parallel-size 1 \(it is 2\)"),
+    (2, {}, "the expert-data-parallel size is 2: raise --expert-model-parallel-size"),
+    (1, {"add_bias_linear": True}, "grouped experts have no biases; add --disable-bias-linear"),
+]
+
+
+def _parsed_grouped(world_size, monkeypatch):
+    """--moe-grouped-gemm as forge-pretrain-gpt parses it: Megatron's validation (which checks the
+    GPU for Transformer Engine's grouped GEMM) under forge_argument_checks, which lets FORGE's
+    grouped experts through on CPU; then FORGE's checks."""
+    from megatron.training import arguments
+
+    argv = tiny("--global-batch-size", "16", *GROUPED)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    args = arguments.parse_args(extra_args_provider=add_forge_args)
+    with forge_argument_checks(argv):
+        return arguments.validate_args(args)
+
+
+def test_grouped_experts_pass_megatrons_validation_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = _parsed_grouped(1, monkeypatch)
+    assert args.moe_grouped_gemm and args.num_experts == 4 and validate_forge_args(args).rule == "adamw"
+
+
+@pytest.mark.parametrize("world_size, changes, message", GROUPED_REFUSALS, ids=["etp2", "expert-dp2", "bias"])
+def test_grouped_experts_refusals_name_the_flag(world_size, changes, message, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    if not changes:  # refused by FORGE's checks inside forge_argument_checks
+        with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+            _parsed_grouped(world_size, monkeypatch)
+        return
+    args = copy.copy(_parsed_grouped(world_size, monkeypatch))
+    for name, value in changes.items():
+        setattr(args, name, value)
+    with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+        validate_forge_args(args)
