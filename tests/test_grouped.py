@@ -318,3 +318,28 @@ def test_a_grouped_state_has_one_id_per_expert():
             make()
         assert message in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     assert state.weight_ids == (5, 6, 7)
+
+
+@pytest.mark.parametrize("path", ["loop", "torch._grouped_mm"])
+def test_the_experts_module_grouped_matmul_is_each_experts_matmul(path, gen, monkeypatch):
+    """megatron/experts.py's grouped matmul (forward: x_e W_e^T; dgrad: dy_e W_e) against each
+    expert's own matmul: the loop bit for bit, torch's grouped matmul (the GPU path in bf16; taken
+    here on CPU in fp32, where torch has it too) within fp32 rounding. An expert without tokens."""
+    from forge_megatron.megatron import experts
+
+    if path != "loop":
+        monkeypatch.setattr(experts, "_torch_grouped_mm_takes", lambda a, b: True)
+    counts = [3, 0, 5, 8]
+    offsets = offsets_of(counts)
+    weights = randn(gen, len(counts), 24, 16)
+    x, dy = randn(gen, sum(counts), 16), randn(gen, sum(counts), 24)
+    y = experts.grouped_matmul(x, weights, counts, offsets, transpose=True)
+    dx = experts.grouped_matmul(dy, weights, counts, offsets, transpose=False)
+    assert y.shape == (16, 24) and dx.shape == (16, 16)
+    for e in range(len(counts)):
+        rows = slice(int(offsets[e]), int(offsets[e + 1]))
+        for got, want in ((y[rows], x[rows] @ weights[e].T), (dx[rows], dy[rows] @ weights[e])):
+            if path == "loop":
+                assert_bits_equal(got, want, f"expert {e}")
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

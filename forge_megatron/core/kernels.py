@@ -231,11 +231,12 @@ def grouped_wgrad_update_kernel(
     e's random-stream id, ids[e]. Its by-products go to slot e * tiles + tile. FROM_BUFFER: the
     gradient is the buffer's (apply_buffer_kernel's update, for every expert)."""
     expert = tl.program_id(1)
+    expert64 = expert.to(tl.int64)  # offsets into the stacked tensors: E * out * in may pass 2**31
     pid_m, pid_n, num_n = _tile_coordinates(tl.program_id(0), N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     weight_id = tl.load(ids_ptr + expert)
-    first = expert * N_OUT * N_IN  # the expert's first element in every stacked tensor
+    first = expert64 * N_OUT * N_IN  # the expert's first element in every stacked tensor
     if FROM_BUFFER:
         acc = _buffer_tile(buf_ptr + first, rows, cols, N_OUT, N_IN)
     else:
@@ -248,7 +249,7 @@ def grouped_wgrad_update_kernel(
     tiles = tl.cdiv(N_OUT, BLOCK_M) * num_n
     _finish_tile(acc, rows, pid_n * BLOCK_N, expert * tiles + pid_m * num_n + pid_n, N_OUT, N_IN,
                  w_ptr + first, master_ptr + first, _shifted(state_ptrs, first),
-                 _shifted(scale_ptrs, expert * N_OUT * SCALE_COLS), coef_ptr, table_ptr, grad_ptr + first, stats_ptr,
+                 _shifted(scale_ptrs, expert64 * N_OUT * SCALE_COLS), coef_ptr, table_ptr, grad_ptr + first, stats_ptr,
                  ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, weight_id,
                  UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, STATS, APPLY,
                  BLOCK_M, BLOCK_N)

@@ -178,5 +178,8 @@ def grouped_matmul(a: torch.Tensor, weights: torch.Tensor, counts: list[int], of
 
 
 def _torch_grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul takes these operands: bf16 on a Hopper-or-newer GPU, rows
+    16-byte aligned."""
     return (a.is_cuda and hasattr(torch, "_grouped_mm") and a.dtype == b.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(a.device) >= (9, 0)
             and a.shape[-1] % 8 == 0 and b.shape[-1] % 8 == 0 and a.is_contiguous())
