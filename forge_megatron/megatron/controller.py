@@ -264,7 +264,7 @@ class ForgeController:
         mode = "exact" if held else "stale"
         if self._announced != mode:
             self._announced = mode
-            why = (f"the step's gradient is held anyway ({micro_batches} micro-batches, data-parallel "
+            why = (f"the step's gradient is held anyway ({micro_batches} micro-batch{'es' if micro_batches > 1 else ''}, data-parallel "
                    f"{'> 1' if self.dp_group is not None else '= 1'}): applied at the optimizer step with Megatron's "
                    "clip coefficient, no replay" if held else
                    "one micro-batch and no data parallelism: the update runs in backward, before this step's norm "
