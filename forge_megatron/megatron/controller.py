@@ -4,8 +4,11 @@ updates at most once per iteration.
 
 Per iteration, in Megatron's train_step:
   forward_backward   `forward_backward(...)`: sets every covered weight's gradient scale (the
-                     clip coefficient) and runs Megatron's schedule; with two-pass clipping a
-                     norms-only pass (nothing written) comes first, with the data and RNG replayed.
+                     clip coefficient) and runs Megatron's schedule; with two-pass clipping at one
+                     micro-batch and D = 1 a norms-only pass (nothing written) comes first, with
+                     the data and RNG replayed; with exact clipping ('auto' or 'two-pass' at k > 1
+                     or D > 1) the step's gradient is held until the optimizer step. The passes
+                     run are logged as forge/forward-passes (1, or 2 with a replay).
   optimizer step     `step_decision()` before Megatron's optimizer steps: whether the iteration's
                      gradients were finite (else the step is skipped, see docs/megatron.md);
                      `after_step(grad_norm)` records Megatron's global norm (stale clipping's
