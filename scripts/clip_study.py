@@ -92,6 +92,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="runs at a time")
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "clip_study.png"))
     args = parser.parse_args(argv)
+    tiny_gpt_args(ROOT)  # writes the dataset once, before runs in parallel read it
     summaries = {}
     for precision in args.precisions:
         jobs = [(precision, mode, args.iters, seed, args.clip) for seed in args.seeds for mode in args.modes]
