@@ -270,7 +270,7 @@ def test_add_forge_args_defaults():
     import argparse
 
     args = add_forge_args(argparse.ArgumentParser()).parse_args([])
-    assert (args.use_forge, args.forge_clip_grad_mode, args.forge_weight_store) == (False, "stale", "master")
+    assert (args.use_forge, args.forge_clip_grad_mode, args.forge_weight_store) == (False, "auto", "master")
 
 
 SET_REFUSALS = [  # refusals of flags whose Megatron validation needs company, set on parsed args

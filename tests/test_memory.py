@@ -122,7 +122,7 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     local gradient at a time plus the block reduce-scattered to it (at k = 1), or the per-weight
     accumulation buffers plus that block (k > 1), a window that counts at the step's peak and not
     between steps; the uncovered parameters keep Megatron's bytes."""
-    args = forge(llama)  # bf16 + fp32 master + fp32 states
+    args = memory.replace_args(forge(llama), forge_clip_grad_mode="stale")  # bf16 + fp32 master + fp32 states
     dp4 = memory.replace_args(args, data_parallel_size=4, world_size=4 * args.world_size)
     batch = {"global_batch_size": micro_batches, "micro_batch_size": 1}
     one, four = (memory.rank_memory(memory.replace_args(a, **batch), 1) for a in (args, dp4))
@@ -152,6 +152,9 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     # two-pass clipping at one micro-batch: every weight's reduce-scattered rows held until the step
     two_pass = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="two-pass", clip_grad=1.0), 1)
     assert two_pass.window == round(window + (4 * covered / 4 if micro_batches == 1 else 0)) + buffers
+    # the default ('auto') is exact at D > 1: it holds the same rows as two-pass
+    auto = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="auto", clip_grad=1.0), 1)
+    assert auto.window == two_pass.window
 
 
 @pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])

@@ -26,7 +26,7 @@ from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-CLIP_MODES = ("stale", "two-pass", "off")
+CLIP_MODES = ("auto", "stale", "two-pass", "off")
 DP_ACCUMULATIONS = ("local", "owner")  # where a data-parallel step sums its micro-batches (--forge-dp-accumulation)
 CHECKPOINT_FORMATS = ("torch_dist", "torch")  # the formats FORGE's state travels in
 # FORGE flags that also shape a standard run (like-for-like comparisons): allowed without --use-forge.
@@ -85,8 +85,11 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "window; Megatron's counterpart is --grad-reduce-in-bf16). Default: "
                             "--forge-accumulation-dtype, which it must equal with --forge-dp-accumulation local "
                             "and several micro-batches (the local sum is what is reduce-scattered).")
-    group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
-                       help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
+    group.add_argument("--forge-clip-grad-mode", default="auto", choices=CLIP_MODES,
+                       help="How --clip-grad applies to covered weights: 'auto' (default) clips exactly, with "
+                            "Megatron's coefficient and no replay, where the step's gradient is held anyway (several "
+                            "micro-batches or data parallelism) and is 'stale' at one micro-batch without data "
+                            "parallelism (the log says which runs and why); 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' clips with this step's exact norm (a norms-only backward first, "
                             "~2x forward+backward; with several micro-batches or data parallelism the step's "
                             "gradient is held instead, see docs/megatron.md), 'off' does not clip them. The "

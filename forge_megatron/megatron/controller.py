@@ -4,8 +4,11 @@ updates at most once per iteration.
 
 Per iteration, in Megatron's train_step:
   forward_backward   `forward_backward(...)`: sets every covered weight's gradient scale (the
-                     clip coefficient) and runs Megatron's schedule; with two-pass clipping a
-                     norms-only pass (nothing written) comes first, with the data and RNG replayed.
+                     clip coefficient) and runs Megatron's schedule; with two-pass clipping at one
+                     micro-batch and D = 1 a norms-only pass (nothing written) comes first, with
+                     the data and RNG replayed; with exact clipping ('auto' or 'two-pass' at k > 1
+                     or D > 1) the step's gradient is held until the optimizer step. The passes
+                     run are logged as forge/forward-passes (1, or 2 with a replay).
   optimizer step     `step_decision()` before Megatron's optimizer steps: whether the iteration's
                      gradients were finite (else the step is skipped, see docs/megatron.md);
                      `after_step(grad_norm)` records Megatron's global norm (stale clipping's
@@ -36,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
-                 clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
+                 clip_grad: float = 0.0, clip_mode: str = "auto", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
                  dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False,
                  per_token_loss: bool = False, pipeline_parallel: bool = False, expert_data_parallel_group=None):
@@ -107,6 +110,8 @@ class ForgeController:
         self._iteration = None  # the iteration whose backward FORGE last ran
         self.held = False  # the step's gradients are held, to be applied at the optimizer step
         self._held_coefficient: float | None = None  # a held step's clip coefficient (None: from its own norm)
+        self.forward_passes = 0  # Megatron schedule passes in the last iteration (2: two-pass's replay)
+        self._announced: str | None = None  # the resolved 'auto' clipping last logged
         # --calculate-per-token-loss: Megatron divides the step's gradients by its token count after
         # backward (finalize_model_grads); FORGE scales its own by the same `token_scale`.
         self.per_token_loss = per_token_loss
@@ -198,8 +203,10 @@ class ForgeController:
         micro_batches = int(kwargs.get("num_microbatches", 1))
         table = self._step_table()
         kwargs = self._counting_tokens(kwargs)
+        self.forward_passes = 1
+        mode = self._resolved_mode(micro_batches)
         if self._holds(micro_batches):
-            self._held_coefficient = None if self.clip_mode == "two-pass" else self._stale_coefficient()
+            self._held_coefficient = None if mode in ("two-pass", "exact") else self._stale_coefficient()
             self._begin(micro_batches, hold=True)
             table.write(1.0)
             self._set(apply=False)
@@ -208,7 +215,7 @@ class ForgeController:
             self.held = True
             return losses
         self._begin(micro_batches)
-        if self.clip_mode != "two-pass":
+        if mode != "two-pass":
             self.grad_scale = self._stale_coefficient()
             table.write(self.grad_scale)
             self._set(apply=True)
@@ -233,19 +240,45 @@ class ForgeController:
         _restore_logged_metrics(logged)
         self._begin(micro_batches)
         self._set(apply=True)
+        self.forward_passes = 2
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
         self._end()
         return losses
 
     def _holds(self, micro_batches: int) -> bool:
         """Whether this iteration's gradients are held until the optimizer step (forward_backward)."""
-        gradient_held_anyway = micro_batches > 1 or self.dp_group is not None
         count_known_in_backward = micro_batches == 1 and self.dp_group is None and not self.pipeline_parallel
-        return ((self.clip_mode == "two-pass" and gradient_held_anyway)
+        return ((self._resolved_mode(micro_batches) in ("two-pass", "exact") and self._gradient_held_anyway(micro_batches))
                 or (self.per_token_loss and not count_known_in_backward))
 
+    def _gradient_held_anyway(self, micro_batches: int) -> bool:
+        """Whether the step's gradient exists whole before the update anyway: summed over several
+        micro-batches (accumulation buffers) or reduce-scattered to the data-parallel owners' rows."""
+        return micro_batches > 1 or self.dp_group is not None
+
+    def _resolved_mode(self, micro_batches: int) -> str:
+        """The clipping that runs this iteration: 'auto' is 'exact' (the held gradient applied at
+        Megatron's optimizer step with Megatron's own coefficient: no replay, one element-wise pass)
+        where the gradient is held anyway, else 'stale' (one micro-batch, no data parallelism: the
+        update happens in backward, before this step's norm exists). Logged once on rank 0."""
+        if self.clip_mode != "auto":
+            return self.clip_mode
+        held = self._gradient_held_anyway(micro_batches)
+        mode = "exact" if held else "stale"
+        if self._announced != mode:
+            self._announced = mode
+            why = (f"the step's gradient is held anyway ({micro_batches} micro-batch{'es' if micro_batches > 1 else ''}, data-parallel "
+                   f"{'> 1' if self.dp_group is not None else '= 1'}): applied at the optimizer step with Megatron's "
+                   "clip coefficient, no replay" if held else
+                   "one micro-batch and no data parallelism: the update runs in backward, before this step's norm "
+                   "exists; the previous step's norm is used (--forge-clip-grad-mode two-pass for exact clipping at "
+                   "~2x forward+backward)")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"FORGE: clipping auto -> {mode}: {why}", flush=True)
+        return mode
+
     def _stale_coefficient(self) -> float:
-        return self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+        return self._coefficient(self.grad_norm) if self.clip_mode in ("stale", "auto") else 1.0
 
     def _counting_tokens(self, kwargs: dict) -> dict:
         """With a per-token loss: Megatron's schedule arguments with the loss function's token count
@@ -334,7 +367,7 @@ class ForgeController:
             return True
         self.nonfinite_streak += 1
         what = ("no weight was updated (two-pass clipping found them before the update)" if self.clip_mode ==
-                "two-pass" else "the tiles holding them were left unchanged, the other covered tiles were "
+                "two-pass" and not self.held else "no weight was updated (their gradients were held)" if self.held else "the tiles holding them were left unchanged, the other covered tiles were "
                 "updated, and the other parameters' step was skipped")
         logger.warning("FORGE: iteration %d: %d non-finite gradient values in covered weights (or a non-finite sum "
                        "of their squares); %s (%d in a row)", iteration, self.nonfinite, what, self.nonfinite_streak)
@@ -359,6 +392,7 @@ class ForgeController:
         if writer is not None:
             writer.add_scalar("forge/grad-scale", self.grad_scale, iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
+            writer.add_scalar("forge/forward-passes", self.forward_passes, iteration)
             # covered weights (on this rank) whose backward saw no token: experts nothing was routed to
             writer.add_scalar("forge/empty-backwards", sum(p.empty_backwards for p in self.params), iteration)
             hyperparameters = self.params[0].state.hyperparameters

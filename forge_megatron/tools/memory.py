@@ -270,7 +270,7 @@ def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
     one weight's local gradient (at one micro-batch per step, or at every micro-batch with
     --forge-dp-accumulation owner; with several under 'local' it is the weight's accumulation
     buffer, counted per parameter) and the block of it reduce-scattered to this rank; with
-    two-pass clipping at one micro-batch, every weight's reduce-scattered rows, held until the
+    two-pass or auto (exact) clipping at one micro-batch, every weight's reduce-scattered rows, held until the
     optimizer step. With --overlap-grad-reduce two weights' windows are in flight. Nothing at
     D = 1. Experts are reduced over their expert-data-parallel group the same way; one weight
     (dense or expert) is in flight at a time, the held rows of both add up."""
@@ -293,7 +293,7 @@ def _window_elements(args, micro_batches: int, owners: int, largest: int, covere
     window = largest if micro_batches == 1 or args.forge_dp_accumulation == "owner" else 0
     in_flight = 2 if args.overlap_grad_reduce else 1
     held = 0.0
-    if micro_batches == 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
+    if micro_batches == 1 and args.forge_clip_grad_mode in ("two-pass", "auto") and args.clip_grad > 0:
         held = covered / owners
     return in_flight * (window + largest / owners), held
 
