@@ -32,7 +32,9 @@ launch_in_subprocess = benchmarking.launch  # torchrun itself, for the tests of 
 # the entry modules themselves are left to the rank, which runs them as __main__).
 PRELOAD = ("torch", "megatron.training", "megatron.training.training", "megatron.core.models.gpt",
            "megatron.core.transformer.moe.moe_layer", "megatron.core.transformer.multi_latent_attention",
-           "megatron.core.dist_checkpointing", "forge_megatron.megatron.hook", "forge_megatron.megatron.cpu",
+           "megatron.core.dist_checkpointing", "megatron.core.tokenizers.text.text_tokenizer",  # transformers
+           "megatron.core.datasets.blended_megatron_dataset_builder", "megatron.core.datasets.indexed_dataset",
+           "multiprocessing.managers", "forge_megatron.megatron.hook", "forge_megatron.megatron.cpu",
            "forge_megatron.tools.benchmarking", "tensorboard")
 
 
