@@ -1,11 +1,12 @@
 """Clipping study on CPU: the tiny GPT of the main job (configs/tiny_gpt_cpu.sh, byte-level on the
 Python standard library's source, one micro-batch, D = 1), 300 steps, --clip-grad 1.0, per seed:
-standard Megatron, FORGE 'stale' (what the default 'auto' runs at one micro-batch and D = 1) and
-FORGE 'two-pass' (exact, a norms-only pass first), in fp32 and in bf16 with stochastic rounding and
+standard Megatron, FORGE 'stale', FORGE 'auto' (the default: 'progressive' at one micro-batch in one
+process, its first step exact) and FORGE 'two-pass' (exact, a norms-only pass first), in fp32 and in bf16 with stochastic rounding and
 8-bit states. Per run: validation loss after the last step (16 held-out batches), median ms/iter
 (Megatron's iteration time after two warm-up steps), and for FORGE runs the clip coefficient's
 error against the exact one of the same step, min(1, clip / (norm + 1e-6)) from the logged
-global norm.
+global norm: of the covered gradient as a whole (forge/grad-scale) and per weight, averaged over the
+weights (forge/clip-coefficient-error).
 
 Writes bench/results/clip_study_<precision>.json and docs/clip_study.png (mean final validation
 loss ± standard error per mode and precision).
@@ -31,6 +32,7 @@ PRECISIONS = {"fp32": [], "bf16-sr-int8": ["--bf16", "--forge-weight-store", "sr
 MODES = {  # name -> flags (FORGE-only precision flags are dropped for the standard run)
     "standard": [],
     "stale": ["--use-forge", "--forge-clip-grad-mode", "stale"],
+    "auto": ["--use-forge"],  # the default: 'progressive' here (one micro-batch, one process)
     "two-pass": ["--use-forge", "--forge-clip-grad-mode", "two-pass"],
 }
 
@@ -49,10 +51,15 @@ def train(precision: str, mode: str, iters: int, seed: int, clip: float) -> dict
     norms = {r["iteration"]: r["grad-norm"] for r in records if "grad-norm" in r}
     scales = {r["iteration"]: r["forge/grad-scale"] for r in records if "forge/grad-scale" in r}
     if scales:
+        # the coefficient of the covered gradient as a whole (progressive: its clipped norm over its raw norm)
         errors = [abs(scales[i] / min(1.0, clip / (norms[i] + 1e-6)) - 1) for i in scales if i in norms]
         result["coefficient_rel_error_mean"] = sum(errors) / len(errors)
         result["coefficient_rel_error_max"] = max(errors)
+        # each covered weight's coefficient, averaged over the weights (FORGE's own log)
+        per_weight = [r["forge/clip-coefficient-error"] for r in records if "forge/clip-coefficient-error" in r]
+        result["per_weight_coefficient_rel_error_mean"] = sum(per_weight) / len(per_weight)
         result["clipped_steps"] = sum(1 for i in norms if norms[i] > clip)
+        result["forward_passes"] = sum(r["forge/forward-passes"] for r in records if "forge/forward-passes" in r)
     print(f"{precision:14s} {mode:9s} seed {seed}: validation {validation:.5f}, {result['ms_per_iter']:.1f} ms/iter"
           + (f", coefficient error mean {result['coefficient_rel_error_mean']:.4f}" if scales else ""), flush=True)
     return result
@@ -103,8 +110,9 @@ def main(argv=None):
             mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])
             modes[mode] = {"validation": summarize([r["validation"] for r in mine]),
                            "ms_per_iter": summarize([r["ms_per_iter"] for r in mine])}
-            if "coefficient_rel_error_mean" in mine[0]:
-                modes[mode]["coefficient_rel_error_mean"] = summarize([r["coefficient_rel_error_mean"] for r in mine])
+            for key in ("coefficient_rel_error_mean", "per_weight_coefficient_rel_error_mean"):
+                if key in mine[0]:
+                    modes[mode][key] = summarize([r[key] for r in mine])
         standard = modes.get("standard")
         if standard:
             for summary in modes.values():

@@ -15,6 +15,7 @@ import torch
 
 from forge_megatron.core.owner import Collectives, OwnerRows
 from forge_megatron.core.plan import TileConfig
+from forge_megatron.core.running_clip import RunningClip
 from forge_megatron.core.state import ForgeState, GroupedForgeState
 from forge_megatron.core.table import WIDTH, StepSlots
 from forge_megatron.core.update import (
@@ -77,6 +78,7 @@ class ForgeParam:
         self.grad: torch.Tensor | None = None
         self.result: UpdateResult | None = None  # the last step's by-products
         self.slots: StepSlots | None = None
+        self.running_clip: RunningClip | None = None  # progressive clipping: sets the scale of an update in backward
         self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
         self.empty_backwards = 0  # backward passes without a token in this iteration (bound only)
@@ -182,10 +184,15 @@ class ForgeParam:
         if bound and (self.micro_batches > 1 or (self.hold and not self.apply)):
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         last = accumulate is None or accumulate.last
+        clip = self.running_clip if bound and self.apply and last else None
+        if clip is not None:
+            clip.before(self.slots)
         result = self._fused_update(x, dy, weight, grad_scale=self.grad_scale if not bound else 1.0,
                                     materialize=self.materialize and self.apply and last, apply=self.apply,
                                     backend=self.config.backend, config=self.config.tile_config, slots=self.slots,
                                     accumulate=accumulate)
+        if clip is not None:
+            clip.after(self.slots)
         self.backwards += 1
         if last:
             self.grad, self.result = result.grad, result

@@ -26,7 +26,7 @@ from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-CLIP_MODES = ("auto", "stale", "two-pass", "off")
+CLIP_MODES = ("auto", "progressive", "stale", "two-pass", "off")
 DP_ACCUMULATIONS = ("local", "owner")  # where a data-parallel step sums its micro-batches (--forge-dp-accumulation)
 CHECKPOINT_FORMATS = ("torch_dist", "torch")  # the formats FORGE's state travels in
 # FORGE flags that also shape a standard run (like-for-like comparisons): allowed without --use-forge.
@@ -88,8 +88,11 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--forge-clip-grad-mode", default="auto", choices=CLIP_MODES,
                        help="How --clip-grad applies to covered weights: 'auto' (default) clips exactly, with "
                             "Megatron's coefficient and no replay, where the step's gradient is held anyway (several "
-                            "micro-batches or data parallelism) and is 'stale' at one micro-batch without data "
-                            "parallelism (the log says which runs and why); 'stale' uses the previous step's global "
+                            "micro-batches or data parallelism) and is 'progressive' at one micro-batch in one "
+                            "process ('stale' with tensor or pipeline parallelism or a per-token loss; the log says "
+                            "which runs and why); 'progressive' estimates this step's norm as backward goes: the "
+                            "weights already updated count with this step's sums of squares, the rest with the "
+                            "previous step's (no extra pass); 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' clips with this step's exact norm (a norms-only backward first, "
                             "~2x forward+backward; with several micro-batches or data parallelism the step's "
                             "gradient is held instead, see docs/megatron.md), 'off' does not clip them. The "
@@ -156,6 +159,12 @@ def micro_batches_per_step(args) -> int:
     return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
 
 
+def progressive_clipping_applies(args) -> bool:
+    """Whether progressive clipping can run: one process (its estimate sums this process's weights)
+    and no per-token loss (whose token count scales the update after the estimate is made)."""
+    return args.world_size == 1 and not getattr(args, "calculate_per_token_loss", False)
+
+
 def validate_forge_args(args) -> ForgeConfig | None:
     """Refuse configurations where an update inside backward would not be the step the user asked
     for, and FORGE flags that would have no effect; each message names the flag to change. Returns
@@ -219,6 +228,10 @@ def _unused_flags(args):
                 "drop it or raise --global-batch-size")
         elif dest == "forge_clip_grad_mode":
             yield args.clip_grad <= 0 and "--forge-clip-grad-mode needs clipping (--clip-grad > 0); drop it"
+            yield (args.forge_clip_grad_mode == "progressive" and not progressive_clipping_applies(args)) and (
+                "--forge-clip-grad-mode progressive estimates the norm from this process's own weights, so it needs "
+                "one process and no --calculate-per-token-loss; use auto (exact with data parallelism or several "
+                "micro-batches) or two-pass")
         elif dest == "forge_rule":
             yield (args.forge_rule != rule_for_optimizer(args) and not args.forge_mix_optimizers) and (
                 f"--forge-rule {args.forge_rule} differs from --optimizer {args.optimizer} (the other parameters' "

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from forge_megatron.core.owner import Collectives
 from forge_megatron.core.param import ForgeParam, GroupedForgeParam
+from forge_megatron.core.running_clip import RunningClip
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
 from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS
@@ -112,6 +113,12 @@ class ForgeController:
         self._held_coefficient: float | None = None  # a held step's clip coefficient (None: from its own norm)
         self.forward_passes = 0  # Megatron schedule passes in the last iteration (2: two-pass's replay)
         self._announced: str | None = None  # the resolved 'auto' clipping last logged
+        # progressive clipping (one process, no per-token loss): the running estimate of the last
+        # backward, and each weight's sum of squares of the previous step when a checkpoint gave them
+        self.progressive_applies = (not dist.is_initialized() or dist.get_world_size() == 1) and not per_token_loss
+        self.running_clip: RunningClip | None = None
+        self._loaded_sumsqs: list[float] | None = None
+        self._sumsqs_known = True  # the table's by-products hold a pass's sums (or none ran: zeros)
         # --calculate-per-token-loss: Megatron divides the step's gradients by its token count after
         # backward (finalize_model_grads); FORGE scales its own by the same `token_scale`.
         self.per_token_loss = per_token_loss
@@ -214,12 +221,19 @@ class ForgeController:
             self._check_backwards()
             self.held = True
             return losses
+        if mode == "progressive" and not self._progressive_ready():
+            mode = "two-pass"  # nothing to estimate from yet: this one step is exact (a norms-only pass first)
         self._begin(micro_batches)
         if mode != "two-pass":
             self.grad_scale = self._stale_coefficient()
             table.write(self.grad_scale)
             self._set(apply=True)
-            losses = forward_backward_func(**kwargs)
+            self._start_running_clip(mode)
+            try:
+                losses = forward_backward_func(**kwargs)
+            finally:
+                for p in self.params:
+                    p.running_clip = None
             self._end()
             return losses
         table.write(1.0)
@@ -245,6 +259,27 @@ class ForgeController:
         self._end()
         return losses
 
+    def _start_running_clip(self, mode: str) -> None:
+        """Progressive clipping: each covered weight's update in this backward takes its coefficient
+        from the running estimate of this step's norm (core/running_clip.py)."""
+        self.running_clip = None
+        if mode != "progressive":
+            return
+        table = self._step_table()
+        previous = None
+        if self._loaded_sumsqs is not None:
+            previous = torch.tensor(self._loaded_sumsqs, dtype=torch.float64, device=table.stats.device)
+            self._loaded_sumsqs = None
+        running = RunningClip(table, self.clip_grad, self.grad_norm, self.grad_scale, previous=previous)
+        for p in self.params:
+            p.running_clip = running
+        self.running_clip = running
+
+    def _progressive_ready(self) -> bool:
+        """Whether progressive clipping has the previous step's norm and each weight's sum of squares
+        (not at the first step, nor after loading a checkpoint without them)."""
+        return self.grad_norm is not None and (self._sumsqs_known or self._loaded_sumsqs is not None)
+
     def _holds(self, micro_batches: int) -> bool:
         """Whether this iteration's gradients are held until the optimizer step (forward_backward)."""
         count_known_in_backward = micro_batches == 1 and self.dp_group is None and not self.pipeline_parallel
@@ -264,21 +299,26 @@ class ForgeController:
         if self.clip_mode != "auto":
             return self.clip_mode
         held = self._gradient_held_anyway(micro_batches)
-        mode = "exact" if held else "stale"
+        mode = "exact" if held else "progressive" if self.progressive_applies else "stale"
         if self._announced != mode:
             self._announced = mode
+            in_backward = ("one micro-batch and no data parallelism: the update runs in backward, before this step's "
+                           "norm exists; ")
             why = (f"the step's gradient is held anyway ({micro_batches} micro-batch{'es' if micro_batches > 1 else ''}, data-parallel "
                    f"{'> 1' if self.dp_group is not None else '= 1'}): applied at the optimizer step with Megatron's "
                    "clip coefficient, no replay" if held else
-                   "one micro-batch and no data parallelism: the update runs in backward, before this step's norm "
-                   "exists; the previous step's norm is used (--forge-clip-grad-mode two-pass for exact clipping at "
-                   "~2x forward+backward)")
+                   in_backward + "each weight's coefficient counts the weights already updated with this step's sums "
+                   "of squares and the rest with the previous step's (--forge-clip-grad-mode two-pass for exact "
+                   "clipping at ~2x forward+backward)" if mode == "progressive" else
+                   in_backward + "the previous step's norm is used (several processes or a per-token loss: the "
+                   "progressive estimate needs one process's weights to be all of them; --forge-clip-grad-mode "
+                   "two-pass for exact clipping at ~2x forward+backward)")
             if not dist.is_initialized() or dist.get_rank() == 0:
                 print(f"FORGE: clipping auto -> {mode}: {why}", flush=True)
         return mode
 
     def _stale_coefficient(self) -> float:
-        return self._coefficient(self.grad_norm) if self.clip_mode in ("stale", "auto") else 1.0
+        return self._coefficient(self.grad_norm) if self.clip_mode in ("stale", "progressive", "auto") else 1.0
 
     def _counting_tokens(self, kwargs: dict) -> dict:
         """With a per-token loss: Megatron's schedule arguments with the loss function's token count
@@ -331,6 +371,7 @@ class ForgeController:
 
     def _end(self) -> None:
         self._check_backwards()
+        self._sumsqs_known = True  # the by-products now hold this pass's sums of squares
         if self.free_accumulation_buffers:
             for p in self.params:
                 p.free_buffer()
@@ -386,11 +427,21 @@ class ForgeController:
             self._apply_held(grad_norm, stepped and not self.skip, iteration)
         if grad_norm is not None and not self.skip:
             self.grad_norm = float(grad_norm)
+        # how far the coefficients the covered weights were scaled by are from this step's exact one
+        # (mean relative error over the weights; 0 for exact clipping)
+        coefficients = [self.grad_scale] if self.running_clip is None else self.running_clip.coefficients.tolist()
+        if self.running_clip is not None:  # the one coefficient that shrank the covered gradient as much
+            self.grad_scale = self.running_clip.effective_coefficient()
+            self.running_clip = None
+        exact = self._coefficient(grad_norm) if self.clip_mode != "off" else None
+        clip_error = None if exact is None else sum(abs(c / exact - 1.0) for c in coefficients) / len(coefficients)
         from megatron.training.global_vars import get_tensorboard_writer
 
         writer = get_tensorboard_writer()
         if writer is not None:
             writer.add_scalar("forge/grad-scale", self.grad_scale, iteration)
+            if clip_error is not None:
+                writer.add_scalar("forge/clip-coefficient-error", clip_error, iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
             writer.add_scalar("forge/forward-passes", self.forward_passes, iteration)
             # covered weights (on this rank) whose backward saw no token: experts nothing was routed to
@@ -472,12 +523,25 @@ class ForgeController:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def scalars(self) -> dict[str, Any]:
-        """What FORGE's step depends on besides the state tensors (saved with them)."""
-        return {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
+        """What FORGE's step depends on besides the state tensors (saved with them); with progressive
+        clipping also each covered weight's sum of squares of the last step, by global name (the
+        next step's estimate starts from them)."""
+        out = {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
+        if self._uses_progressive() and (self._sumsqs_known or self._loaded_sumsqs is not None):
+            sums = self._loaded_sumsqs or self._step_table().weight_sumsqs().tolist()
+            out["weight_sumsqs"] = dict(zip(self.global_names, sums))
+        return out
 
     def load_scalars(self, scalars: dict[str, Any]) -> None:
         self.grad_norm = scalars.get("grad_norm")
         self.nonfinite_streak = int(scalars.get("nonfinite_streak", 0))
+        sums = scalars.get("weight_sumsqs") or {}
+        known = self._uses_progressive() and all(name in sums for name in self.global_names)
+        self._loaded_sumsqs = [float(sums[name]) for name in self.global_names] if known else None
+        self._sumsqs_known = False  # the table's by-products are not the loaded step's
+
+    def _uses_progressive(self) -> bool:
+        return self.clip_mode == "progressive" or (self.clip_mode == "auto" and self.progressive_applies)
 
     def reload_masters(self) -> None:
         """Take every fp32 master (bf16 weights, master store) from its weight's rows: after weights
