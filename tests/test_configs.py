@@ -147,6 +147,8 @@ UNUSED = [  # a FORGE flag that cannot take effect: (flags, world size, what the
      "^--forge-dp-accumulation differs between local and owner only with several micro-batches"),
     (["--clip-grad", "0", "--forge-clip-grad-mode", "two-pass"], 1, "^--forge-clip-grad-mode needs clipping"),
     (["--global-batch-size", "16", "--forge-clip-grad-mode", "progressive"], 2, "^--forge-clip-grad-mode progressive .* needs one process"),
+    (["--global-batch-size", "16", "--forge-clip-grad-mode", "progressive"], 1,
+     "^--forge-clip-grad-mode progressive .* one micro-batch per step"),
     (["--forge-clip-grad-mode", "progressive", "--calculate-per-token-loss"], 1,
      "^--forge-clip-grad-mode progressive .* no --calculate-per-token-loss"),
     (["--forge-rule", "rmsprop"], 1, "^--forge-rule rmsprop differs from --optimizer adam.*--forge-mix-optimizers"),

@@ -160,9 +160,11 @@ def micro_batches_per_step(args) -> int:
 
 
 def progressive_clipping_applies(args) -> bool:
-    """Whether progressive clipping can run: one process (its estimate sums this process's weights)
+    """Whether progressive clipping can run: one process (its estimate sums this process's weights),
+    one micro-batch per step (with several, the step's gradient is held and 'auto' clips exactly)
     and no per-token loss (whose token count scales the update after the estimate is made)."""
-    return args.world_size == 1 and not getattr(args, "calculate_per_token_loss", False)
+    return (args.world_size == 1 and micro_batches_per_step(args) == 1
+            and not getattr(args, "calculate_per_token_loss", False))
 
 
 def validate_forge_args(args) -> ForgeConfig | None:
@@ -229,9 +231,9 @@ def _unused_flags(args):
         elif dest == "forge_clip_grad_mode":
             yield args.clip_grad <= 0 and "--forge-clip-grad-mode needs clipping (--clip-grad > 0); drop it"
             yield (args.forge_clip_grad_mode == "progressive" and not progressive_clipping_applies(args)) and (
-                "--forge-clip-grad-mode progressive estimates the norm from this process's own weights, so it needs "
-                "one process and no --calculate-per-token-loss; use auto (exact with data parallelism or several "
-                "micro-batches) or two-pass")
+                "--forge-clip-grad-mode progressive estimates the norm from this process's own weights in backward, "
+                "so it needs one process, one micro-batch per step and no --calculate-per-token-loss; use auto "
+                "(exact with data parallelism or several micro-batches) or two-pass")
         elif dest == "forge_rule":
             yield (args.forge_rule != rule_for_optimizer(args) and not args.forge_mix_optimizers) and (
                 f"--forge-rule {args.forge_rule} differs from --optimizer {args.optimizer} (the other parameters' "
