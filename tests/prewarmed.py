@@ -97,6 +97,7 @@ def _run_ranks(request: dict) -> tuple[int, bool]:
 
     nproc = request["nproc"]
     listener = socket.create_server(("127.0.0.1", 0)) if nproc > 1 else None
+    port = listener.getsockname()[1] if listener is not None else None
     out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     pids = []
@@ -106,7 +107,7 @@ def _run_ranks(request: dict) -> tuple[int, bool]:
             env.setdefault("OMP_NUM_THREADS", "1")
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                        GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(listener.getsockname()[1]), TORCHELASTIC_USE_AGENT_STORE="True",
+                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
                        TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
         sys.stdout.flush()
         pid = os.fork()
@@ -119,7 +120,7 @@ def _run_ranks(request: dict) -> tuple[int, bool]:
     os.close(err)
     store = None
     if listener is not None:  # the store owns (and closes) the socket it is given: a duplicate
-        store = torch.distributed.TCPStore("127.0.0.1", listener.getsockname()[1], nproc, is_master=True,
+        store = torch.distributed.TCPStore("127.0.0.1", port, nproc, is_master=True,
                                            wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()))
         listener.close()
     try:

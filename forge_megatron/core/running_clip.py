@@ -50,7 +50,7 @@ class RunningClip:
         i = self._index[id(slots)]
         norm = self.estimate.sqrt()
         coefficient = torch.clamp(self.clip / (norm + 1.0e-6), max=1.0)
-        coefficient = torch.where(torch.isfinite(norm), coefficient, torch.full_like(coefficient, self.fallback))
+        coefficient = torch.where(torch.isfinite(norm), coefficient, self.fallback)
         self.coefficients[i] = coefficient
         slots.coefs[0] = coefficient * self.table.multipliers[i]
 

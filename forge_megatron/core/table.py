@@ -145,10 +145,9 @@ class StepTable:
         """Each weight's sum of squares in the by-products, as `totals` counts it (float64 [weights],
         one segment sum)."""
         if self._owner is None:  # each stats row's weight (a weight's padding rows are zeros)
-            owner = torch.zeros(self.stats.shape[0], dtype=torch.long)
-            for i, (start, _) in enumerate(self._tiles):
-                owner[start:] = i
-            self._owner = owner.to(self.stats.device)
+            starts = [start for start, _ in self._tiles] + [self.stats.shape[0]]
+            rows = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+            self._owner = torch.repeat_interleave(torch.arange(len(self.states)), rows).to(self.stats.device)
         sums = torch.zeros(len(self.states), dtype=torch.float64, device=self.stats.device)
         sums.index_add_(0, self._owner, self.stats[:, 0].double())
         return sums * self.multipliers.double().square()

@@ -159,12 +159,11 @@ def micro_batches_per_step(args) -> int:
     return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
 
 
-def progressive_clipping_applies(args) -> bool:
+def progressive_clipping_applies(world_size: int, micro_batches: int, per_token_loss: bool) -> bool:
     """Whether progressive clipping can run: one process (its estimate sums this process's weights),
     one micro-batch per step (with several, the step's gradient is held and 'auto' clips exactly)
     and no per-token loss (whose token count scales the update after the estimate is made)."""
-    return (args.world_size == 1 and micro_batches_per_step(args) == 1
-            and not getattr(args, "calculate_per_token_loss", False))
+    return world_size == 1 and micro_batches == 1 and not per_token_loss
 
 
 def validate_forge_args(args) -> ForgeConfig | None:
@@ -230,7 +229,9 @@ def _unused_flags(args):
                 "drop it or raise --global-batch-size")
         elif dest == "forge_clip_grad_mode":
             yield args.clip_grad <= 0 and "--forge-clip-grad-mode needs clipping (--clip-grad > 0); drop it"
-            yield (args.forge_clip_grad_mode == "progressive" and not progressive_clipping_applies(args)) and (
+            applies = progressive_clipping_applies(args.world_size, micro_batches_per_step(args),
+                                                   getattr(args, "calculate_per_token_loss", False))
+            yield (args.forge_clip_grad_mode == "progressive" and not applies) and (
                 "--forge-clip-grad-mode progressive estimates the norm from this process's own weights in backward, "
                 "so it needs one process, one micro-batch per step and no --calculate-per-token-loss; use auto "
                 "(exact with data parallelism or several micro-batches) or two-pass")

@@ -32,7 +32,7 @@ from forge_megatron.core.param import ForgeParam, GroupedForgeParam
 from forge_megatron.core.running_clip import RunningClip
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
-from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS
+from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS, progressive_clipping_applies
 from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ class ForgeController:
         self._announced: str | None = None  # the resolved 'auto' clipping last logged
         # progressive clipping (one process, no per-token loss): the running estimate of the last
         # backward, and each weight's sum of squares of the previous step when a checkpoint gave them
-        self.progressive_applies = (not dist.is_initialized() or dist.get_world_size() == 1) and not per_token_loss
+        # (at one micro-batch: with several, 'auto' is exact and an explicit 'progressive' is refused)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.progressive_applies = progressive_clipping_applies(world_size, 1, per_token_loss)
         self.running_clip: RunningClip | None = None
         self._loaded_sumsqs: list[float] | None = None
         self._sumsqs_known = True  # the table's by-products hold a pass's sums (or none ran: zeros)
@@ -528,7 +530,7 @@ class ForgeController:
         next step's estimate starts from them)."""
         out = {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
         if self._uses_progressive() and (self._sumsqs_known or self._loaded_sumsqs is not None):
-            sums = self._loaded_sumsqs or self._step_table().weight_sumsqs().tolist()
+            sums = self._step_table().weight_sumsqs().tolist() if self._sumsqs_known else self._loaded_sumsqs
             out["weight_sumsqs"] = dict(zip(self.global_names, sums))
         return out
 
