@@ -126,7 +126,12 @@ def main(argv=None):
         for mode, s in modes.items():
             print(f"{precision} {mode}: {s['validation']['mean']:.5f} ± {s['validation']['stderr']:.5f} "
                   f"(gap {s.get('gap_vs_standard', 0):+.3%}), {s['ms_per_iter']['mean']:.1f} ms/iter", flush=True)
-    plot(summaries, args.plot)
+    for precision in PRECISIONS:  # the plot shows every precision studied, this run's and earlier runs'
+        path = os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json")
+        if precision not in summaries and os.path.exists(path):
+            with open(path) as f:
+                summaries[precision] = json.load(f)["summary"]
+    plot({precision: summaries[precision] for precision in PRECISIONS if precision in summaries}, args.plot)
 
 
 if __name__ == "__main__":
