@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from forge_megatron.core.numerics import code_tables, num_blocks
+from forge_megatron.core.numerics import QBLOCK, code_tables, dequantize_torch, num_blocks
 from forge_megatron.core.plan import ShardPlacement
 from forge_megatron.core.rules import Rule, get_rule
 
@@ -61,21 +61,52 @@ class ForgeState:
         self.placement = ShardPlacement.whole(self.shape)
         init = self.rule.state_init(self.hyperparameters)
         self.tensors: dict[str, torch.Tensor] = {}
-        for name in self.rule.stored_states(self.hyperparameters):
-            value = float(init.get(name, 0.0))
-            if state_dtype == "int8":
-                if value != 0.0:
-                    raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
-                                     f"{value}: use state_dtype='bf16' or 'fp32'")
-                self.tensors[name] = torch.full(self.shape, code_of_zero(self.rule, name), dtype=torch.uint8,
-                                                device=weight.device)
-                self.tensors[f"{name}.scale"] = torch.ones(self.shape[0], num_blocks(self.shape[1]),
-                                                           dtype=torch.float32, device=weight.device)
-            else:
-                self.tensors[name] = torch.full(self.shape, value, dtype=STATE_DTYPES[state_dtype], device=weight.device)
+        for name in self._kept(self.hyperparameters):
+            self.tensors.update(self._allocate(name, float(init.get(name, 0.0)), weight.device))
+        self.workspace: dict[str, torch.Tensor] = {}  # the rule's workspace states, during a step only
         self.master: torch.Tensor | None = None
         self.own_table = None  # a standalone step's device slots (update.py), made at its first step
         self.adopt(weight)
+
+    def _kept(self, hp) -> tuple[str, ...]:
+        """The stored states that persist between steps (the rule's workspace states do not)."""
+        return tuple(n for n in self.rule.stored_states(hp) if n not in self.rule.workspace_states)
+
+    def _allocate(self, name: str, value: float, device) -> dict[str, torch.Tensor]:
+        """A state tensor at `value` (and its int8 block scales) in this state's dtype."""
+        if self.state_dtype != "int8":
+            return {name: torch.full(self.shape, value, dtype=STATE_DTYPES[self.state_dtype], device=device)}
+        if value != 0.0:
+            raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to {value}: "
+                             "use state_dtype='bf16' or 'fp32'")
+        return {name: torch.full(self.shape, code_of_zero(self.rule, name), dtype=torch.uint8, device=device),
+                f"{name}.scale": torch.ones(self.shape[0], num_blocks(self.shape[1]), dtype=torch.float32,
+                                            device=device)}
+
+    def open_workspace(self, device) -> None:
+        """Allocate the rule's stored workspace states for a step that applies the rule (kept until
+        taken, so a standalone step's consumer can read them after the pass)."""
+        for name in self.rule.stored_states(self.hyperparameters):
+            if name in self.rule.workspace_states and name not in self.workspace:
+                self.workspace.update(self._allocate(name, 0.0, device))
+
+    def take_workspace(self, name: str) -> torch.Tensor:
+        """A workspace state's values in fp32, freeing the workspace's own tensors."""
+        value = self.values(name)
+        self.workspace.pop(name)
+        self.workspace.pop(f"{name}.scale", None)
+        return value
+
+    def values(self, name: str) -> torch.Tensor:
+        """A state's (or workspace state's) values in fp32 (int8 codes dequantized)."""
+        tensors = {**self.tensors, **self.workspace}
+        tensor = tensors[name]
+        if self.state_dtype != "int8":
+            return tensor.float()
+        table = code_tables()[0 if name not in self.rule.nonnegative_states else 1].to(tensor.device)
+        pad = -self.shape[1] % QBLOCK
+        codes = torch.nn.functional.pad(tensor, (0, pad)) if pad else tensor
+        return dequantize_torch(codes, tensors[f"{name}.scale"], table)[:, :self.shape[1]]
 
     def adopt(self, weight: torch.Tensor, previous: torch.Tensor | None = None) -> None:
         """Follow the weight's device and dtype after a module conversion (.cuda(), .bfloat16()).
@@ -116,6 +147,7 @@ class ForgeState:
         block.shape = (stop - start, self.shape[1])
         block.placement = self.placement.rows(start, stop)
         block.tensors = {name: t[start:stop].clone() for name, t in self.tensors.items()}
+        block.workspace = {}
         block.master = None if self.master is None else self.master[start:stop].clone()
         block.hyperparameters = dict(self.hyperparameters)
         block.own_table = None
@@ -124,10 +156,11 @@ class ForgeState:
     def set_hyperparameters(self, **changes: Any) -> None:
         """Change hyperparameters between steps (e.g. lr and weight decay from a schedule)."""
         hp = self.rule.hyperparameters(**{**self.hyperparameters, **changes})
-        if self.rule.stored_states(hp) != self.state_names():
+        if self.rule.stored_states(hp) != self.rule.stored_states(self.hyperparameters):
             raise ValueError(
                 f"changing {sorted(changes)} would change the state tensors of rule '{self.rule.name}' "
-                f"from {self.state_names()} to {self.rule.stored_states(hp)}; create a new ForgeState instead"
+                f"from {self.rule.stored_states(self.hyperparameters)} to {self.rule.stored_states(hp)}; create a "
+                "new ForgeState instead"
             )
         self.hyperparameters = hp
 
@@ -137,10 +170,10 @@ class ForgeState:
     def kernel_states(self, placeholder: torch.Tensor):
         """Per declared state: the tensor (`placeholder` where not stored), its int8 scales
         (`placeholder` otherwise), whether it is stored, and whether it is signed."""
-        names = self.rule.states
-        tensors = [self.tensors.get(n, placeholder) for n in names]
-        scales = [self.tensors.get(f"{n}.scale", placeholder) for n in names]
-        stored = [n in self.tensors for n in names]
+        names, held = self.rule.states, {**self.tensors, **self.workspace}
+        tensors = [held.get(n, placeholder) for n in names]
+        scales = [held.get(f"{n}.scale", placeholder) for n in names]
+        stored = [n in held for n in names]
         signed = [n not in self.rule.nonnegative_states for n in names]
         return tensors, scales, stored, signed
 

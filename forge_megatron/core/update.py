@@ -109,7 +109,9 @@ def fused_update(
     clip coefficient) before the rule. Increments state.step. With apply=False nothing is
     written and the step is not counted: only the by-products (the norms-only pass of two-pass
     clipping). Everything is checked before anything is written: on error, weight and state are
-    unchanged.
+    unchanged. A rule with workspace states (Muon's Nesterov direction) gets them allocated in
+    `state.workspace` for an applied step, where they stay for the step's consumer (the rule's
+    `weight_step`, which ForgeParam runs after the pass) to take.
 
     `slots` (table.StepSlots, from a StepTable the caller has written for this step) hold the
     gradient scale, step and coefficients on the device and receive the by-products: the step is
@@ -144,6 +146,8 @@ def fused_update(
                          f"step runs {n_tiles} tiles on {weight.device} (build the StepTable with update.step_tiles)")
     # The materialized gradient is poisoned, so anything a backend fails to write shows up.
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    if apply and (accumulate is None or accumulate.last):
+        state.open_workspace(weight.device)
     plan = _plan(state, weight, which, slots, grad, apply)
     if accumulate is not None:
         last = accumulate.last
@@ -183,6 +187,8 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     step = state.step + 1
     slots = slots if slots is not None else _own_slots(state, grad_scale, n_tiles, weight.device)
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    if apply:
+        state.open_workspace(weight.device)
     plan = _plan(state, weight, which, slots, grad, apply)
     plan.buffer = buffer
     if which == "triton":
@@ -240,7 +246,8 @@ def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply
         signed=tuple(signed), state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
             state.state_dtype],
         coefs=slots.coefs, num_coefs=state.rule.num_coefficients, seed=state.seed, weight_id=state.weight_id,
-        tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply)
+        tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply,
+        update_weight=state.rule.updates_weight)
 
 
 @functools.cache

@@ -1,0 +1,106 @@
+"""Muon's whole-matrix step: after a weight's fused pass has updated its momentum (rules.Muon, in
+the epilogue), orthogonalize the momentum (or, with Nesterov, the direction the pass wrote into the
+step's workspace) with Newton-Schulz and update the weight, before the next layer's backward.
+
+The orthogonalization is Megatron's (megatron/core/optimizer/emerging_optimizers.py,
+TensorParallelMuon), run with the same emerging_optimizers functions: Newton-Schulz with its
+coefficient sets and step count under its fp32 matmul precision ("medium": bf16 iterations), the
+update scaled by `get_muon_scale_factor` of the weight's shape times the extra scale factor, a
+fused QKV weight orthogonalized per part (q, k, v of every query group), and under tensor
+parallelism either each rank's shard on its own (blockwise: the shard's shape) or the whole weight
+(duplicated: the shards all-gathered for the iteration, transiently, the whole shape). Then, as its
+OrthogonalizedOptimizer: decoupled weight decay p <- p - lr wd p and p <- p - lr update, on the fp32
+weight or master, or on the bf16 weight's fp32 value rounded back stochastically (store "sr", keyed
+like the kernel's weight stream) or to nearest.
+
+Memory: the direction workspace (Nesterov), the iteration's temporaries (Newton-Schulz's X, X X^T
+and its polynomial), the gathered matrix (duplicated) and the update, one weight's at a time; they
+are freed before the next layer's backward. Nothing here reads a device value on the host: a weight
+with a non-finite gradient value keeps its weight (its update is masked on the device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import torch
+from emerging_optimizers.orthogonalized_optimizers.muon import MuonScaleT, get_muon_scale_factor
+from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT, newton_schulz_tp
+from emerging_optimizers.utils import fp32_matmul_precision
+
+from forge_megatron.core import numerics
+
+# The values of Muon's string hyperparameters (rules.Muon.check): emerging_optimizers' own, less
+# "custom" coefficients (Megatron passes none), and the precisions Megatron's flag offers.
+CHOICES = {
+    "coefficient_type": tuple(c for c in get_args(NSCoeffT) if c != "custom"),
+    "scale_mode": get_args(MuonScaleT),
+    "fp32_matmul_prec": ("highest", "high", "medium", "low"),
+}
+
+
+@dataclass(frozen=True)
+class MatrixLayout:
+    """How a covered weight's matrix is orthogonalized.
+
+    `split_rows`: a fused QKV weight's rows per query group ([q, k, v], Megatron's
+    --muon-split-qkv): each part is orthogonalized on its own. `group` and `axis`: the
+    tensor-parallel group the weight is sharded over and its sharded axis, to orthogonalize the
+    whole weight (Megatron's --muon-tp-mode duplicated); without them the local shard is
+    orthogonalized as a matrix of its own (blockwise, or no tensor parallelism)."""
+
+    split_rows: tuple[int, ...] | None = None
+    group: Any = None
+    axis: int | None = None
+
+
+def orthogonalize(x: torch.Tensor, hp: dict, layout: MatrixLayout) -> torch.Tensor:
+    """Muon's scaled update of the fp32 matrix `x` (momentum or direction), as Megatron's
+    TensorParallelMuon.orthogonalize computes it."""
+    with fp32_matmul_precision(hp["fp32_matmul_prec"]):
+        split = layout.split_rows
+        if split is None or x.shape[0] % sum(split):
+            return _scaled(x, hp, layout)
+        groups, cols = x.shape[0] // sum(split), x.shape[1]
+        parts = torch.split(x.view(groups, sum(split), cols), list(split), dim=1)
+        parts = [_scaled(part.reshape(-1, cols), hp, layout).view(groups, -1, cols) for part in parts]
+        return torch.cat(parts, dim=1).view(x.shape)
+
+
+def _scaled(x: torch.Tensor, hp: dict, layout: MatrixLayout) -> torch.Tensor:
+    shape = list(x.shape)
+    if layout.axis is not None:
+        shape[layout.axis] *= torch.distributed.get_world_size(layout.group)
+    orthogonal = newton_schulz_tp(x, steps=int(hp["num_ns_steps"]), coefficient_type=hp["coefficient_type"],
+                                  tp_group=layout.group, partition_dim=layout.axis, tp_mode="duplicated")
+    return orthogonal * get_muon_scale_factor(shape[0], shape[1], mode=hp["scale_mode"]) * hp["extra_scale_factor"]
+
+
+def orthogonalized_update(weight: torch.Tensor, state, layout: MatrixLayout, stats: torch.Tensor) -> None:
+    """The weight's Muon update from its state (a ForgeState whose momentum its pass just updated,
+    with the Nesterov direction in its workspace), unless `stats` (the pass's by-products) count a
+    non-finite gradient value."""
+    hp = state.hyperparameters
+    direction = state.take_workspace("direction") if hp["nesterov"] else state.values("momentum_buffer")
+    update = orthogonalize(direction, hp, layout)
+    del direction
+    finite = stats[:, 1].sum() == 0
+    update = torch.where(finite, update, 0.0)
+    lr, weight_decay = hp["lr"], hp["weight_decay"]
+    if state.master is not None or weight.dtype == torch.float32:
+        p = state.master if state.master is not None else weight
+    else:
+        p = weight.float()
+    if weight_decay != 0:
+        p.add_(p * finite, alpha=-weight_decay * lr)
+    p.add_(update, alpha=-lr)
+    del update
+    if p is weight:
+        return
+    if state.weight_store == "sr" and state.master is None:
+        index = numerics.global_index_torch(torch.arange(weight.shape[0], device=weight.device),
+                                            torch.arange(weight.shape[1], device=weight.device), state.placement)
+        keys = numerics.stream_keys_int(state.seed, state.weight_id, state.step, 0)
+        p = numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *keys))
+    weight.copy_(p)  # bf16: to nearest even (the master's copy, or store "rne"), or the rounded value
