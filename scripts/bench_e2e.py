@@ -29,7 +29,7 @@ MODEL = ("--num-layers 16 --hidden-size 2048 --ffn-hidden-size 5632 --num-attent
          "--hidden-dropout 0 --eval-iters 1 --eval-interval 100000 --mock-data --tokenizer-type NullTokenizer").split()
 SMOKE = ("--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --seq-length 32 "
          "--max-position-embeddings 32 --swiglu --normalization RMSNorm --position-embedding-type rope "
-         "--disable-bias-linear --untie-embeddings-and-output-weights --vocab-size 256 --transformer-impl local "
+         "--disable-bias-linear --untie-embeddings-and-output-weights --vocab-size 256 --bf16 --transformer-impl local "
          "--no-rope-fusion --no-persist-layer-norm --eval-iters 1 --eval-interval 100000 "
          "--no-gradient-accumulation-fusion --lr 1e-4 --lr-decay-style constant --clip-grad 1.0 "
          "--mock-data --tokenizer-type NullTokenizer").split()

@@ -11,6 +11,14 @@ if not torch.cuda.is_available():
     # Must be set before any module defining @triton.jit kernels is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import prewarmed  # noqa: E402 - after TRITON_INTERPRET
+
+from forge_megatron.tools import benchmarking  # noqa: E402
+
+# Runs of Megatron's loop fork their ranks from processes that imported torch and Megatron once
+# (tests/prewarmed.py): the same entry point and rank environment, without ~10 s of imports per rank.
+benchmarking.launch = prewarmed.launch
+
 # pytest-xdist runs two workers (pyproject.toml): one thread each, as many as the CI machine has cores.
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
 

@@ -104,9 +104,9 @@ REFUSALS = [
     (["--check-for-spiky-loss"], 1, "--check-for-spiky-loss re-runs.*add --rerun-mode disabled"),
     (["--check-for-large-grads"], 1, "--check-for-large-grads re-runs.*add --rerun-mode disabled"),
     (["--mtp-num-layers", "1", "--mtp-detach-heads"], 1, "drop --mtp-detach-heads"),
-    (["--num-experts", "2", "--moe-router-topk", "1"], 1, "mixture-of-experts layers are not covered yet.*drop"),
     (["--optimizer", "muon"], 1, "FORGE has no rule for --optimizer muon.*--forge-mix-optimizers"),
     (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
+    (["--cuda-graph-impl", "local"], 1, "--cuda-graph-impl local would replay covered layers' backward.*drop it"),
 ]
 
 

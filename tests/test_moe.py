@@ -26,7 +26,7 @@ DISTRIBUTED = ["--use-distributed-optimizer"]
 EP2 = ["--expert-model-parallel-size", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]
 TP2_EP2 = ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1", "--micro-batch-size", "1",
            "--global-batch-size", "4"]  # DP = 2 for the dense layers, two micro-batches per rank
-STARVED = ["--num-experts", "16", "--moe-router-topk", "1", "--moe-ffn-hidden-size", "32", "--moe-token-dispatcher-type",
+STARVED = ["--num-experts", "16", "--moe-router-topk", "1", "--moe-router-pre-softmax", "--moe-ffn-hidden-size", "32", "--moe-token-dispatcher-type",
            "alltoall", "--micro-batch-size", "1", "--global-batch-size", "1"]
 
 

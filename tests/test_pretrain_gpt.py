@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from prewarmed import launch_in_subprocess
 from training_runs import (
     BASE,
     MLA_MTP,
@@ -31,6 +32,7 @@ from training_runs import (
 )
 
 from forge_megatron.hf.checkpoint import load_torch_file
+from forge_megatron.tools import benchmarking
 from forge_megatron.tools.benchmarking import run_pretrain
 
 
@@ -312,7 +314,8 @@ def test_help_lists_forge_flags():
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_a_refusal_is_one_line_on_rank_0(data, tmp_path, nproc):
+def test_a_refusal_is_one_line_on_rank_0(data, tmp_path, nproc, monkeypatch):
+    monkeypatch.setattr(benchmarking, "launch", launch_in_subprocess)  # what torchrun itself shows
     argv = [*BASE, "--data-path", data, "--use-forge", "--fp16", "--tensor-model-parallel-size", str(nproc)]
     proc = run_pretrain(argv, nproc=nproc, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode != 0

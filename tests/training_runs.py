@@ -82,7 +82,9 @@ def rel(a, b):
 
 
 def model_keys(tensors):
-    return [k for k in tensors if not k.startswith("optimizer.") and not k.startswith("rng_state")]
+    """The model's keys: not the optimizer's (with expert parameters, Megatron's optimizer is a
+    chain whose parts save under chained_<i>.optimizer.*) nor the RNG states."""
+    return [k for k in tensors if not k.startswith(("optimizer.", "chained_", "rng_state"))]
 
 
 COVERED = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight", "output_layer.weight")

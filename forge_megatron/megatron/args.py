@@ -289,6 +289,7 @@ def _refusals(args):
     yield math.isfinite(getattr(args, "grad_norm_skip_threshold", math.inf)) and (
         "grad_norm_skip_threshold skips a step after FORGE has already applied it; leave it unset")
     yield (args.forge_max_nonfinite_iterations < 1) and "--forge-max-nonfinite-iterations must be at least 1"
+    yield cuda_graph_refusal(args)
 
 
 def apply_defaults(args, argv: list[str]) -> list[str]:
@@ -354,8 +355,7 @@ def cuda_graph_refusal(args) -> str | None:
     count the checkpoint saves, the data-parallel collectives' callbacks) would not run. FORGE's
     step itself reads only device memory (core/table.py: StepTable.advance is capturable).
     Checked after Megatron's own validation, which turns --enable-cuda-graph and
-    --external-cuda-graph into --cuda-graph-impl local / transformer_engine; to be yielded from
-    `_refusals`."""
+    --external-cuda-graph into --cuda-graph-impl local / transformer_engine (`_refusals`)."""
     flags = [f"--cuda-graph-impl {args.cuda_graph_impl}"] if getattr(args, "cuda_graph_impl", "none") != "none" else []
     flags += [flag for flag, name in (("--enable-cuda-graph", "enable_cuda_graph"),
                                       ("--external-cuda-graph", "external_cuda_graph"),

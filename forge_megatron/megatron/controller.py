@@ -191,7 +191,7 @@ class ForgeController:
             return losses
         table.write(1.0)
         self._set(apply=False)
-        rng = _rng_states()
+        rng, logged = _rng_states(), _logged_metrics()
         recorder = _Recorder(kwargs.get("data_iterator"))
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.recording()})
         self._check_backwards()
@@ -204,6 +204,7 @@ class ForgeController:
         table.set_scale(self.grad_scale)
         zero_grads()
         _restore_rng_states(rng)
+        _restore_logged_metrics(logged)
         self._begin(micro_batches)
         self._set(apply=True)
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
@@ -565,3 +566,22 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(states["tracker"])
     if "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def _logged_metrics() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Megatron's per-iteration logging accumulators that every forward adds to (multi-token
+    prediction losses, MoE auxiliary losses and metrics), each with a copy of its values: a
+    replayed forward must not count twice in the log."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tensors = [v for v in MTPLossLoggingHelper.tracker.values() if isinstance(v, torch.Tensor)]
+    tensors += [entry.values for entry in get_moe_metrics_tracker().metrics.values()]
+    return [(t, t.clone()) for t in tensors]
+
+
+def _restore_logged_metrics(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The accumulators as `_logged_metrics` found them; those the first pass created are zeroed."""
+    before = {id(t): copy for t, copy in saved}
+    for t, _ in _logged_metrics():
+        t.copy_(before[id(t)]) if id(t) in before else t.zero_()

@@ -202,14 +202,20 @@ def run_pretrain(argv: list[str], nproc: int = 1, measure_cpu_memory: bool = Fal
     """forge-pretrain-gpt `argv` in a subprocess (under torchrun for nproc > 1), output captured;
     past `timeout` seconds it is killed and subprocess.TimeoutExpired raised."""
     module = "forge_megatron.tools.measured_pretrain" if measure_cpu_memory else "forge_megatron.cli.pretrain_gpt"
+    environment = dict(os.environ, **(env or {}))
+    environment.pop("TRITON_INTERPRET", None)
+    return launch(module, argv, nproc, environment, timeout)
+
+
+def launch(module: str, argv: list[str], nproc: int, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
+    """`python -m module *argv` in a subprocess, as `nproc` torchrun ranks when nproc > 1. (The
+    tests replace it with ranks forked from a process that has imported Megatron: tests/prewarmed.py.)"""
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *argv]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", module, *argv]  # --standalone: the agent binds its store's port, none is raced for
-    environment = dict(os.environ, **(env or {}))
-    environment.pop("TRITON_INTERPRET", None)
-    return subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def tensorboard_records(logdir: str) -> list[dict]:
