@@ -16,6 +16,7 @@ import torch
 
 # Weight stores and state formats (kernel constants: kernels.py turns them into constexprs).
 WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
+WEIGHT_NONE = 4  # the rule updates its states only; the weight is neither read nor written (rules.Muon)
 STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
 
 
@@ -78,7 +79,6 @@ class StepPlan:
     grad_out: torch.Tensor | None  # materialized gradient (debug), or None
     stats: torch.Tensor  # fp32 [tiles, 2]: per tile, sum of squares of the raw gradient and non-finite count
     apply: bool = True  # run the rule (False: a norms-only pass, or a micro-batch that only accumulates)
-    update_weight: bool = True  # the rule updates the weight in the epilogue (False: its states only, rules.Muon)
     stats_on: bool = True  # write the by-products (False: a micro-batch that only accumulates)
     buffer: torch.Tensor | None = None  # the gradient accumulation buffer [out, in], fp32 or bf16
     read_buffer: bool = False  # add the buffer's sum of the earlier micro-batches

@@ -17,6 +17,7 @@ from forge_megatron.core.plan import (
     STATE_INT8,
     WEIGHT_FP32,
     WEIGHT_MASTER,
+    WEIGHT_NONE,
     WEIGHT_RNE,
     WEIGHT_SR,
     StepPlan,
@@ -236,7 +237,9 @@ def _own_slots(state: ForgeState, grad_scale, n_tiles: int, device) -> StepSlots
 def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply: bool) -> StepPlan:
     """The StepPlan both backends execute: regime constants, state tensors, slots, tables."""
     states, scales, stored, signed = state.kernel_states(placeholder=weight)
-    if weight.dtype == torch.float32:
+    if not state.rule.updates_weight:
+        weight_store = WEIGHT_NONE
+    elif weight.dtype == torch.float32:
         weight_store = WEIGHT_FP32
     else:
         weight_store = {"master": WEIGHT_MASTER, "sr": WEIGHT_SR, "rne": WEIGHT_RNE}[state.weight_store]
@@ -246,8 +249,7 @@ def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply
         signed=tuple(signed), state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
             state.state_dtype],
         coefs=slots.coefs, num_coefs=state.rule.num_coefficients, seed=state.seed, weight_id=state.weight_id,
-        tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply,
-        update_weight=state.rule.updates_weight)
+        tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply)
 
 
 @functools.cache
