@@ -143,7 +143,10 @@ def report(info: dict, result: dict, verdict: dict, ranges: dict) -> str:
              f"  {info['parameters_per_rank'] / 1e9:.3f} B parameters per rank, "
              f"{info['covered_parameters_per_rank'] / 1e9:.3f} B of them FORGE-covered "
              f"({'with' if info['cover_output_layer'] else 'without'} the output layer; "
-             f"{info['layer_linears_per_rank'] / 1e9:.3f} B in linear_qkv/proj/fc1/fc2); "
+             f"{info['layer_linears_per_rank'] / 1e9:.3f} B in linear_qkv/proj/fc1/fc2)"
+             + (f", and {info['expert_parameters_per_rank'] / 1e9:.3f} B routed-expert weights (FORGE-covered; "
+                f"expert-data-parallel size {info['expert_data_parallel']})" if info["expert_parameters_per_rank"] else "")
+             + "; "
              f"TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP={info['data_parallel']}"
              f"{' (distributed optimizer)' if info['distributed_optimizer'] else ''}, padded vocab "
              f"{info['padded_vocab_size']}; global batch {info['global_batch_size'] or 'one micro-batch'}"
@@ -292,9 +295,10 @@ def _error(message: str) -> int:
 def output_name(config: str, args) -> str:
     """The config file's name without its layout part, then the layout it was read at:
     configs/llama3_8b_dp.sh at TP=2 with 4 data-parallel ranks -> llama3_8b_tp2_dp4."""
-    name = re.sub(r"(_(tp|pp|dp)\d*)+$", "", os.path.splitext(os.path.basename(config))[0])
+    name = re.sub(r"(_(tp|pp|ep|dp)\d*)+$", "", os.path.splitext(os.path.basename(config))[0])
     name += f"_tp{args.tensor_model_parallel_size}"
-    for flag, size in (("pp", args.pipeline_model_parallel_size), ("dp", args.data_parallel_size)):
+    for flag, size in (("pp", args.pipeline_model_parallel_size), ("ep", args.expert_model_parallel_size),
+                       ("dp", args.data_parallel_size)):
         name += f"_{flag}{size}" if size > 1 else ""
     return name
 
@@ -317,6 +321,8 @@ def _headroom(options, flags: list[str], reserve: float) -> int:
         "parameters_per_rank": memory.parameters_per_rank(args),
         "covered_parameters_per_rank": memory.covered_parameters_per_rank(args, output_layer_covered(args)),
         "layer_linears_per_rank": memory.covered_parameters_per_rank(args, False),
+        "expert_parameters_per_rank": memory.expert_parameters_per_rank(args),
+        "expert_data_parallel": memory.expert_data_parallel_size(args),
         "cover_output_layer": output_layer_covered(args), "tensor_parallel": args.tensor_model_parallel_size,
         "data_parallel": args.data_parallel_size, "distributed_optimizer": args.use_distributed_optimizer,
         "pipeline_parallel": args.pipeline_model_parallel_size, "global_batch_size": args.global_batch_size,

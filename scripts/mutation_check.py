@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Ordered cheapest first: -x stops at the first failure. conftest.py moves test_data_parallel.py first.
 TESTS = [
-    "tests/test_numerics.py", "tests/test_rules.py", "tests/test_tiled.py", "tests/test_accumulation.py",
+    "tests/test_running_clip.py", "tests/test_numerics.py", "tests/test_rules.py", "tests/test_tiled.py", "tests/test_accumulation.py",
     "tests/test_precision.py", "tests/test_fused_update.py", "tests/test_properties.py", "tests/test_tp_invariance.py",
     "tests/test_data_parallel.py::test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard",
     "tests/test_data_parallel.py::test_the_owners_update_is_the_rule_on_the_reduce_scattered_gradient",
@@ -128,9 +128,10 @@ MUTATIONS = [
     _one("param.py", "        micro = self.owner.rank * self.micro_batches + self.backwards",
          "        micro = self.backwards", "owner-gradient-keys-ignore-rank",
          "every data-parallel rank rounds its bf16 gradient with the same bits"),
-    _one("owner.py", "        gradient.mul_(1.0 / self.size)", "        gradient.mul_(1.0)",
+    _one("owner.py", "        scale = 1.0 / self.size if self.scale is None else self.scale",
+         "        scale = 1.0 if self.scale is None else self.scale",
          "owner-sum-not-mean", "the reduce-scatter sums the ranks' gradients instead of averaging them"),
-    _one("owner.py", "start=rank * block, stop=(rank + 1) * block)", "start=rank * block, stop=(rank + 1) * block - 1)",
+    _one("owner.py", "start=rank * block, stop=(rank + 1) * block,", "start=rank * block, stop=(rank + 1) * block - 1,",
          "owner-block-one-row-short", "an owner's block of rows stops one row short"),
     _one("plan.py", "row_offset=self.row_offset + start + self.row_jump,", "row_offset=self.row_offset + start,",
          "placement-rows-forget-jump", "an owner block past a SwiGLU shard's split forgets the jump"),
@@ -139,11 +140,11 @@ MUTATIONS = [
         ("rules.py", "    p = p * decay\n    exp_avg = beta1", "    exp_avg = beta1"),
         ("rules.py", "    p = p + neg_step_size * ops.div(exp_avg, denom)",
          "    p = (p + neg_step_size * ops.div(exp_avg, denom)) * decay"))),
-    _one("rules.py", "                math.sqrt(bias_correction2), hp[\"eps\"])",
+    _one("rules.py", "                coefficient_sqrt(bias_correction2), hp[\"eps\"])",
          "                bias_correction2, hp[\"eps\"])",
          "adam-bias-correction2-without-sqrt", "Adam's second bias correction is not square-rooted"),
-    _one("rules.py", "(0.0, 1.0) if first else (momentum, 1.0 - hp[\"dampening\"])",
-         "(0.0, 1.0 - hp[\"dampening\"]) if first else (momentum, 1.0 - hp[\"dampening\"])",
+    _one("rules.py", "momentum * later, 1.0 - hp[\"dampening\"] * later",
+         "momentum * later, 1.0 - hp[\"dampening\"]",
          "sgd-first-step-dampened", "SGD dampens the first step's momentum buffer (torch copies the gradient)"),
     _one("rules.py", "            g_weight, buffer_weight = 1.0, momentum", "            g_weight, buffer_weight = 0.0, momentum",
          "sgd-nesterov-drops-gradient", "Nesterov SGD steps along the buffer only"),
@@ -156,10 +157,10 @@ MUTATIONS = [
     # -- numerics --
     Mutation("stochastic-rounding-biased", "stochastic rounding draws 15 bits, not 16, host and kernel alike: "
              "biased toward zero", (
-                 ("numerics.py", "    rounded = (xb + (bits & 0xFFFF)) >> 16", "    rounded = (xb + (bits & 0x7FFF)) >> 16"),
-                 ("numerics.py", "    rounded = ((xb + (bits & 0xFFFF)) >> 16) & 0xFFFF",
-                  "    rounded = ((xb + (bits & 0x7FFF)) >> 16) & 0xFFFF"))),
-    _one("numerics.py", "    rounded = (bits + 0x7FFF + lsb) >> 16", "    rounded = (bits + 0x8000) >> 16",
+                 ("numerics.py", "_NAN_BITS, (xb + (bits & 0xFFFF)) >> 16)", "_NAN_BITS, (xb + (bits & 0x7FFF)) >> 16)"),
+                 ("numerics.py", "BF16_NAN, ((xb + (bits & 0xFFFF)) >> 16) & 0xFFFF)",
+                  "BF16_NAN, ((xb + (bits & 0x7FFF)) >> 16) & 0xFFFF)"))),
+    _one("numerics.py", "_NAN_BITS, (bits + 0x7FFF + lsb) >> 16)", "_NAN_BITS, (bits + 0x8000) >> 16)",
          "round-to-nearest-ties-up", "the kernel's round to nearest breaks ties up, not to even"),
     Mutation("stream-keys-step-stride", "a stream's key mixes step + stream instead of 8 step + stream, host and "
              "kernel alike: streams of neighbouring steps collide", (
@@ -173,6 +174,13 @@ MUTATIONS = [
     _one("kernels.py", "        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0)",
          "        k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 1)",
          "kernel-weight-uses-first-state-stream", "the kernel rounds the weight with its first state's bits"),
+    # -- progressive clipping --
+    _one("running_clip.py", "self.estimate + now - self.previous[i], self.estimate)",
+         "self.estimate + now, self.estimate)", "progressive-estimate-counts-a-weight-twice",
+         "progressive clipping adds an updated weight's new sum without removing its previous one"),
+    _one("table.py", "        return sums * self.multipliers.double().square()",
+         "        return sums * self.multipliers.double()", "table-weight-sums-unsquared-multiplier",
+         "each weight's sum of squares is scaled by its multiplier, not its square"),
 ]
 
 

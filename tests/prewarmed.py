@@ -32,7 +32,9 @@ launch_in_subprocess = benchmarking.launch  # torchrun itself, for the tests of 
 # the entry modules themselves are left to the rank, which runs them as __main__).
 PRELOAD = ("torch", "megatron.training", "megatron.training.training", "megatron.core.models.gpt",
            "megatron.core.transformer.moe.moe_layer", "megatron.core.transformer.multi_latent_attention",
-           "megatron.core.dist_checkpointing", "forge_megatron.megatron.hook", "forge_megatron.megatron.cpu",
+           "megatron.core.dist_checkpointing", "megatron.core.tokenizers.text.text_tokenizer",  # transformers
+           "megatron.core.datasets.blended_megatron_dataset_builder", "megatron.core.datasets.indexed_dataset",
+           "multiprocessing.managers", "forge_megatron.megatron.hook", "forge_megatron.megatron.cpu",
            "forge_megatron.tools.benchmarking", "tensorboard")
 
 
@@ -88,26 +90,43 @@ def _serve() -> None:
 
 
 def _run_ranks(request: dict) -> tuple[int, bool]:
+    """Fork the ranks of one run and wait for them. Like torchrun's agent, this process serves the
+    run's store on a socket it bound before forking (TORCHELASTIC_USE_AGENT_STORE), so no port is
+    picked, released and raced for by a concurrent run or an outgoing connection."""
+    import torch.distributed
+
     nproc = request["nproc"]
-    port = _free_port()
+    listener = socket.create_server(("127.0.0.1", 0)) if nproc > 1 else None
+    port = listener.getsockname()[1] if listener is not None else None
     out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     pids = []
     for rank in range(nproc):
         env = dict(request["env"])
-        if nproc > 1:  # what torchrun --standalone gives each rank
+        if listener is not None:  # what torchrun --standalone gives each rank
             env.setdefault("OMP_NUM_THREADS", "1")
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                        GROUP_RANK="0", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
+                       MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
+                       TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
+            if listener is not None:
+                listener.close()
             _rank(request["module"], request["argv"], env, out, err)
         pids.append(pid)
     os.close(out)
     os.close(err)
-    return _wait(pids, request["timeout"])
+    store = None
+    if listener is not None:  # the store owns (and closes) the socket it is given: a duplicate
+        store = torch.distributed.TCPStore("127.0.0.1", port, nproc, is_master=True,
+                                           wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()))
+        listener.close()
+    try:
+        return _wait(pids, request["timeout"])
+    finally:
+        del store
 
 
 def _rank(module: str, argv: list[str], env: dict, out: int, err: int) -> None:
@@ -179,12 +198,6 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

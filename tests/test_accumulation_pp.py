@@ -22,14 +22,15 @@ def runs(tmp_path_factory, data):
     for k, batch in ACCUMULATION.items():
         runs.update({
             f"standard-k{k}": Run(work, f"standard-k{k}", *batch, "--clip-grad", "0"),
-            # k = 4: stale clipping that never triggers (the default mode); k = 2: clipping off
-            f"forge-k{k}": Run(work, f"forge-k{k}", *batch, "--use-forge", "--clip-grad", "1e9" if k == 4 else "0"),
+            # k = 4: stale clipping that never triggers; k = 2: clipping off
+            f"forge-k{k}": Run(work, f"forge-k{k}", *batch, "--use-forge", "--clip-grad", "1e9" if k == 4 else "0",
+                               *(["--forge-clip-grad-mode", "stale"] if k == 4 else [])),
         })
     k4 = ACCUMULATION[4]  # each clipping mode at k = 4 (k = 2: without clipping)
     runs.update({
         "standard-clip-k4": Run(work, "standard-clip-k4", *k4, "--clip-grad", "0.05", *SDPA),
-        "forge-two-pass-k4": Run(work, "forge-two-pass-k4", *k4, "--use-forge", "--clip-grad", "0.05",
-                                 "--forge-clip-grad-mode", "two-pass", *SDPA),
+        # the default mode ('auto'): exact, the accumulated gradient held until the step, no replay
+        "forge-auto-k4": Run(work, "forge-auto-k4", *k4, "--use-forge", "--clip-grad", "0.05", *SDPA),
     })
     runs.update({
         "standard-pp2": Run(work, "standard-pp2", *k4, "--clip-grad", "0", pp=2),
@@ -58,9 +59,12 @@ def test_accumulation_matches_standard_megatron(runs, k):
 def test_accumulation_matches_standard_megatron_in_each_clipping_mode(runs):
     # stale, never clipping: the k = 4 run above (its training against standard Megatron's)
     assert set(runs["forge-k4"].record("forge/grad-scale").values()) == {1.0}
-    standard, forge = runs["standard-clip-k4"], runs["forge-two-pass-k4"]
+    standard, forge = runs["standard-clip-k4"], runs["forge-auto-k4"]
     assert all(n > 0.05 for n in standard.record("grad-norm").values())  # clipping active at every step
-    assert_same_training(forge, standard)  # two-pass: the accumulated gradient's exact norm
+    assert_same_training(forge, standard)  # the default (auto -> exact): the accumulated gradient's exact norm
+    assert set(forge.record("forge/forward-passes").values()) == {1}  # no replay
+    assert len(forge.record("forge/forward-passes")) == 20
+    assert "FORGE: clipping auto -> exact" in forge.stdout
 
 
 def test_pipeline_parallelism_matches_standard_megatron(runs):

@@ -87,6 +87,27 @@ def test_llama3_8b_data_parallel_config(tp, monkeypatch):
     assert args.forge_dp_accumulation == "owner" and args.clip_grad > 0
 
 
+def test_qwen3_30b_a3b_one_node_config(monkeypatch):
+    """One node of 8 ranks: expert parallel 8 (16 experts each, expert-data-parallel size 1), data
+    parallel 8 for the dense weights; the model's 30.5 B parameters (29.0 B in the experts), as
+    published; FORGE's leanest regime."""
+    from forge_megatron.tools import memory
+
+    argv = config_args("configs/qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS")
+    args = parse([*argv, "--mock-data"], 8, monkeypatch)
+    assert (args.expert_model_parallel_size, args.data_parallel_size, args.num_experts, args.moe_router_topk,
+            args.moe_ffn_hidden_size, args.qk_layernorm) == (8, 8, 128, 8, 768, True)
+    forge = validate_forge_args(args)
+    assert (forge.rule, forge.weight_store, forge.state_dtype, forge.accumulation_dtype) == ("adamw", "sr", "int8",
+                                                                                            "bf16")
+    whole = memory.parse_megatron_args([*argv, "--expert-model-parallel-size", "1"], extra_args_provider=add_forge_args)
+    assert memory.parameters_per_rank(whole) == pytest.approx(30.53e9, rel=1e-3)
+    assert memory.expert_parameters_per_rank(whole) == 48 * 128 * 3 * 2048 * 768
+    on_rank = memory.parse_megatron_args(argv, extra_args_provider=add_forge_args, data_parallel_size=8)
+    assert memory.expert_data_parallel_size(on_rank) == 1
+    assert memory.expert_parameters_per_rank(on_rank) * 8 == memory.expert_parameters_per_rank(whole)
+
+
 def test_tiny_cpu_config(monkeypatch):
     args = parse(tiny(), 1, monkeypatch)
     assert args.data_path == ["data/stdlib_text_document"] and args.num_layers == 4 and args.vocab_size == 257
@@ -125,6 +146,11 @@ UNUSED = [  # a FORGE flag that cannot take effect: (flags, world size, what the
     (["--global-batch-size", "16", "--forge-dp-accumulation", "owner"], 2,
      "^--forge-dp-accumulation differs between local and owner only with several micro-batches"),
     (["--clip-grad", "0", "--forge-clip-grad-mode", "two-pass"], 1, "^--forge-clip-grad-mode needs clipping"),
+    (["--global-batch-size", "16", "--forge-clip-grad-mode", "progressive"], 2, "^--forge-clip-grad-mode progressive .* needs one process"),
+    (["--global-batch-size", "16", "--forge-clip-grad-mode", "progressive"], 1,
+     "^--forge-clip-grad-mode progressive .* one micro-batch per step"),
+    (["--forge-clip-grad-mode", "progressive", "--calculate-per-token-loss"], 1,
+     "^--forge-clip-grad-mode progressive .* no --calculate-per-token-loss"),
     (["--forge-rule", "rmsprop"], 1, "^--forge-rule rmsprop differs from --optimizer adam.*--forge-mix-optimizers"),
     (["--optimizer", "sgd", "--forge-rule", "adamw"], 1, "^--forge-rule adamw differs from --optimizer sgd"),
     (["--forge-mix-optimizers"], 1, "^--forge-mix-optimizers has no effect unless --forge-rule differs"),
@@ -249,7 +275,7 @@ def test_add_forge_args_defaults():
     import argparse
 
     args = add_forge_args(argparse.ArgumentParser()).parse_args([])
-    assert (args.use_forge, args.forge_clip_grad_mode, args.forge_weight_store) == (False, "stale", "master")
+    assert (args.use_forge, args.forge_clip_grad_mode, args.forge_weight_store) == (False, "auto", "master")
 
 
 SET_REFUSALS = [  # refusals of flags whose Megatron validation needs company, set on parsed args
@@ -270,3 +296,47 @@ def test_each_refusal_docs_megatron_md_lists_names_the_flag(monkeypatch):
             setattr(args, name, value)
         with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
             validate_forge_args(args)
+
+
+GROUPED = ["--num-experts", "4", "--moe-ffn-hidden-size", "96", "--moe-grouped-gemm"]
+GROUPED_REFUSALS = [  # (world size, args changed after parsing, the one line): FORGE's grouped experts (experts.py)
+    (1, {"expert_tensor_parallel_size": 2}, r"set --expert-tensor-parallel-size 1 \(it is 2\)"),
+    (2, {}, "the expert-data-parallel size is 2: raise --expert-model-parallel-size"),
+    (1, {"add_bias_linear": True}, "grouped experts have no biases; add --disable-bias-linear"),
+]
+
+
+def _parsed_grouped(world_size, monkeypatch):
+    """--moe-grouped-gemm as forge-pretrain-gpt parses it: Megatron's validation (which checks the
+    GPU for Transformer Engine's grouped GEMM) under forge_argument_checks, which lets FORGE's
+    grouped experts through on CPU; then FORGE's checks."""
+    from megatron.training import arguments
+
+    argv = tiny("--global-batch-size", "16", *GROUPED)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    args = arguments.parse_args(extra_args_provider=add_forge_args)
+    with forge_argument_checks(argv):
+        return arguments.validate_args(args)
+
+
+def test_grouped_experts_pass_megatrons_validation_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = _parsed_grouped(1, monkeypatch)
+    assert args.moe_grouped_gemm and args.num_experts == 4 and validate_forge_args(args).rule == "adamw"
+
+
+@pytest.mark.parametrize("world_size, changes, message", GROUPED_REFUSALS, ids=["etp2", "expert-dp2", "bias"])
+def test_grouped_experts_refusals_name_the_flag(world_size, changes, message, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    if not changes:  # refused by FORGE's checks inside forge_argument_checks
+        with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+            _parsed_grouped(world_size, monkeypatch)
+        return
+    args = copy.copy(_parsed_grouped(world_size, monkeypatch))
+    for name, value in changes.items():
+        setattr(args, name, value)
+    with pytest.raises(ConfigurationError, match=f"^--use-forge: .*{message}"):
+        validate_forge_args(args)

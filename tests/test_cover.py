@@ -154,9 +154,47 @@ def _updated(model, forge_modules) -> list[str]:
     return [name for name in forge_modules if not torch.equal(before[name], modules[name].weight)]
 
 
+def scenario_grouped_experts():
+    """--moe-grouped-gemm: cover_model makes each SequentialMLP FORGE's grouped experts module
+    (megatron/experts.py). Its parameters stay SequentialMLP's, as views of the stacked weights;
+    one forward and backward steps every expert (those without tokens too: weight decay); a bf16
+    conversion keeps the views, with an fp32 master equal to the fp32 weights."""
+    import torch
+
+    from forge_megatron import ForgeConfig
+    from forge_megatron.megatron.cover import cover_model
+
+    _, model, _ = _launcher_model(VARIANTS["moe"])
+    keys = sorted(model.state_dict())
+    report = cover_model([model], ForgeConfig("adamw", {"lr": 1e-3, "weight_decay": 0.1}), grouped_experts=True)
+    experts = model.decoder.layers[0].mlp.experts
+    stacked = {kind: experts.stacked(kind) for kind in ("linear_fc1", "linear_fc2")}
+
+    def views() -> bool:
+        return all(getattr(expert, kind).weight.data_ptr() == weight[e].data_ptr() and
+                   getattr(expert, kind).weight.dtype == weight.dtype and not getattr(expert, kind).weight.requires_grad
+                   for kind, weight in stacked.items() for e, expert in enumerate(experts.local_experts))
+
+    out = {"class": type(experts).__name__, "covered": dict(report.covered), "same keys": sorted(model.state_dict()) ==
+           keys, "views": views(), "shapes": {kind: tuple(w.shape) for kind, w in stacked.items()}}
+    before = {kind: w.clone() for kind, w in stacked.items()}
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.triu(torch.ones(1, 1, 16, 16, dtype=torch.bool), 1)
+    model(tokens, torch.arange(16).expand(2, 16), mask, labels=tokens).sum().backward()
+    out["stepped"] = {kind: [not torch.equal(before[kind][e], w[e]) for e in range(w.shape[0])]
+                      for kind, w in stacked.items()}
+    fp32 = {kind: w.clone() for kind, w in stacked.items()}
+    model.bfloat16()
+    out["bf16 views"] = views() and all(experts.stacked(kind) is w and w.dtype == torch.bfloat16
+                                        for kind, w in stacked.items())
+    out["masters"] = all(torch.equal(w._forge_param.state.master, fp32[kind]) for kind, w in stacked.items())
+    return out
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_scenarios(1, [scenario_the_launcher_builds_megatron_lms_model, scenario_cover_reports])
+    return run_scenarios(1, [scenario_the_launcher_builds_megatron_lms_model, scenario_cover_reports,
+                             scenario_grouped_experts])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -195,3 +233,13 @@ def test_cover_takes_every_linear_forge_can_own(results):
     covered, standard, *_ = reports["tied"]
     assert covered == LAYER
     assert standard == {"tied to the embedding: add --untie-embeddings-and-output-weights to cover it": ["output_layer"]}
+
+
+def test_grouped_experts_replace_sequential_mlp_in_place(results):
+    out = result(results, "scenario_grouped_experts")[0]
+    assert out["class"] == "ForgeGroupedMLP"
+    assert out["covered"] == {"linear_fc1 of grouped experts": 2, "linear_fc2 of grouped experts": 2,
+                              "linear_qkv": 2, "linear_proj": 2, "output_layer": 1}
+    assert out["same keys"] and out["views"] and out["bf16 views"] and out["masters"]
+    assert out["shapes"] == {"linear_fc1": (4, 192, 64), "linear_fc2": (4, 64, 96)}  # SwiGLU: [E, 2 ffn, h]
+    assert out["stepped"] == {"linear_fc1": [True] * 4, "linear_fc2": [True] * 4}

@@ -5,11 +5,11 @@ blocks all-gathered (core/owner.py).
 Core, on 2 gloo ranks: the owner's update is the unfused rule applied to the reduce-scattered
 gradient (each rank's kernel gradient scaled by 1/2, then summed, as Megatron's data-parallel
 reduction takes it) bit for bit, with one and two micro-batches summed locally or in the owner's
-rows, and held (two-pass clipping) until the coefficient is known, and both ranks end with the
+rows, and held (exact clipping) until the coefficient is known, and both ranks end with the
 same weight. In Megatron's loop (forge-pretrain-gpt on CPU, fp32, 20 steps), against standard
 Megatron with --use-distributed-optimizer and the same layout within 1e-5 in loss, grad norm and
 weights: DP = 2 without clipping, with the collectives overlapping backward (Megatron's
---overlap-grad-reduce); two-pass clipping, active at every step, at DP = 2 and at
+--overlap-grad-reduce); the default clipping (exact, no replay), active at every step, at DP = 2 and at
 DP = 2 x TP = 2 with two micro-batches summed in the owners' rows; stale clipping with two
 micro-batches summed locally under Megatron's non-distributed optimizer; a checkpoint saved at
 DP = 2 resumed at DP = 1 and one saved at DP = 1 resumed at DP = 2, against the uninterrupted
@@ -28,9 +28,9 @@ DP2_K2 = ["--micro-batch-size", "1", "--global-batch-size", "4"]  # two
 DP1_K2 = DP2  # the same 4 samples per step on one rank: two micro-batches of 2
 DISTRIBUTED = ["--use-distributed-optimizer"]
 OVERLAP = ["--overlap-grad-reduce"]  # Megatron's buckets and FORGE's weights reduce-scatter asynchronously
-STALE = ["--use-forge", "--clip-grad", "0.05"]  # stale clipping (the default mode), active
+STALE = ["--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode", "stale"]  # stale clipping, active
 CLIP = ["--clip-grad", "0.05"]  # active at every step
-TWO_PASS = ["--use-forge", "--forge-clip-grad-mode", "two-pass"]
+AUTO = ["--use-forge"]  # the default clipping mode: exact here (the owners' rows are held anyway), no replay
 
 
 def test_a_block_of_rows_draws_the_bits_those_rows_draw_in_the_whole_shard():
@@ -161,10 +161,10 @@ def runs(tmp_path_factory, data):
         "forge-dp2": Run(work, "forge-dp2", *DP2, *DISTRIBUTED, *OVERLAP, "--use-forge", "--clip-grad", "0", dp=2),
         "forge-stale-dp2": Run(work, "forge-stale-dp2", *DP2_K2, *STALE, "--save-interval", "10", dp=2),
         "standard-clip-dp2": Run(work, "standard-clip-dp2", *DP2, *DISTRIBUTED, *CLIP, dp=2),
-        "forge-two-pass-dp2": Run(work, "forge-two-pass-dp2", *DP2, *DISTRIBUTED, *CLIP, *TWO_PASS, dp=2),
+        "forge-auto-dp2": Run(work, "forge-auto-dp2", *DP2, *DISTRIBUTED, *CLIP, *AUTO, dp=2),
         "standard-clip-dp2-tp2-k2": Run(work, "standard-clip-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, *CLIP, tp=2, dp=2),
-        "forge-two-pass-dp2-tp2-k2": Run(work, "forge-two-pass-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, *CLIP, *TWO_PASS,
-                                         "--forge-dp-accumulation", "owner", tp=2, dp=2),
+        "forge-auto-dp2-tp2-k2": Run(work, "forge-auto-dp2-tp2-k2", *DP2_K2, *DISTRIBUTED, *CLIP, *AUTO,
+                                     "--forge-dp-accumulation", "owner", tp=2, dp=2),
     })
     # Resumes under Megatron's plain optimizer: its distributed optimizer cannot load without
     # Apex or Transformer Engine (DistributedOptimizer.state_dict asserts one step count).
@@ -190,11 +190,15 @@ def test_data_parallel_matches_megatrons_distributed_optimizer(runs):
 
 
 @pytest.mark.parametrize("layout", ["dp2", "dp2-tp2-k2"])
-def test_two_pass_clipping_matches_megatrons_clipped_distributed_optimizer(runs, layout):
-    """The owners' rows held until Megatron's optimizer step: every step clipped with its own
-    global norm, as Megatron clips its parameters (DP = 2; DP = 2 x TP = 2 with two micro-batches
-    summed in the owners' rows)."""
-    forge, standard = runs[f"forge-two-pass-{layout}"], runs[f"standard-clip-{layout}"]
+def test_default_clipping_matches_megatrons_clipped_distributed_optimizer(runs, layout):
+    """The default mode ('auto' -> exact): the owners' rows held until Megatron's optimizer step,
+    every step clipped with its own global norm, as Megatron clips its parameters, with one
+    forward and backward per micro-batch (no replay) (DP = 2; DP = 2 x TP = 2 with two
+    micro-batches summed in the owners' rows)."""
+    forge, standard = runs[f"forge-auto-{layout}"], runs[f"standard-clip-{layout}"]
+    passes = forge.record("forge/forward-passes")
+    assert set(passes.values()) == {1} and len(passes) == 20, passes
+    assert "FORGE: clipping auto -> exact" in forge.stdout
     assert_same_training(forge, standard)
     norms, reference, scale = forge.record("grad-norm"), standard.record("grad-norm"), forge.record("forge/grad-scale")
     assert all(abs(norms[i] - reference[i]) <= TOL * reference[i] for i in reference) and len(norms) == 20

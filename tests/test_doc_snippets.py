@@ -31,7 +31,7 @@ def test_the_snippet_runs_as_written(code, not_run, prints, tmp_path):
     script = tmp_path / "snippet.py"  # a file, as a reader would save it (a rule's source is read back)
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the kernels' torch twin on CPU
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert prints in proc.stdout, proc.stdout[-2000:]

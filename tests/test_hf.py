@@ -1,9 +1,11 @@
 """Hugging Face import and export (forge_megatron/hf) against transformers, on CPU, with tiny
-random Llama (untied, grouped-query attention, Llama-3 rope scaling) and Qwen2 (q/k/v biases, tied
-embeddings) models built from their configs; no downloads.
+random Llama (untied, grouped-query attention, Llama-3 rope scaling), Qwen2 (q/k/v biases, tied
+embeddings), Qwen3-MoE (8 experts, top-2, q/k norms) and Mixtral (4 experts, top-2) models built
+from their configs; no downloads.
 
 * the imported model's logits equal transformers' (fp32) at TP=1 and, loaded by Megatron's
-  resharding from the same TP=1 checkpoint, at TP=2 (gloo ranks);
+  resharding from the same TP=1 checkpoint, at TP=2 (gloo ranks); Qwen3-MoE's also at expert-
+  parallel size 2 (each rank holds 4 of the 8 experts);
 * the export loads in transformers with no missing or unexpected keys, its weights are the
   original ones bit for bit and its logits equal the Megatron model's (with and without a source
   config.json);
@@ -38,6 +40,13 @@ SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key
              vocab_size=300, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
+# Qwen3-30B-A3B's shape in miniature (q/k norms, a head dimension that is not hidden / heads: 128 against
+# 2048 / 32 there) with norm_topk_prob off (Megatron's --moe-router-pre-softmax); its published
+# norm_topk_prob=true is Mixtral's routing (Megatron's default router), which the Mixtral model checks.
+QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False, head_dim=32)
+MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)
+MODELS = ("llama", "qwen2", "qwen3_moe", "mixtral")
+MIXTURES = ("qwen3_moe", "mixtral")
 WORK_ENV = "FORGE_HF_TEST_DIR"  # the spawned scenario ranks find the models here
 
 
@@ -49,14 +58,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _hf_model(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers as hf
 
-    torch.manual_seed(0 if name == "llama" else 1)
+    torch.manual_seed(MODELS.index(name))
     if name == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, bos_token_id=1,
-                                             eos_token_id=2, pad_token_id=0))
+        model = hf.LlamaForCausalLM(hf.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+                                                   bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    elif name == "qwen2":
+        model = hf.Qwen2ForCausalLM(hf.Qwen2Config(**SHAPE, rope_theta=1000000.0, tie_word_embeddings=True))
+    elif name == "qwen3_moe":
+        model = hf.Qwen3MoeForCausalLM(hf.Qwen3MoeConfig(**SHAPE, **QWEN3_MOE))
     else:
-        model = Qwen2ForCausalLM(Qwen2Config(**SHAPE, rope_theta=1000000.0, tie_word_embeddings=True))
+        model = hf.MixtralForCausalLM(hf.MixtralConfig(**{**SHAPE, **MIXTRAL}))
     with torch.no_grad():  # norms and biases away from their 1 / 0 initialization, so that a swap shows
         for param_name, param in model.named_parameters():
             if "norm" in param_name:
@@ -76,10 +89,10 @@ def _texts():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """Two Hugging Face directories with reference logits, and the fine-tune's tokenizer and texts."""
+    """Four Hugging Face directories with reference logits, and the fine-tune's tokenizer and texts."""
     root = str(tmp_path_factory.mktemp("hf"))
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(7))
-    for name in ("llama", "qwen2"):
+    for name in MODELS:
         model = _hf_model(name)
         model.save_pretrained(os.path.join(root, name, "hf"))
         with torch.no_grad():
@@ -107,7 +120,7 @@ def _compare(name, model, padded):
 
 
 def scenario_import_export_tp1():
-    """Import both models (CLI entry point in-process), their TP=1 logits, export (with and without
+    """Import the models (CLI entry point in-process), their TP=1 logits, export (with and without
     a source config), the Transformer Engine layouts, and the fine-tune's data and import."""
     from megatron.core import dist_checkpointing
 
@@ -117,7 +130,8 @@ def scenario_import_export_tp1():
 
     root = os.environ[WORK_ENV]
     out = {}
-    for name, padding in (("llama", []), ("qwen2", ["--tensor-model-parallel-size", "2"])):
+    for name, padding in (("llama", []), ("qwen2", ["--tensor-model-parallel-size", "2"]), ("qwen3_moe", []),
+                          ("mixtral", [])):
         d = os.path.join(root, name)
         hf_import([os.path.join(d, "hf"), os.path.join(d, "megatron"), *padding])
         _, model, ckpt = load_megatron_model(os.path.join(d, "megatron"), read_config(os.path.join(d, "hf")))
@@ -126,7 +140,8 @@ def scenario_import_export_tp1():
         out[name]["keys"] = sorted(dist_checkpointing.load_tensors_metadata(ckpt.path))
         export_hf(os.path.join(d, "megatron"), os.path.join(d, "export"), hf_config_from=os.path.join(d, "hf"))
     llama = os.path.join(root, "llama")
-    export_hf(os.path.join(llama, "megatron"), os.path.join(llama, "export-from-args"))  # config from the saved args
+    for name in ("llama", *MIXTURES):  # config.json from the checkpoint's saved arguments
+        export_hf(os.path.join(root, name, "megatron"), os.path.join(root, name, "export-from-args"))
     hf_import([os.path.join(llama, "hf"), os.path.join(llama, "megatron-bf16"), "--bf16"])
     export_hf(os.path.join(llama, "megatron-bf16"), os.path.join(llama, "export-bf16"),
               hf_config_from=os.path.join(llama, "hf"))
@@ -220,14 +235,40 @@ def scenario_reshard_tp2():
     return out
 
 
+def scenario_experts_ep2():
+    """The TP=1-built Qwen3-MoE import loaded by Megatron at expert-parallel size 2 (experts 0-3 on
+    rank 0, 4-7 on rank 1; the tokens of both ranks dispatched over the pair)."""
+    from megatron.core import parallel_state
+
+    from forge_megatron.hf.checkpoint import Checkpoint, resolve
+    from forge_megatron.hf.importer import read_flags
+    from forge_megatron.hf.model import build_gpt
+
+    d = os.path.join(os.environ[WORK_ENV], "qwen3_moe", "megatron")
+    _, model = build_gpt([*read_flags(d), "--seq-length", str(SEQ), "--expert-model-parallel-size", "2"])
+    ckpt = Checkpoint(resolve(d))
+    ckpt.load_into(model)
+    out = _compare("qwen3_moe", model, ckpt.padded_vocab)
+    out.pop("logits")
+    out["experts"] = sum(1 for name, _ in model.named_parameters() if name.startswith("decoder.layers.0.mlp.experts.")
+                         and name.endswith("linear_fc1.weight"))
+    out["ep_rank"] = parallel_state.get_expert_model_parallel_rank()
+    return out
+
+
 @pytest.fixture(scope="module")
 def tp1(work):
     return result(run_scenarios(1, [scenario_import_export_tp1]), "scenario_import_export_tp1")[0]
 
 
 @pytest.fixture(scope="module")
-def tp2(tp1):
-    return result(run_scenarios(2, [scenario_reshard_tp2]), "scenario_reshard_tp2")
+def two_ranks(tp1):
+    return run_scenarios(2, [scenario_reshard_tp2, scenario_experts_ep2])
+
+
+@pytest.fixture(scope="module")
+def tp2(two_ranks):
+    return result(two_ranks, "scenario_reshard_tp2")
 
 
 # -- tests -------------------------------------------------------------------------------------------------
@@ -250,6 +291,17 @@ def test_config_maps_to_megatron_flags_and_refuses_what_does_not_map():
                  "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}}
     assert "--rotary-base 10000" in " ".join(megatron_flags(new_style))
     mistral = {**llama, "model_type": "mistral", "rope_scaling": None, "sliding_window": 4096}
+    qwen3_moe = {**llama, "model_type": "qwen3_moe", "rope_scaling": None, "head_dim": 128, "num_experts": 128,
+                 "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True}  # Qwen3-30B-A3B's
+    flags = " ".join(megatron_flags(qwen3_moe))
+    for expected in ("--num-experts 128", "--moe-router-topk 8", "--moe-ffn-hidden-size 768", "--qk-layernorm",
+                     "--moe-router-score-function softmax", "--kv-channels 128"):
+        assert expected in flags, expected
+    assert "--moe-router-pre-softmax" not in flags  # top-k renormalized: Megatron's default router
+    assert "--moe-router-pre-softmax" in megatron_flags({**qwen3_moe, "norm_topk_prob": False})
+    mixtral = {**llama, "model_type": "mixtral", "rope_scaling": None, "num_local_experts": 8, "num_experts_per_tok": 2}
+    assert "--moe-ffn-hidden-size 14336" in " ".join(megatron_flags(mixtral))
+    assert "--qk-layernorm" not in megatron_flags(mixtral) and "--moe-router-pre-softmax" not in megatron_flags(mixtral)
     assert "--seq-length" not in megatron_flags(mistral, seq_length=4096)  # the window never binds
     refused = {
         "yarn": {**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
@@ -259,6 +311,9 @@ def test_config_maps_to_megatron_flags_and_refuses_what_does_not_map():
         "model type": {**llama, "model_type": "qwen3"},
         "qwen2 window": {**qwen, "use_sliding_window": True},
         "mistral window": mistral,  # at the default (unbounded) sequence length
+        "dense layers between the experts": {**qwen3_moe, "mlp_only_layers": [0]},
+        "sparse step": {**qwen3_moe, "decoder_sparse_step": 2},
+        "router jitter": {**mixtral, "router_jitter_noise": 0.1},
     }
     for case, config in refused.items():
         with pytest.raises(ConversionError):
@@ -282,13 +337,26 @@ def test_qkv_is_packed_per_query_group():
 
 
 def test_imported_model_matches_transformers_at_tp1(tp1):
-    for name in ("llama", "qwen2"):
+    for name in MODELS:
         r = tp1[name]
         print(f"TP=1 {name}: logits relative difference to transformers {r['rel']:.2e}")
         assert r["rel"] <= TOL, (name, r["rel"])
         assert r["padding_max"] == 0.0  # padded vocabulary rows are zeros
     assert tp1["llama"]["padded"] == 384 and tp1["qwen2"]["padded"] == 512  # 300 padded for TP=1 / TP=2 (x 128)
     assert "output_layer.weight" in tp1["llama"]["keys"] and "output_layer.weight" not in tp1["qwen2"]["keys"]
+    for name in MIXTURES:  # every expert under megatron-core's expert-sharded keys (they load at any EP)
+        assert {"decoder.layers.mlp.router.weight", "decoder.layers.mlp.experts.experts.linear_fc1.weight",
+                "decoder.layers.mlp.experts.experts.linear_fc2.weight"} <= set(tp1[name]["keys"])
+    assert "decoder.layers.self_attention.q_layernorm.weight" in tp1["qwen3_moe"]["keys"]
+    assert not any("q_layernorm" in key for key in tp1["mixtral"]["keys"])
+
+
+def test_imported_mixture_of_experts_matches_transformers_at_ep2(two_ranks):
+    ranks = result(two_ranks, "scenario_experts_ep2")
+    assert [r["ep_rank"] for r in ranks] == [0, 1] and all(r["experts"] == 4 for r in ranks)
+    for rank in ranks:
+        print(f"EP=2 qwen3_moe: logits relative difference to transformers {rank['rel']:.2e}")
+        assert rank["rel"] <= TOL, rank["rel"]
 
 
 def test_imported_model_matches_transformers_at_tp2(tp2):
@@ -307,8 +375,8 @@ def _load_hf(path):
 
 
 def test_export_reloads_in_transformers_with_the_megatron_logits(tp1, work):
-    for name, export in (("llama", "export"), ("qwen2", "export"), ("llama", "export-from-args"),
-                         ("llama", "export-te")):
+    for name, export in (*((name, "export") for name in MODELS), ("llama", "export-te"),
+                         *((name, "export-from-args") for name in ("llama", *MIXTURES))):
         d = os.path.join(work, name)
         exported, original = _load_hf(os.path.join(d, export)), _load_hf(os.path.join(d, "hf"))
         assert type(exported) is type(original)

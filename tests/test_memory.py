@@ -122,7 +122,7 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     local gradient at a time plus the block reduce-scattered to it (at k = 1), or the per-weight
     accumulation buffers plus that block (k > 1), a window that counts at the step's peak and not
     between steps; the uncovered parameters keep Megatron's bytes."""
-    args = forge(llama)  # bf16 + fp32 master + fp32 states
+    args = memory.replace_args(forge(llama), forge_clip_grad_mode="stale")  # bf16 + fp32 master + fp32 states
     dp4 = memory.replace_args(args, data_parallel_size=4, world_size=4 * args.world_size)
     batch = {"global_batch_size": micro_batches, "micro_batch_size": 1}
     one, four = (memory.rank_memory(memory.replace_args(a, **batch), 1) for a in (args, dp4))
@@ -152,6 +152,9 @@ def test_forge_data_parallel_owners_hold_one_block_of_state_and_a_gradient_windo
     # two-pass clipping at one micro-batch: every weight's reduce-scattered rows held until the step
     two_pass = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="two-pass", clip_grad=1.0), 1)
     assert two_pass.window == round(window + (4 * covered / 4 if micro_batches == 1 else 0)) + buffers
+    # the default ('auto') is exact at D > 1: it holds the same rows as two-pass
+    auto = memory.rank_memory(memory.replace_args(four_steps, forge_clip_grad_mode="auto", clip_grad=1.0), 1)
+    assert auto.window == two_pass.window
 
 
 @pytest.mark.parametrize("fused", [{"transformer_impl": "transformer_engine"}, {"forge_core_attention": "sdpa"}])
@@ -264,6 +267,8 @@ COMMITTED = [
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "2"}, 4, "llama3_8b_tp2_dp4"),
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "1"}, 8, "llama3_8b_tp1_dp8"),
     ("llama3_70b_tp8.sh", "LLAMA3_70B_TP8_ARGS", {}, 1, "llama3_70b_tp8"),
+    ("qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS", {}, 8, "qwen3_30b_a3b_tp1_ep8_dp8"),
+    ("qwen3_30b_a3b_ep8.sh", "QWEN3_30B_A3B_EP8_ARGS", {}, 16, "qwen3_30b_a3b_tp1_ep8_dp16"),
 ]
 SMALL_GRID = ["--gpu-gib", "80", "--seq-lengths", "2048", "--sweep-gib", "79", "80"]
 
@@ -314,3 +319,31 @@ def test_headroom_refuses_in_one_line(capsys):
         assert headroom.main([*SMALL_GRID, *extra]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert errors == [f"memory_headroom.py: error: {message}"], errors
+
+
+def test_experts_share_their_state_over_the_expert_data_parallel_group():
+    """Qwen3-30B-A3B at EP = 8: on 8 ranks each holds its experts' master and states whole
+    (expert-data-parallel size 1), on 16 ranks half of them; the dense weights' are split over the
+    8 or 16 data-parallel ranks. Standard Megatron's distributed optimizer and FORGE alike."""
+    argv = headroom.config_argv(os.path.join(ROOT, "configs", "qwen3_30b_a3b_ep8.sh"), "QWEN3_30B_A3B_EP8_ARGS")
+    for use_forge in (False, True):
+        one, two = (memory.replace_args(headroom.parse_config(argv, dp), use_forge=use_forge) for dp in (8, 16))
+        assert (memory.expert_data_parallel_size(one), memory.expert_data_parallel_size(two)) == (1, 2)
+        experts = memory.expert_parameters_per_rank(one)
+        assert experts == memory.expert_parameters_per_rank(two) == 48 * 16 * 3 * 2048 * 768
+        dense = memory.parameters_per_rank(one) - experts
+        shed = [memory.rank_memory(run, 1).master + memory.rank_memory(run, 1).states for run in (one, two)]
+        if use_forge:  # SR weights: no master; int8 states; covered and uncovered dense weights
+            covered = memory.covered_parameters_per_rank(one, output_layer_covered(one))
+            per_state = 2 * memory.FORGE_STATE_BYTES["int8"]
+            expected = (experts / 2 + covered / 16) * per_state + (dense - covered) * 12 / 16
+        else:
+            expected = (experts / 2 + dense / 16) * 12
+        assert shed[0] - shed[1] == pytest.approx(expected, rel=1e-6), (shed, expected)
+
+
+def test_mixtures_outside_the_model_are_refused_in_one_line():
+    argv = headroom.config_argv(os.path.join(ROOT, "configs", "qwen3_30b_a3b_ep8.sh"), "QWEN3_30B_A3B_EP8_ARGS")
+    args = headroom.parse_config([*argv, "--moe-shared-expert-intermediate-size", "1024"], 8)
+    with pytest.raises(memory.NotModelled, match="drop --moe-layer-freq / --moe-shared-expert-intermediate-size"):
+        memory.rank_memory(args, 1)

@@ -12,10 +12,13 @@ expert-data-parallel pair) under Megatron's distributed optimizer; EP = 2 on two
 plain optimizer, whose checkpoint at iteration 10 resumes at EP = 1 as the uninterrupted run goes
 on. With 16 experts, top-1 routing and 32 tokens per step, experts receive no token in some
 iterations (FORGE logs how many covered weights' backward saw none): they take the step standard
-Megatron takes, a zero gradient's (moments decay, weight decay applies).
+Megatron takes, a zero gradient's (moments decay, weight decay applies). With --moe-grouped-gemm,
+FORGE's grouped experts module (EP = 1) against standard Megatron's SequentialMLP and FORGE's
+per-expert path.
 """
 
 import pytest
+import torch
 from training_runs import TOL, Run, assert_same_training, checkpoint, model_keys, rel, run_all
 
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "96", "--moe-token-dispatcher-type",
@@ -47,6 +50,9 @@ def runs(tmp_path_factory, data):
         # EP = 2 resumed at EP = 1 (the same four sequences per step, as two micro-batches)
         "ep2-to-ep1": Run(work, "ep2-to-ep1", *MOE, *CLIP, *TWO_PASS, "--micro-batch-size", "2", "--global-batch-size",
                           "4", "--load", first["forge-ep2"].save, "--ckpt-step", "10"),
+        # FORGE's grouped experts module; its standard reference is standard-ep1 (SequentialMLP: standard
+        # Megatron's grouped GEMM needs Transformer Engine), its per-expert twin forge-ep1
+        "forge-grouped-ep1": Run(work, "forge-grouped-ep1", *MOE, *CLIP, *DISTRIBUTED, *TWO_PASS, "--moe-grouped-gemm"),
     })
     return {**first, **second}
 
@@ -85,3 +91,25 @@ def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs):
     assert any("experts" in key for key in model_keys(uninterrupted))
     for key in model_keys(uninterrupted):
         assert rel(final[key], uninterrupted[key]) <= TOL, key
+
+
+def test_grouped_experts_match_sequential_mlp(runs):
+    """--moe-grouped-gemm --use-forge: FORGE's grouped experts module (megatron/experts.py: stacked
+    weights, grouped matmuls, one fused step per weight kind) trains as standard Megatron's
+    SequentialMLP does (within 1e-5), and equals FORGE's per-expert path bit for bit: losses, grad
+    norms and every checkpoint tensor under the same keys (weights, per-expert states and steps), so
+    checkpoints move between the two paths."""
+    grouped, standard, per_expert = runs["forge-grouped-ep1"], runs["standard-ep1"], runs["forge-ep1"]
+    assert "linear_fc1 of grouped experts 2, linear_fc2 of grouped experts 2" in grouped.stdout
+    balance, reference = grouped.record("load_balancing_loss"), standard.record("load_balancing_loss")
+    assert all(abs(balance[i] - reference[i]) <= TOL * abs(reference[i]) for i in reference) and len(balance) == 20
+    _same_norms(grouped, standard)
+    assert_same_training(grouped, standard)
+    assert grouped.losses() == per_expert.losses()
+    assert grouped.record("grad-norm") == per_expert.record("grad-norm")
+    tensors, _ = checkpoint(grouped.save)
+    twin, _ = checkpoint(per_expert.save)
+    assert sorted(tensors) == sorted(twin)
+    assert any(".local_experts.3.linear_fc2." in key for key in tensors)  # FORGE's per-expert step counts
+    for key in twin:
+        assert torch.equal(tensors[key], twin[key]), key

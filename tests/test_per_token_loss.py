@@ -25,7 +25,7 @@ from training_runs import TOL, Run, assert_same_training, run_all
 PER_TOKEN = ["--calculate-per-token-loss", "--eod-mask-loss", "--clip-grad", "0.05", "--optimizer", "sgd",
              "--sgd-momentum", "0.9", "--lr", "0.3", "--min-lr", "0.03"]
 TWO_PASS = ["--use-forge", "--forge-clip-grad-mode", "two-pass"]
-STALE = ["--use-forge"]  # the default clipping mode
+STALE = ["--use-forge", "--forge-clip-grad-mode", "stale"]
 LAYOUTS = {  # name: (flags, tensor-parallel size, data-parallel size)
     "tp1": ([], 1, 1),  # in backward
     "tp2-k2": (["--micro-batch-size", "2", "--global-batch-size", "4"], 2, 1),  # held: two micro-batches

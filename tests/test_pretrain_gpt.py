@@ -46,14 +46,18 @@ def runs(tmp_path_factory, data):
         "standard-clip": Run(work, "standard-clip", *MLA_MTP, "--clip-grad", "0.05", "--save-interval", "10"),
         "forge-two-pass": Run(work, "forge-two-pass", *MLA_MTP, "--use-forge", "--clip-grad", "0.05",
                               "--forge-clip-grad-mode", "two-pass", "--save-interval", "10"),
-        "forge-stale": Run(work, "forge-stale", "--use-forge", "--clip-grad", "0.05", "--save-interval", "10"),
+        # the default clipping (auto: progressive at one micro-batch in one process), and stale
+        "forge-auto": Run(work, "forge-auto", "--use-forge", "--clip-grad", "0.05", "--save-interval", "10"),
+        "forge-stale": Run(work, "forge-stale", "--use-forge", "--clip-grad", "0.05", "--forge-clip-grad-mode",
+                           "stale"),
         "standard-tp2": Run(work, "standard-tp2", "--clip-grad", "0", "--save-interval", "20", tp=2),
         "forge-tp2": Run(work, "forge-tp2", "--use-forge", "--clip-grad", "0", "--save-interval", "20", tp=2),
         "standard-clip-tp2": Run(work, "standard-clip-tp2", *MLA_MTP, "--clip-grad", "0.05", tp=2),
         "forge-two-pass-tp2": Run(work, "forge-two-pass-tp2", *MLA_MTP, "--use-forge", "--clip-grad", "0.05",
                                   "--forge-clip-grad-mode", "two-pass", tp=2),
         # full recompute, and stale clipping that never triggers (one run for two tests)
-        "forge-recompute": Run(work, "forge-recompute", "--use-forge", "--clip-grad", "1e9", "--save-interval", "20",
+        "forge-recompute": Run(work, "forge-recompute", "--use-forge", "--clip-grad", "1e9", "--forge-clip-grad-mode", "stale",
+                               "--save-interval", "20",
                                "--recompute-granularity", "full", "--recompute-method", "uniform",
                                "--recompute-num-layers", "1"),
         "int8-tp2": Run(work, "int8-tp2", "--use-forge", "--forge-state-dtype", "int8", "--clip-grad", "0",
@@ -63,10 +67,10 @@ def runs(tmp_path_factory, data):
         "standard-torch-format": Run(work, "standard-torch-format", "--clip-grad", "0", "--ckpt-format", "torch",
                                      "--train-iters", "2", "--lr-warmup-iters", "1", "--save-interval", "2"),
     })
-    stale = first["forge-stale"].save
+    auto = first["forge-auto"].save
     second = run_all(data, {
         # resume the default-clipping run from iteration 10; --exit-interval stops (and saves) at 15
-        "resume-15": Run(work, "resume-15", "--use-forge", "--clip-grad", "0.05", "--load", stale, "--ckpt-step",
+        "resume-15": Run(work, "resume-15", "--use-forge", "--clip-grad", "0.05", "--load", auto, "--ckpt-step",
                          "10", "--exit-interval", "15"),
         "torch-format-20": Run(work, "torch-format-20", "--use-forge", "--clip-grad", "0.05", "--ckpt-format", "torch",
                                "--load", first["torch-format-10"].save),
@@ -156,29 +160,43 @@ def test_forge_follows_megatrons_lr_and_weight_decay_schedule(runs):
     assert all(wd == pytest.approx(0.1) for wd in forge.record("forge/weight-decay").values())
 
 
+def test_the_default_clipping_is_progressive_at_one_micro_batch_and_its_first_step_exact(runs):
+    """auto at one micro-batch in one process: the first step, with no norm to estimate from, runs
+    a norms-only pass first (exact coefficient); every later step one pass, each weight's
+    coefficient from the running estimate (not stale's: the weights updated later see this step)."""
+    auto, stale = runs["forge-auto"], runs["forge-stale"]
+    assert "FORGE: clipping auto -> progressive" in auto.stdout
+    assert auto.record("forge/forward-passes") == {1: 2.0, **{i: 1.0 for i in range(2, 21)}}
+    errors, stale_errors = auto.record("forge/clip-coefficient-error"), stale.record("forge/clip-coefficient-error")
+    assert errors[1] < 1e-5 and stale_errors[1] > 1  # stale's first step is unclipped (coefficient 1)
+    assert all(0 < errors[i] < 1 for i in range(2, 21)), errors
+
+
 def test_resume_with_the_default_clipping_is_bit_exact(runs):
     """Saved at 10, resumed, stopped by --exit-interval at 15 (saving), resumed again to 20: every
     later iteration's loss and every final tensor (model and FORGE state) as in the uninterrupted
-    run. The stale norm travels in the checkpoint, so the first resumed step clips as the
-    uninterrupted one did."""
-    reference = runs["forge-stale"].losses()
+    run. The last norm and each weight's sum of squares (progressive clipping's starting estimate)
+    travel in the checkpoint, so the first resumed step clips as the uninterrupted one did."""
+    reference = runs["forge-auto"].losses()
     resumed = {**runs["resume-15"].losses(), **runs["resume-20"].losses()}
     assert sorted(runs["resume-15"].losses()) == list(range(11, 16))  # --exit-interval 15
     assert sorted(resumed) == list(range(11, 21))
     assert all(resumed[i] == reference[i] for i in resumed), (resumed, reference)
-    assert runs["resume-15"].record("forge/grad-scale")[11] == runs["forge-stale"].record("forge/grad-scale")[11] < 1
-    assert sorted(os.listdir(runs["forge-stale"].save)) == ["iter_0000010", "iter_0000020",
+    assert runs["resume-15"].record("forge/grad-scale")[11] == runs["forge-auto"].record("forge/grad-scale")[11] < 1
+    assert runs["resume-15"].record("forge/forward-passes")[11] == 1  # no exact first step after a resume
+    assert sorted(os.listdir(runs["forge-auto"].save)) == ["iter_0000010", "iter_0000020",
                                                             "latest_checkpointed_iteration.txt"]  # --save-interval
     final, common = checkpoint(runs["resume-20"].save)
-    uninterrupted, common_ref = checkpoint(runs["forge-stale"].save)
+    uninterrupted, common_ref = checkpoint(runs["forge-auto"].save)
     assert final.keys() == uninterrupted.keys() and forge_state(final)
     for key in final:
         assert torch.equal(final[key], uninterrupted[key]), key
     assert common["optimizer"]["forge"] == common_ref["optimizer"]["forge"]
+    assert len(common["optimizer"]["forge"]["__controller__"]["weight_sumsqs"]) == 9  # 4 per layer, the output layer
 
 
 def test_resume_in_the_torch_checkpoint_format_is_bit_exact(runs):
-    reference = runs["forge-stale"].losses()
+    reference = runs["forge-auto"].losses()
     first, second = runs["torch-format-10"].losses(), runs["torch-format-20"].losses()
     assert sorted(first) == list(range(1, 11)) and sorted(second) == list(range(11, 21))
     assert all(v == reference[i] for i, v in {**first, **second}.items())

@@ -24,12 +24,12 @@ def load(name):
 def test_convergence_study_smoke(tmp_path):
     out, plot = tmp_path / "conv.json", tmp_path / "conv.png"
     study = load("convergence_study")
-    study.main(["--iters", "12", "--seeds", "7", "8", "--runs", "standard-fp32", "forge-fp32", "--reference",
+    study.main(["--iters", "6", "--seeds", "7", "8", "--runs", "standard-fp32", "forge-fp32", "--reference",
                 "standard-fp32", "--out", str(out), "--plot", str(plot)])
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"standard-fp32", "forge-fp32"} and plot.stat().st_size > 0
     assert report["reference"] == "standard-fp32"
-    assert report["runs"]["forge-fp32"]["steps_within_1e-4_of_standard"] == 12
+    assert report["runs"]["forge-fp32"]["steps_within_1e-4_of_standard"] == 6
     assert set(report["by_seed"]) == {"7", "8"}
     reference_gap = report["gap_vs_reference_over_seeds"]["standard-fp32"]
     assert reference_gap["each"] == [0.0, 0.0] and reference_gap["n"] == 2

@@ -77,9 +77,9 @@ _COEF_HEAD = tl.constexpr(plan.COEF_HEAD)
 ACC_STREAM = tl.constexpr(ACCUMULATION_STREAM)
 
 @triton.jit
-def _tile_coordinates(N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped launch order (tiles sharing dy columns run together, for L2 reuse)."""
-    pid = tl.program_id(0)
+def _tile_coordinates(pid, N_OUT, N_IN, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile `pid`'s row and column blocks, in grouped launch order (tiles sharing dy columns run
+    together, for L2 reuse)."""
     num_m = tl.cdiv(N_OUT, BLOCK_M)
     num_n = tl.cdiv(N_IN, BLOCK_N)
     group_size = GROUP_M * num_n
@@ -111,17 +111,32 @@ def fused_wgrad_update_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n, num_n = _tile_coordinates(N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n, num_n = _tile_coordinates(tl.program_id(0), N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _wgrad_tile(x_ptr, dy_ptr, 0, T, rows, cols, N_OUT, N_IN, stride_xt, stride_xi, stride_dt, stride_do,
+                      UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_T)
+    acc = _accumulate(acc, rows, cols, N_OUT, N_IN, buf_ptr, coef_ptr, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET,
+                      GLOBAL_COLS, SEED, WEIGHT_ID, MICRO, READ_BUFFER, WRITE_BUFFER, BUFFER_BF16)
+    _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
+                 w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
+                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
+                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, STATS, APPLY,
+                 BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _wgrad_tile(x_ptr, dy_ptr, t_start, t_end, rows, cols, N_OUT, N_IN, stride_xt, stride_xi, stride_dt, stride_do,
+                UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """dW_tile = dy[t_start:t_end, rows]^T @ x[t_start:t_end, cols], fp32 accumulation in registers,
+    BLOCK_T tokens at a time from t_start (the same chunks as a weight stepped on those tokens alone)."""
     row_ok = rows < N_OUT
     col_ok = cols < N_IN
-
-    # dW_tile = dy[:, rows]^T @ x[:, cols], fp32 accumulation in registers, T in fixed order.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(t_start, t_end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
-        t_ok = ts < T
+        t_ok = ts < t_end
         dy_t = tl.load(dy_ptr + rows[:, None] * stride_do + ts[None, :] * stride_dt,
                        mask=row_ok[:, None] & t_ok[None, :], other=0.0)
         x_t = tl.load(x_ptr + ts[:, None] * stride_xt + cols[None, :] * stride_xi,
@@ -130,25 +145,34 @@ def fused_wgrad_update_kernel(
             dy_t = dy_t.to(tl.float32)
             x_t = x_t.to(tl.float32)
         acc = tl.dot(dy_t, x_t, acc, input_precision=DOT_PRECISION)
+    return acc
 
-    # Gradient accumulation over micro-batches: the buffer holds the sum of the earlier ones;
-    # this micro-batch's whole tile is added to it (the order of Megatron's fp32 main_grad).
-    in_bounds = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * N_IN + cols[None, :]
+
+@triton.jit
+def _buffer_tile(buf_ptr, rows, cols, N_OUT, N_IN):
+    """The fp32 value of a gradient tile held in a buffer [out, in] (fp32 or bf16)."""
+    in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
+    return tl.load(buf_ptr + rows[:, None] * N_IN + cols[None, :], mask=in_bounds, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, rows, cols, N_OUT, N_IN, buf_ptr, coef_ptr,
+                ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SEED, WEIGHT_ID, MICRO,
+                READ_BUFFER: tl.constexpr, WRITE_BUFFER: tl.constexpr, BUFFER_BF16: tl.constexpr):
+    """Gradient accumulation over micro-batches: the buffer holds the sum of the earlier ones; this
+    micro-batch's whole tile is added to it (the order of Megatron's fp32 main_grad). Returns the sum."""
     if READ_BUFFER:
-        acc = acc + tl.load(buf_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        acc = acc + _buffer_tile(buf_ptr, rows, cols, N_OUT, N_IN)
     if WRITE_BUFFER:
+        in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
+        offs = rows[:, None] * N_IN + cols[None, :]
         if BUFFER_BF16:  # rounded stochastically: the sum stays unbiased in 16 bits
             k1, k2 = micro_stream_keys(SEED, WEIGHT_ID, tl.load(coef_ptr + 1).to(tl.uint32), ACC_STREAM, MICRO)
             index = global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS)
             tl.store(buf_ptr + offs, stochastic_round_to_bf16(acc, random_bits(index, k1, k2)), mask=in_bounds)
         else:
             tl.store(buf_ptr + offs, acc, mask=in_bounds)
-    _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
-                 w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
-                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
-                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, STATS, APPLY,
-                 BLOCK_M, BLOCK_N)
+    return acc
 
 
 @triton.jit(do_not_specialize=["SEED", "WEIGHT_ID"])
@@ -167,16 +191,78 @@ def apply_buffer_kernel(
     """The update from a gradient already in memory (an accumulation buffer, fp32 or bf16): the
     fused kernel's tile finish without its GEMM, the same by-products and the same epilogue
     (without APPLY, the by-products only)."""
-    pid_m, pid_n, num_n = _tile_coordinates(N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n, num_n = _tile_coordinates(tl.program_id(0), N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_bounds = (rows < N_OUT)[:, None] & (cols < N_IN)[None, :]
-    acc = tl.load(buf_ptr + rows[:, None] * N_IN + cols[None, :], mask=in_bounds, other=0.0).to(tl.float32)
+    acc = _buffer_tile(buf_ptr, rows, cols, N_OUT, N_IN)
     _finish_tile(acc, rows, pid_n * BLOCK_N, pid_m * num_n + pid_n, N_OUT, N_IN,
                  w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr, stats_ptr,
                  ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, WEIGHT_ID,
                  UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, True, APPLY,
                  BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["SEED", "MICRO"])
+def grouped_wgrad_update_kernel(
+    x_ptr, dy_ptr, offsets_ptr, ids_ptr, w_ptr, master_ptr, state_ptrs, scale_ptrs, coef_ptr, table_ptr, grad_ptr,
+    stats_ptr, buf_ptr,
+    N_OUT, N_IN, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, MICRO,
+    stride_xt, stride_xi, stride_dt, stride_do,
+    UPDATE: tl.constexpr,
+    WEIGHT_STORE: tl.constexpr,
+    STATE_STORED: tl.constexpr,
+    STATE_SIGNED: tl.constexpr,
+    STATE_FORMAT: tl.constexpr,
+    NUM_COEFS: tl.constexpr,
+    MATERIALIZE: tl.constexpr,
+    STATS: tl.constexpr,
+    APPLY: tl.constexpr,
+    READ_BUFFER: tl.constexpr,
+    WRITE_BUFFER: tl.constexpr,
+    BUFFER_BF16: tl.constexpr,
+    FROM_BUFFER: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The fused kernel for E experts' weights stacked [E, out, in] (weight, master, states and
+    buffer; int8 scales [E, out, blocks]) in one launch: program (tile, expert) runs the dense
+    kernel's program for that tile of expert e's weight, on expert e's tokens (rows offsets[e] to
+    offsets[e + 1] of x and dy, none for an expert without tokens: a zero gradient), with expert
+    e's random-stream id, ids[e]. Its by-products go to slot e * tiles + tile. FROM_BUFFER: the
+    gradient is the buffer's (apply_buffer_kernel's update, for every expert)."""
+    expert = tl.program_id(1)
+    expert64 = expert.to(tl.int64)  # offsets into the stacked tensors: E * out * in may pass 2**31
+    pid_m, pid_n, num_n = _tile_coordinates(tl.program_id(0), N_OUT, N_IN, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    weight_id = tl.load(ids_ptr + expert)
+    first = expert64 * N_OUT * N_IN  # the expert's first element in every stacked tensor
+    if FROM_BUFFER:
+        acc = _buffer_tile(buf_ptr + first, rows, cols, N_OUT, N_IN)
+    else:
+        t_start = tl.load(offsets_ptr + expert).to(tl.int32)
+        t_end = tl.load(offsets_ptr + expert + 1).to(tl.int32)
+        acc = _wgrad_tile(x_ptr, dy_ptr, t_start, t_end, rows, cols, N_OUT, N_IN, stride_xt, stride_xi, stride_dt,
+                          stride_do, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_T)
+        acc = _accumulate(acc, rows, cols, N_OUT, N_IN, buf_ptr + first, coef_ptr, ROW_OFFSET, ROW_SPLIT, ROW_JUMP,
+                          COL_OFFSET, GLOBAL_COLS, SEED, weight_id, MICRO, READ_BUFFER, WRITE_BUFFER, BUFFER_BF16)
+    tiles = tl.cdiv(N_OUT, BLOCK_M) * num_n
+    _finish_tile(acc, rows, pid_n * BLOCK_N, expert * tiles + pid_m * num_n + pid_n, N_OUT, N_IN,
+                 w_ptr + first, master_ptr + first, _shifted(state_ptrs, first),
+                 _shifted(scale_ptrs, expert64 * N_OUT * SCALE_COLS), coef_ptr, table_ptr, grad_ptr + first, stats_ptr,
+                 ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS, SCALE_COLS, SEED, weight_id,
+                 UPDATE, WEIGHT_STORE, STATE_STORED, STATE_SIGNED, STATE_FORMAT, NUM_COEFS, MATERIALIZE, STATS, APPLY,
+                 BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _shifted(ptrs, offset):
+    """Each pointer of a tuple moved `offset` elements on (to one expert's part of stacked tensors)."""
+    out = ()
+    for k in tl.static_range(len(ptrs)):
+        out = out + (ptrs[k] + offset,)
+    return out
 
 
 @triton.jit
@@ -320,10 +406,31 @@ def _launch_arguments(x, dy, weight, plan: StepPlan, config: TileConfig) -> tupl
     """The kernel's arguments for one step, shared by `launch` and `compile_for_target`."""
     n_out, n_in = weight.shape
     args = (x, dy, *_update_pointers(weight, plan), plan.buffer if plan.buffer is not None else weight,
-            x.shape[0], n_out, n_in, *_placement_args(weight, plan), plan.micro,
+            x.shape[0], n_out, n_in, *_placement_args(n_in, plan), plan.seed, plan.weight_id, plan.micro,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1))
     kwargs = dict(**_constexprs(plan, x.dtype, config), num_warps=config.num_warps, num_stages=config.num_stages,
                   enable_fp_fusion=False)
+    return args, kwargs
+
+
+def launch_grouped(x, dy, offsets, weight, plan: StepPlan, config: TileConfig, from_buffer: bool = False) -> None:
+    """Launch grouped_wgrad_update_kernel for E experts' weights stacked [E, out, in]: one launch,
+    program (tile, expert) for every tile of every expert (`plan.weight_id` the experts' ids, an
+    int64 [E] device tensor; `offsets` their token ranges, [E + 1] on the device). `from_buffer`:
+    the update from `plan.buffer` ([E, out, in]) instead of x and dy (which are then not read)."""
+    args, kwargs = _grouped_launch_arguments(x, dy, offsets, weight, plan, config, from_buffer)
+    grouped_wgrad_update_kernel[(num_tiles(weight.shape[1:], config), weight.shape[0])](*args, **kwargs)
+
+
+def _grouped_launch_arguments(x, dy, offsets, weight, plan: StepPlan, config: TileConfig,
+                              from_buffer: bool) -> tuple[tuple, dict]:
+    """The grouped kernel's arguments, shared by `launch_grouped` and `compile_for_target`."""
+    _, n_out, n_in = weight.shape
+    args = (x, dy, offsets, plan.weight_id, *_update_pointers(weight, plan),
+            plan.buffer if plan.buffer is not None else weight, n_out, n_in, *_placement_args(n_in, plan),
+            plan.seed, plan.micro, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1))
+    kwargs = dict(**_constexprs(plan, x.dtype, config), FROM_BUFFER=from_buffer, num_warps=config.num_warps,
+                  num_stages=config.num_stages, enable_fp_fusion=False)
     return args, kwargs
 
 
@@ -333,7 +440,8 @@ def apply_buffer(weight, plan: StepPlan, config: TileConfig) -> None:
     constexprs = {k: fused[k] for k in ("UPDATE", "WEIGHT_STORE", "STATE_STORED", "STATE_SIGNED", "STATE_FORMAT",
                                         "NUM_COEFS", "MATERIALIZE", "APPLY", "BLOCK_M", "BLOCK_N", "GROUP_M")}
     apply_buffer_kernel[(num_tiles(weight.shape, config),)](
-        plan.buffer, *_update_pointers(weight, plan), *weight.shape, *_placement_args(weight, plan), **constexprs,
+        plan.buffer, *_update_pointers(weight, plan), *weight.shape, *_placement_args(weight.shape[1], plan), plan.seed,
+        plan.weight_id, **constexprs,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
 
 
@@ -342,16 +450,17 @@ def _update_pointers(weight, plan: StepPlan) -> tuple:
             plan.coefs, plan.tables, plan.grad_out if plan.grad_out is not None else weight, plan.stats)
 
 
-def _placement_args(weight, plan: StepPlan) -> tuple:
+def _placement_args(n_in: int, plan: StepPlan) -> tuple:
+    """Where the (each expert's) weight sits in its unsharded weight, and its int8 scales' columns."""
     place = plan.placement
     return (place.row_offset, place.row_split, place.row_jump, place.col_offset, place.global_cols,
-            triton.cdiv(weight.shape[1], QBLOCK), plan.seed, plan.weight_id)
+            triton.cdiv(n_in, QBLOCK))
 
 
 def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int = 90, weight_store: int = None,
                        state_format: int = STATE_FP32, shape: tuple[int, int] = (4096, 4096), tokens: int = 8192,
                        apply: bool = True, fp_fusion: bool = False, materialize: bool = False,
-                       hyperparameters: dict | None = None):
+                       hyperparameters: dict | None = None, experts: int = 0):
     """Compile the kernel for an NVIDIA target without a GPU, as a launch would compile it: the
     arguments `launch` passes for contiguous [tokens, in] x and [tokens, out] dy and a weight of
     `shape` (placeholders that allocate nothing) go through Triton's own binder, so that pointers
@@ -365,7 +474,8 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
     variant (no epilogue); `fp_fusion` lets the compiler contract mul+add into FMA (off in every
     real launch; for the test that shows the check would see it); `materialize` the debug variant
     that writes the gradient out; `hyperparameters` (the rule's defaults otherwise) decide which
-    states are stored. The compiled kernel lands in Triton's cache, where a launch with the same
+    states are stored; `experts` > 0 compiles the grouped kernel for that many experts' weights of
+    `shape` stacked (the `tokens` all theirs). The compiled kernel lands in Triton's cache, where a launch with the same
     specialization finds it (scripts/device_plan.py compiles ahead this way, in parallel). Returns the compiled kernel
     (`.asm["ptx"]`, `.asm["cubin"]`), ptxas's resource report (registers, spill bytes) and the
     specialization (which arguments became constants, which got divisibility).
@@ -379,33 +489,40 @@ def compile_for_target(rule, dtype: torch.dtype, config: TileConfig, arch: int =
     hp = rule.hyperparameters(**(hyperparameters or {}))
     names = rule.states
     n_out, n_in = shape
+    stack = (experts,) if experts else ()  # the grouped kernel's weights are stacked [E, out, in]
     weight_dtype = torch.float32 if weight_store == WEIGHT_FP32 else torch.bfloat16
     state_dtype = {STATE_FP32: torch.float32, STATE_BF16: torch.bfloat16, STATE_INT8: torch.uint8}[state_format]
 
-    def placeholder(rows, cols, dtype_):  # any shape, contiguous, no storage (address 0: aligned)
-        return torch.empty(rows, cols, dtype=dtype_, device="meta")
+    def placeholder(*dims, dtype_):  # any shape, contiguous, no storage (address 0: aligned)
+        return torch.empty(*dims, dtype=dtype_, device="meta")
 
-    weight = placeholder(n_out, n_in, weight_dtype)
+    weight = placeholder(*stack, n_out, n_in, dtype_=weight_dtype)
     stored = tuple(n in rule.stored_states(hp) for n in names)
     # as ForgeState.kernel_states passes them: the weight where a state (or its int8 scales) is not stored
-    states = [placeholder(n_out, n_in, state_dtype) if keep else weight for keep in stored]
-    scales = [placeholder(n_out, -(-n_in // QBLOCK), torch.float32) if keep and state_format == STATE_INT8 else weight
-              for keep in stored]
+    states = [placeholder(*stack, n_out, n_in, dtype_=state_dtype) if keep else weight for keep in stored]
+    scales = [placeholder(*stack, n_out, -(-n_in // QBLOCK), dtype_=torch.float32)
+              if keep and state_format == STATE_INT8 else weight for keep in stored]
     plan = StepPlan(
         update_fn=rule.triton_update, weight_store=weight_store,
-        master=placeholder(n_out, n_in, torch.float32) if weight_store == WEIGHT_MASTER else None,
+        master=placeholder(*stack, n_out, n_in, dtype_=torch.float32) if weight_store == WEIGHT_MASTER else None,
         states=states, scales=scales, stored=stored,
         signed=tuple(n not in rule.nonnegative_states for n in names), state_format=state_format,
         coefs=torch.empty(COEF_HEAD + rule.num_coefficients, device="meta"), num_coefs=rule.num_coefficients,
-        seed=1234, weight_id=7, tables=torch.empty(2, 256, device="meta"), placement=ShardPlacement.whole(shape),
-        grad_out=placeholder(n_out, n_in, torch.float32) if materialize else None,
-        stats=torch.empty(num_tiles(shape, config), 2, device="meta"), apply=apply)
-    args, kwargs = _launch_arguments(placeholder(tokens, n_in, dtype), placeholder(tokens, n_out, dtype), weight, plan,
-                                     config)
+        seed=1234, weight_id=placeholder(experts, dtype_=torch.int64) if experts else 7,
+        tables=torch.empty(2, 256, device="meta"), placement=ShardPlacement.whole(shape),
+        grad_out=placeholder(*stack, n_out, n_in, dtype_=torch.float32) if materialize else None,
+        stats=torch.empty(num_tiles(weight.shape, config), 2, device="meta"), apply=apply)
+    x, dy = placeholder(tokens, n_in, dtype_=dtype), placeholder(tokens, n_out, dtype_=dtype)
+    if experts:
+        kernel = grouped_wgrad_update_kernel
+        offsets = placeholder(experts + 1, dtype_=torch.int64)
+        args, kwargs = _grouped_launch_arguments(x, dy, offsets, weight, plan, config, from_buffer=False)
+    else:
+        kernel = fused_wgrad_update_kernel
+        args, kwargs = _launch_arguments(x, dy, weight, plan, config)
     kwargs["enable_fp_fusion"] = fp_fusion
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    kernel = fused_wgrad_update_kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)

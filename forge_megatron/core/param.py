@@ -15,9 +15,17 @@ import torch
 
 from forge_megatron.core.owner import Collectives, OwnerRows
 from forge_megatron.core.plan import TileConfig
-from forge_megatron.core.state import ForgeState
+from forge_megatron.core.running_clip import RunningClip
+from forge_megatron.core.state import ForgeState, GroupedForgeState
 from forge_megatron.core.table import WIDTH, StepSlots
-from forge_megatron.core.update import Accumulation, UpdateResult, apply_accumulated, fused_update, step_tiles
+from forge_megatron.core.update import (
+    Accumulation,
+    UpdateResult,
+    apply_accumulated,
+    fused_update,
+    fused_update_grouped,
+    step_tiles,
+)
 
 ACCUMULATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,8 +68,9 @@ class ForgeParam:
             raise ValueError(f"unknown accumulation dtype {config.accumulation_dtype!r}; choose one of "
                              f"{tuple(ACCUMULATION_DTYPES)}")
         self.config = config
-        self.state = ForgeState(weight, config.rule, weight_store=config.weight_store, state_dtype=config.state_dtype,
-                                seed=config.seed, **config.hyperparameters)
+        # Deferred: allocated at first use (at the latest the first iteration), or, data-parallel,
+        # only this rank's rows of it (`own_rows`), so the whole shard's state never exists there.
+        self.state = self._new_state(weight, config)
         self.grad_scale: float | torch.Tensor = 1.0  # standalone only
         self.apply = True  # False: a norms-only pass (two-pass clipping); nothing is written
         self.hold = False  # with apply=False, keep even one micro-batch's gradient for `apply_accumulated`
@@ -69,6 +78,7 @@ class ForgeParam:
         self.grad: torch.Tensor | None = None
         self.result: UpdateResult | None = None  # the last step's by-products
         self.slots: StepSlots | None = None
+        self.running_clip: RunningClip | None = None  # progressive clipping: sets the scale of an update in backward
         self.buffer: torch.Tensor | None = None  # the accumulation buffer (several micro-batches, or data-parallel)
         self.micro_batches = 1  # in this iteration (bound only)
         self.empty_backwards = 0  # backward passes without a token in this iteration (bound only)
@@ -81,6 +91,11 @@ class ForgeParam:
         self.collectives: Collectives | None = None  # data-parallel: where its collectives are issued (`own_rows`)
         self.grad_dtype = config.accumulation_dtype  # data-parallel: the reduce-scattered gradient's (`own_rows`)
         weight._forge_param = self
+
+    @staticmethod
+    def _new_state(weight: torch.Tensor, config: ForgeConfig) -> ForgeState:
+        return ForgeState(weight, config.rule, weight_store=config.weight_store, state_dtype=config.state_dtype,
+                          seed=config.seed, defer=True, **config.hyperparameters)
 
     def own_rows(self, weight: torch.Tensor, group, owner_sums: bool = False, grad_dtype: str | None = None,
                  collectives: Collectives | None = None, scale: float | None = None) -> None:
@@ -149,6 +164,7 @@ class ForgeParam:
             raise ValueError(f"a data-parallel step summed in a local buffer reduce-scatters that buffer: the "
                              f"accumulation dtype ({self.config.accumulation_dtype}) must be the data-parallel "
                              f"gradient dtype ({self.grad_dtype}), or sum in the owner's rows")
+        self.state.materialize()  # a deferred state's tensors exist before the iteration's first forward
         self.micro_batches, self.backwards, self.updates, self.hold = micro_batches, 0, 0, hold
         self.empty_backwards = 0
         if self.owner is not None:
@@ -161,21 +177,33 @@ class ForgeParam:
             raise RuntimeError(f"FORGE: a covered weight's backward ran {self.backwards + 1} times in an iteration of "
                                f"{self.micro_batches} micro-batches (a second update would be applied); each "
                                "iteration must run one backward per micro-batch")
-        self.empty_backwards += x.numel() == 0  # no tokens (an expert nothing was routed to): a zero gradient
+        self.empty_backwards += self._empty_experts(x)
         if self.owner is not None:
             return self._data_parallel_step(x, dy, weight)
         accumulate = None
         if bound and (self.micro_batches > 1 or (self.hold and not self.apply)):
             accumulate = Accumulation(self._buffer(weight), self.backwards, self.micro_batches)
         last = accumulate is None or accumulate.last
-        result = fused_update(x, dy, weight, self.state, grad_scale=self.grad_scale if not bound else 1.0,
-                              materialize=self.materialize and self.apply and last, apply=self.apply,
-                              backend=self.config.backend, config=self.config.tile_config, slots=self.slots,
-                              accumulate=accumulate)
+        clip = self.running_clip if bound and self.apply and last else None
+        if clip is not None:
+            clip.before(self.slots)
+        result = self._fused_update(x, dy, weight, grad_scale=self.grad_scale if not bound else 1.0,
+                                    materialize=self.materialize and self.apply and last, apply=self.apply,
+                                    backend=self.config.backend, config=self.config.tile_config, slots=self.slots,
+                                    accumulate=accumulate)
+        if clip is not None:
+            clip.after(self.slots)
         self.backwards += 1
         if last:
             self.grad, self.result = result.grad, result
             self.updates += self.apply
+
+    def _empty_experts(self, x: torch.Tensor) -> int:
+        """1 for a backward without tokens (an expert nothing was routed to: a zero gradient)."""
+        return int(x.numel() == 0)
+
+    def _fused_update(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, **options) -> UpdateResult:
+        return fused_update(x, dy, weight, self.state, **options)
 
     def _data_parallel_step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> None:
         """This micro-batch's gradient of the whole shard, from a gradient-only kernel pass, summed
@@ -256,3 +284,87 @@ class ForgeParam:
                 or self.buffer.dtype != dtype):
             self.buffer = torch.empty(weight.shape, dtype=dtype, device=weight.device)
         return self.buffer
+
+
+class GroupedForgeParam(ForgeParam):
+    """E experts' weights of one kind stacked [E, out, in] (a grouped experts module's, e.g. every
+    local expert's linear_fc1) as one covered weight: one GroupedForgeState, and per backward one
+    fused step for all experts (update.fused_update_grouped, one kernel launch), on the tokens
+    grouped by expert: expert e's are rows offsets[e]:offsets[e + 1] of x and dy. Each expert takes
+    the step its own ForgeParam takes on the per-expert path (the same ids: `state.weight_ids`).
+    Accumulation over micro-batches and held gradients (two-pass clipping) work as for one weight,
+    with a stacked buffer; data-parallel owner rows do not (`own_rows` refuses)."""
+
+    def __init__(self, weight: torch.Tensor, config: ForgeConfig):
+        self._offsets: torch.Tensor | None = None
+        super().__init__(weight, config)
+
+    @staticmethod
+    def _new_state(weight: torch.Tensor, config: ForgeConfig) -> GroupedForgeState:
+        return GroupedForgeState(weight, config.rule, weight_store=config.weight_store,
+                                 state_dtype=config.state_dtype, seed=config.seed, **config.hyperparameters)
+
+    @property
+    def experts(self) -> int:
+        return self.state.experts
+
+    def own_rows(self, weight: torch.Tensor, group, *args, **kwargs) -> None:
+        raise ValueError("a grouped experts weight cannot be split into data-parallel owner rows (each rank would own "
+                         "rows of every expert); use an expert-data-parallel size of 1, or drop --moe-grouped-gemm "
+                         "(the per-expert path shards each expert's rows)")
+
+    def step(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> None:
+        """All experts' part of one backward pass; `offsets` [E + 1] their token ranges (host or device)."""
+        self._offsets = offsets
+        try:
+            super().step(x, dy, weight)
+        finally:
+            self._offsets = None
+
+    def _empty_experts(self, x: torch.Tensor) -> int:
+        counts = self._offsets[1:] - self._offsets[:-1]
+        return int((counts == 0).sum())
+
+    def _fused_update(self, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, **options) -> UpdateResult:
+        return fused_update_grouped(x, dy, self._offsets, weight, self.state, **options)
+
+    def expert(self, e: int) -> "ExpertPart":
+        return ExpertPart(self, e)
+
+
+class ExpertPart:
+    """Expert e's part of a GroupedForgeParam as a checkpoint sees one per-expert ForgeParam: its
+    config, and a state whose tensors are views of the stacked ones (loading writes through)."""
+
+    def __init__(self, grouped: GroupedForgeParam, e: int):
+        self.grouped, self.e, self.config, self.owner = grouped, e, grouped.config, None
+        self.state = _ExpertStateView(grouped.state, e)
+
+    def shard_tensors(self, gather: bool = True) -> dict[str, torch.Tensor]:
+        return self.state.named_tensors()
+
+    def own(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+class _ExpertStateView:
+    """Expert e's view of a GroupedForgeState: rule, hyperparameters, step (the experts' common
+    one) and its slice of every stacked tensor."""
+
+    def __init__(self, state: GroupedForgeState, e: int):
+        self._state, self._e = state, e
+
+    rule = property(lambda self: self._state.rule)
+    hyperparameters = property(lambda self: self._state.hyperparameters)
+    state_dtype = property(lambda self: self._state.state_dtype)
+
+    @property
+    def step(self) -> int:
+        return self._state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._state.step = value
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t[self._e] for name, t in self._state.named_tensors().items()}

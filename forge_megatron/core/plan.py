@@ -73,7 +73,7 @@ class StepPlan:
     coefs: torch.Tensor  # fp32 [COEF_HEAD + n or more]: grad scale, step (exact below 2^24), the rule's coefficients
     num_coefs: int  # n
     seed: int  # with weight_id and the step, keys the random streams (numerics.stream_keys)
-    weight_id: int
+    weight_id: int | torch.Tensor  # a grouped step's: int64 [E], each expert's id, on the weight's device
     tables: torch.Tensor  # fp32 [2, 256] int8 code tables (signed, unsigned)
     placement: ShardPlacement
     grad_out: torch.Tensor | None  # materialized gradient (debug), or None
@@ -84,6 +84,18 @@ class StepPlan:
     read_buffer: bool = False  # add the buffer's sum of the earlier micro-batches
     write_buffer: bool = False  # store the sum so far into the buffer
     micro: int = 0  # the micro-batch's index (keys a bf16 buffer's stochastic rounding)
+
+    def expert(self, e: int, ids: list[int], tiles: int) -> "StepPlan":
+        """Expert e's plan in a grouped step (every tensor stacked [E, ...]; `ids` the experts' ids on
+        the host, `tiles` an expert's tile count): the plan of its own weight on the per-expert path."""
+
+        def part(t):  # placeholders (the stacked weight where nothing is stored) take the expert's view too
+            return None if t is None else t[e]
+
+        return dataclasses.replace(
+            self, master=part(self.master), states=[part(t) for t in self.states],
+            scales=[part(t) for t in self.scales], weight_id=ids[e], grad_out=part(self.grad_out),
+            stats=self.stats[e * tiles:(e + 1) * tiles], buffer=part(self.buffer))
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,9 @@ def interpreting() -> bool:
 
 
 def num_tiles(shape, config: TileConfig) -> int:
-    return -(-shape[0] // config.block_m) * -(-shape[1] // config.block_n)
+    """Tiles of a weight [out, in], or of E experts' weights stacked [E, out, in] (E times an expert's)."""
+    experts = shape[0] if len(shape) == 3 else 1
+    return experts * -(-shape[-2] // config.block_m) * -(-shape[-1] // config.block_n)
 
 
 def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = "fp32") -> TileConfig:

@@ -77,6 +77,7 @@ class StepTable:
         self.multipliers = torch.ones(len(states), dtype=torch.float32, device=device)
         self._tiles = [(start, n) for start, n in zip(starts, tiles)]
         self._tile_weights: torch.Tensor | None = None  # float64 [stats rows]: each tile's multiplier squared
+        self._owner: torch.Tensor | None = None  # long [stats rows]: each row's weight (weight_sumsqs)
         self._host: list[tuple[float, float, int]] | None = None  # the schedule as the host last set it
         self._fixed: list[tuple] | None = None
         self._groups: list[_Group] = []
@@ -139,6 +140,22 @@ class StepTable:
             return self.stats.sum(0, dtype=torch.float64)
         stats = self.stats.double()
         return torch.stack([(stats[:, 0] * self._tile_weights).sum(), stats[:, 1].sum()])
+
+    def weight_sumsqs(self) -> torch.Tensor:
+        """Each weight's sum of squares in the by-products, as `totals` counts it (float64 [weights],
+        one segment sum)."""
+        if self._owner is None:  # each stats row's weight (a weight's padding rows are zeros)
+            starts = [start for start, _ in self._tiles] + [self.stats.shape[0]]
+            rows = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+            self._owner = torch.repeat_interleave(torch.arange(len(self.states)), rows).to(self.stats.device)
+        sums = torch.zeros(len(self.states), dtype=torch.float64, device=self.stats.device)
+        sums.index_add_(0, self._owner, self.stats[:, 0].double())
+        return sums * self.multipliers.double().square()
+
+    def weight_sumsq(self, i: int) -> torch.Tensor:
+        """Weight i's sum of squares in the by-products, as `totals` counts it (float64, 0-dim)."""
+        start, n = self._tiles[i]
+        return self.stats[start:start + n, 0].sum(dtype=torch.float64) * self.multipliers[i].double().square()
 
     def _regroup(self) -> None:
         """Group the weights by rule and fixed hyperparameters (again, if those changed)."""

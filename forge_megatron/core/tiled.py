@@ -31,6 +31,7 @@ from forge_megatron.core.plan import (
     WEIGHT_SR,
     StepPlan,
     TileConfig,
+    num_tiles,
 )
 
 DEFAULT_CONFIG = TileConfig(block_m=64, block_n=128, block_t=256, group_m=1)
@@ -47,6 +48,19 @@ def run(x, dy, weight, plan: StepPlan, config: TileConfig) -> None:
 def apply_buffer(weight, plan: StepPlan, config: TileConfig) -> None:
     """Same contract as kernels.apply_buffer: the update from the gradient in `plan.buffer`."""
     _run(weight, plan, config, lambda raw, rows, cols: raw.copy_(plan.buffer[rows, cols]))
+
+
+def run_grouped(x, dy, offsets, weight, plan: StepPlan, config: TileConfig, from_buffer: bool = False) -> None:
+    """Same contract as kernels.launch_grouped: expert by expert, the step of its own weight on its
+    own tokens (StepPlan.expert), as the kernel's programs run it for each (tile, expert)."""
+    ids, tiles = plan.weight_id.tolist(), num_tiles(weight.shape[1:], config)
+    bounds = None if from_buffer else offsets.tolist()
+    for e in range(weight.shape[0]):
+        expert = plan.expert(e, ids, tiles)
+        if from_buffer:
+            apply_buffer(weight[e], expert, config)
+        else:
+            run(x[bounds[e]:bounds[e + 1]], dy[bounds[e]:bounds[e + 1]], weight[e], expert, config)
 
 
 WORKSPACE_BYTES_PER_ELEMENT = 96  # the epilogue's temporaries per panel value (fp32, float64 sqrt, int64 bits)

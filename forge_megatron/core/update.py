@@ -26,7 +26,7 @@ from forge_megatron.core.plan import (
     interpreting,
     num_tiles,
 )
-from forge_megatron.core.state import WEIGHT_DTYPES, ForgeState
+from forge_megatron.core.state import WEIGHT_DTYPES, ForgeState, GroupedForgeState
 from forge_megatron.core.table import StepSlots, StepTable
 
 BACKENDS = ("triton", "torch")
@@ -123,9 +123,57 @@ def fused_update(
     `accumulate` (an Accumulation) makes this one micro-batch of a step summed over several;
     state.step counts only the step's last, updating micro-batch.
     """
+    return _fused_step(x, dy, None, weight, state, grad_scale, materialize, apply, backend, config, slots, accumulate)
+
+
+def fused_update_grouped(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    state: GroupedForgeState,
+    *,
+    grad_scale: float | torch.Tensor = 1.0,
+    materialize: bool = False,
+    apply: bool = True,
+    backend: str | None = None,
+    config: TileConfig | None = None,
+    slots: StepSlots | None = None,
+    accumulate: Accumulation | None = None,
+) -> UpdateResult:
+    """`fused_update` for E experts' weights of one kind stacked [E, out, in], in one kernel launch.
+
+    x [T, in] and dy [T, out] hold the tokens grouped by expert: expert e's are rows
+    offsets[e]:offsets[e + 1] (`offsets` an int32 or int64 tensor [E + 1] from 0 to T; on the host
+    its values are checked without a sync and it is copied to the device; on the weight's device
+    they are checked with one read of its E + 1 values). Expert e's gradient is
+    dy[rows_e]^T x[rows_e]: zero for an expert without tokens, whose rule still runs (moments
+    decay, weight decay applies, as torch.optim's step on a zero gradient). `state` is the
+    experts' GroupedForgeState: every expert takes the step its own ForgeState (its id
+    `state.weight_ids[e]`, `state.placement`) would take from `fused_update` on its tokens alone,
+    the same bits, random ones included; `state.step` counts the experts' common step.
+
+    The by-products are per tile of every expert, expert-major: slots' (or the result's) stats
+    rows e * tiles : (e + 1) * tiles are expert e's (`stats.view(E, tiles, 2)`), each expert's in
+    the dense kernel's tile order; their sum is the grouped weight's. The experts share one
+    StepTable row (`slots`: one gradient scale, step and set of coefficients; its stats sized by
+    `step_tiles(weight, state)`, E times an expert's). `accumulate` (an Accumulation whose buffer
+    is stacked [E, out, in]) and the other arguments are `fused_update`'s; `apply_accumulated`
+    takes a stacked weight, its GroupedForgeState and such a buffer.
+    """
+    return _fused_step(x, dy, offsets, weight, state, grad_scale, materialize, apply, backend, config, slots,
+                       accumulate)
+
+
+def _fused_step(x, dy, offsets, weight, state, grad_scale, materialize, apply, backend, config, slots,
+                accumulate) -> UpdateResult:
+    """fused_update's (offsets None) and fused_update_grouped's step: check everything, then launch."""
     if materialize and not apply:
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
-    x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale)
+    grouped = offsets is not None
+    x2, dy2 = _check_inputs(x, dy, weight, state, grad_scale, grouped)
+    if grouped:
+        offsets = _check_offsets(offsets, weight, x2.shape[0])
     if accumulate is not None:
         _check_accumulation(accumulate, weight)
         if materialize and not accumulate.last:
@@ -158,7 +206,12 @@ def fused_update(
     if which == "triton":
         from forge_megatron.core import kernels  # compiles on first use; the CPU path never loads it
 
-        kernels.launch(x2, dy2, weight, plan, config)
+        if grouped:
+            kernels.launch_grouped(x2, dy2, offsets, weight, plan, config)
+        else:
+            kernels.launch(x2, dy2, weight, plan, config)
+    elif grouped:
+        tiled.run_grouped(x2, dy2, offsets, weight, plan, config)
     else:
         tiled.run(x2, dy2, weight, plan, config)
     if plan.apply:
@@ -175,12 +228,14 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     For a step whose gradient was accumulated with apply=False (two-pass clipping over several
     micro-batches), or reduce-scattered to a data-parallel owner. Increments state.step; checks
     everything before writing anything. With apply=False only the by-products are written (a
-    held gradient's norm, before its update) and the step is not counted."""
+    held gradient's norm, before its update) and the step is not counted. A GroupedForgeState's
+    stacked weight [E, out, in] takes a buffer stacked the same way (one launch for all experts)."""
     if materialize and not apply:
         raise ValueError("materialize=True needs apply=True (the norms-only pass writes nothing but the norms)")
-    x = torch.empty(0, weight.shape[1], dtype=torch.float32, device=weight.device)
-    dy = torch.empty(0, weight.shape[0], dtype=torch.float32, device=weight.device)
-    _check_inputs(x, dy, weight, state, grad_scale)
+    grouped = isinstance(state, GroupedForgeState)
+    x = torch.empty(0, weight.shape[-1], dtype=torch.float32, device=weight.device)
+    dy = torch.empty(0, weight.shape[-2], dtype=torch.float32, device=weight.device)
+    _check_inputs(x, dy, weight, state, grad_scale, grouped)
     _check_accumulation(Accumulation(buffer, 0, 1), weight)
     which = resolve_backend(weight.device, backend)
     config = config or default_tile_config(which, weight.device, weight.dtype, state.state_dtype)
@@ -195,7 +250,12 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     if which == "triton":
         from forge_megatron.core import kernels
 
-        kernels.apply_buffer(weight, plan, config)
+        if grouped:  # the experts' ids stand in for the token offsets, which are not read
+            kernels.launch_grouped(x, dy, plan.weight_id, weight, plan, config, from_buffer=True)
+        else:
+            kernels.apply_buffer(weight, plan, config)
+    elif grouped:
+        tiled.run_grouped(x, dy, None, weight, plan, config, from_buffer=True)
     else:
         tiled.apply_buffer(weight, plan, config)
     if apply:
@@ -248,7 +308,8 @@ def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply
         weight_store=weight_store, master=state.master, states=states, scales=scales, stored=tuple(stored),
         signed=tuple(signed), state_format={"fp32": STATE_FP32, "bf16": STATE_BF16, "int8": STATE_INT8}[
             state.state_dtype],
-        coefs=slots.coefs, num_coefs=state.rule.num_coefficients, seed=state.seed, weight_id=state.weight_id,
+        coefs=slots.coefs, num_coefs=state.rule.num_coefficients, seed=state.seed,
+        weight_id=state.ids_on(weight.device) if isinstance(state, GroupedForgeState) else state.weight_id,
         tables=_tables(weight.device), placement=state.placement, grad_out=grad, stats=slots.stats, apply=apply)
 
 
@@ -257,13 +318,20 @@ def _tables(device: torch.device) -> torch.Tensor:
     return code_tables().to(device)
 
 
-def _check_inputs(x, dy, weight, state, grad_scale):
+def _check_inputs(x, dy, weight, state, grad_scale, grouped: bool = False):
     for name, t in (("x", x), ("dy", dy), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if weight.dim() != 2:
+    if grouped:
+        if weight.dim() != 3:
+            raise ValueError(f"a grouped step's weight must be E experts' weights stacked [E, out, in], got shape "
+                             f"{tuple(weight.shape)}")
+        if x.dim() != 2 or dy.dim() != 2:
+            raise ValueError(f"a grouped step's x and dy must be [tokens, in] and [tokens, out], the tokens grouped by "
+                             f"expert; got {tuple(x.shape)} and {tuple(dy.shape)}")
+    elif weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    n_out, n_in = weight.shape
+    n_out, n_in = weight.shape[-2:]
     if x.dim() < 2 or dy.dim() < 2:
         raise ValueError(f"x and dy must be [..., features] with at least 2 dims, got {tuple(x.shape)} and {tuple(dy.shape)}")
     if x.shape[:-1] != dy.shape[:-1]:
@@ -284,8 +352,12 @@ def _check_inputs(x, dy, weight, state, grad_scale):
                          "and keep using that tensor as the parameter")
     if not isinstance(state, ForgeState):
         raise TypeError(f"state must be a ForgeState, got {type(state).__name__}")
-    if state.shape != (n_out, n_in):
-        raise ValueError(f"state was built for a weight of shape {state.shape}, this weight is {(n_out, n_in)}")
+    if grouped and not isinstance(state, GroupedForgeState):
+        raise TypeError("a grouped step needs the experts' GroupedForgeState (their states stacked), got a ForgeState")
+    if isinstance(state, GroupedForgeState) and not grouped:
+        raise TypeError("a GroupedForgeState (E experts' stacked states) steps with fused_update_grouped")
+    if state.shape != tuple(weight.shape):
+        raise ValueError(f"state was built for a weight of shape {state.shape}, this weight is {tuple(weight.shape)}")
     for name, t in state.named_tensors().items():
         if t.device != weight.device or not t.is_contiguous():
             raise ValueError(f"state '{name}' must be a contiguous tensor on {weight.device}")
@@ -308,6 +380,30 @@ def _check_inputs(x, dy, weight, state, grad_scale):
         raise ValueError("tensors with 2**31 or more elements are not supported (the kernel uses 32-bit offsets); "
                          "split the tokens into smaller micro-batches")
     return x2, dy2
+
+
+def _check_offsets(offsets, weight: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The experts' token offsets, checked (one read of E + 1 values), on the weight's device."""
+    experts = weight.shape[0]
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be an int32 or int64 tensor [E + 1] of token offsets, got "
+                        f"{getattr(offsets, 'dtype', type(offsets).__name__)}")
+    if offsets.shape != (experts + 1,):
+        raise ValueError(f"offsets must be [E + 1] = [{experts + 1}] for {experts} experts (expert e's tokens are rows "
+                         f"offsets[e]:offsets[e + 1] of x and dy); got shape {tuple(offsets.shape)}")
+    if offsets.device not in (torch.device("cpu"), weight.device):
+        raise ValueError(f"offsets must be on the host or on {weight.device}, got {offsets.device}")
+    values = offsets.tolist()
+    if values[0] != 0:
+        raise ValueError(f"offsets[0] must be 0 (expert 0's tokens start the batch), got {values[0]}")
+    for e in range(experts):
+        if values[e + 1] < values[e]:
+            raise ValueError(f"offsets must not decrease: offsets[{e + 1}] = {values[e + 1]} < offsets[{e}] = "
+                             f"{values[e]} (expert {e} would have a negative number of tokens)")
+    if values[-1] != tokens:
+        raise ValueError(f"offsets[{experts}] = {values[-1]}, but x and dy hold {tokens} tokens: the experts' token "
+                         "ranges must cover them exactly")
+    return offsets.to(weight.device, non_blocking=True)
 
 
 def _max_offset(t: torch.Tensor) -> int:

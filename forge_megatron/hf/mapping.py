@@ -9,6 +9,13 @@ the first half). The vocabulary is padded to `padded_vocab` rows with zeros; exp
 RoPE needs no permutation: Megatron's rotary embedding uses the rotate-half convention of
 transformers' Llama (the logits tests check it). With tied embeddings the model has no
 output_layer weight and Hugging Face's lm_head is the embedding.
+
+Mixtures of experts (Qwen3-MoE, Mixtral; every layer): the router's weight [experts, hidden] is
+Megatron's `mlp.router.weight`, and expert e's gate, up and down projections are SequentialMLP's
+`mlp.experts.local_experts.e.linear_fc1.weight` ([gate; up]) and `linear_fc2.weight`, at expert-
+parallel size 1 (megatron-core's sharded_state_dict then writes them under the expert-sharded keys
+`decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`, which load at any expert-parallel size).
+Qwen3's per-head q and k norms are `self_attention.q_layernorm` / `k_layernorm`.
 """
 
 from __future__ import annotations
@@ -26,9 +33,15 @@ LAYER_RENAMES = {
     "input_layernorm.weight": "input_layernorm.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
+QK_NORM_RENAMES = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+                   "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
 GLOBAL_RENAMES = {"model.norm.weight": "decoder.final_layernorm.weight"}
+# model type -> (router weight, expert e's prefix, its gate, up and down projections), in a layer
+EXPERTS = {"qwen3_moe": ("mlp.gate.weight", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+           "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"))}
+MEGATRON_ROUTER = "mlp.router.weight"
+MEGATRON_EXPERT = "mlp.experts.local_experts.{e}."
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: Architecture) -> torch.Tensor:
@@ -56,6 +69,21 @@ def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(padded_vocab - weight.shape[0], *weight.shape[1:])])
 
 
+def layer_renames(arch: Architecture) -> dict[str, str]:
+    """The one-to-one names of a layer (Hugging Face -> Megatron) for this architecture."""
+    return {**LAYER_RENAMES, **(QK_NORM_RENAMES if arch.qk_layernorm else {}),
+            **({EXPERTS[arch.model_type][0]: MEGATRON_ROUTER} if arch.num_experts else {})}
+
+
+def gated_mlps(arch: Architecture) -> list[tuple[str, tuple[str, str, str], str]]:
+    """A layer's SwiGLU MLPs: (Hugging Face prefix, its gate, up and down names, Megatron prefix),
+    the dense MLP or every expert."""
+    if not arch.num_experts:
+        return [("mlp.", ("gate_proj", "up_proj", "down_proj"), "mlp.")]
+    _, prefix, names = EXPERTS[arch.model_type]
+    return [(prefix.format(e=e), names, MEGATRON_EXPERT.format(e=e)) for e in range(arch.num_experts)]
+
+
 def hf_to_megatron(get: Callable[[str], torch.Tensor], arch: Architecture,
                    padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(Megatron name, tensor) for every weight of the Megatron model, one at a time; `get(name)`
@@ -63,7 +91,7 @@ def hf_to_megatron(get: Callable[[str], torch.Tensor], arch: Architecture,
     yield "embedding.word_embeddings.weight", pad_vocab(get("model.embed_tokens.weight"), padded_vocab)
     for i in range(arch.num_layers):
         hf, meg = HF_LAYER.format(i=i), MEGATRON_LAYER.format(i=i)
-        for hf_name, meg_name in LAYER_RENAMES.items():
+        for hf_name, meg_name in layer_renames(arch).items():
             yield meg + meg_name, get(hf + hf_name)
         attn = hf + "self_attn."
         yield meg + "self_attention.linear_qkv.weight", pack_qkv(
@@ -71,8 +99,10 @@ def hf_to_megatron(get: Callable[[str], torch.Tensor], arch: Architecture,
         if arch.qkv_bias:
             yield meg + "self_attention.linear_qkv.bias", pack_qkv(
                 get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), arch)
-        yield meg + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"),
-                                                        get(hf + "mlp.up_proj.weight")])
+        for hf_mlp, (gate, up, down), meg_mlp in gated_mlps(arch):
+            yield meg + meg_mlp + "linear_fc1.weight", torch.cat([get(f"{hf}{hf_mlp}{gate}.weight"),
+                                                                  get(f"{hf}{hf_mlp}{up}.weight")])
+            yield meg + meg_mlp + "linear_fc2.weight", get(f"{hf}{hf_mlp}{down}.weight")
     for hf_name, meg_name in GLOBAL_RENAMES.items():
         yield meg_name, get(hf_name)
     if not arch.tied:
@@ -82,8 +112,9 @@ def hf_to_megatron(get: Callable[[str], torch.Tensor], arch: Architecture,
 def hf_names(arch: Architecture) -> set[str]:
     """The Hugging Face tensors the mapping reads (a checkpoint's other tensors, e.g. rotary
     inv_freq buffers, are derived ones and are ignored)."""
-    per_layer = [*LAYER_RENAMES, "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                 *(f"self_attn.{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias")[:1 + arch.qkv_bias])]
+    per_layer = [*layer_renames(arch),
+                 *(f"self_attn.{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias")[:1 + arch.qkv_bias]),
+                 *(f"{prefix}{name}.weight" for prefix, names, _ in gated_mlps(arch) for name in names)]
     names = {"model.embed_tokens.weight", *GLOBAL_RENAMES, *(() if arch.tied else ("lm_head.weight",))}
     return names | {HF_LAYER.format(i=i) + name for i in range(arch.num_layers) for name in per_layer}
 
@@ -94,7 +125,7 @@ def megatron_to_hf(state: dict[str, torch.Tensor], arch: Architecture) -> dict[s
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:arch.vocab_size]}
     for i in range(arch.num_layers):
         hf, meg = HF_LAYER.format(i=i), MEGATRON_LAYER.format(i=i)
-        for hf_name, meg_name in LAYER_RENAMES.items():
+        for hf_name, meg_name in layer_renames(arch).items():
             out[hf + hf_name] = state[meg + meg_name]
         attn = hf + "self_attn."
         q, k, v = unpack_qkv(state[meg + "self_attention.linear_qkv.weight"], arch)
@@ -102,8 +133,10 @@ def megatron_to_hf(state: dict[str, torch.Tensor], arch: Architecture) -> dict[s
         if arch.qkv_bias:
             q, k, v = unpack_qkv(state[meg + "self_attention.linear_qkv.bias"], arch)
             out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
-        gate, up = state[meg + "mlp.linear_fc1.weight"].chunk(2)
-        out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up})
+        for hf_mlp, (gate, up, down), meg_mlp in gated_mlps(arch):
+            gate_weight, up_weight = state[meg + meg_mlp + "linear_fc1.weight"].chunk(2)
+            out.update({f"{hf}{hf_mlp}{gate}.weight": gate_weight, f"{hf}{hf_mlp}{up}.weight": up_weight,
+                        f"{hf}{hf_mlp}{down}.weight": state[meg + meg_mlp + "linear_fc2.weight"]})
     for hf_name, meg_name in GLOBAL_RENAMES.items():
         out[hf_name] = state[meg_name]
     if not arch.tied:

@@ -67,12 +67,17 @@ def build_gpt(flags: list[str]):
     if not torch.cuda.is_available():
         adapt_args_to_cpu(args)
     set_args(args)
-    tp = args.tensor_model_parallel_size
+    sizes = {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+             "expert_model_parallel_size": args.expert_model_parallel_size,
+             "expert_tensor_parallel_size": args.expert_tensor_parallel_size}
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    elif parallel_state.get_tensor_model_parallel_world_size() != tp:
-        raise RuntimeError(f"model parallelism is set up for TP={parallel_state.get_tensor_model_parallel_world_size()}"
-                           f", the flags ask for TP={tp}")
+        parallel_state.initialize_model_parallel(**sizes)
+    else:
+        set_up = {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                  "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+                  "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size()}
+        if set_up != sizes:
+            raise RuntimeError(f"model parallelism is set up for {set_up}, the flags ask for {sizes}")
     model_parallel_cuda_manual_seed(args.seed)
     model_cfg = model_config(args)
     builder = model_cfg.get_builder_cls()(model_cfg)

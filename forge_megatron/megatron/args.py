@@ -26,7 +26,7 @@ from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-CLIP_MODES = ("stale", "two-pass", "off")
+CLIP_MODES = ("auto", "progressive", "stale", "two-pass", "off")
 DP_ACCUMULATIONS = ("local", "owner")  # where a data-parallel step sums its micro-batches (--forge-dp-accumulation)
 CHECKPOINT_FORMATS = ("torch_dist", "torch")  # the formats FORGE's state travels in
 # FORGE flags that also shape a standard run (like-for-like comparisons): allowed without --use-forge.
@@ -85,8 +85,14 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "window; Megatron's counterpart is --grad-reduce-in-bf16). Default: "
                             "--forge-accumulation-dtype, which it must equal with --forge-dp-accumulation local "
                             "and several micro-batches (the local sum is what is reduce-scattered).")
-    group.add_argument("--forge-clip-grad-mode", default="stale", choices=CLIP_MODES,
-                       help="How --clip-grad applies to covered weights: 'stale' uses the previous step's global "
+    group.add_argument("--forge-clip-grad-mode", default="auto", choices=CLIP_MODES,
+                       help="How --clip-grad applies to covered weights: 'auto' (default) clips exactly, with "
+                            "Megatron's coefficient and no replay, where the step's gradient is held anyway (several "
+                            "micro-batches or data parallelism) and is 'progressive' at one micro-batch in one "
+                            "process ('stale' with tensor or pipeline parallelism or a per-token loss; the log says "
+                            "which runs and why); 'progressive' estimates this step's norm as backward goes: the "
+                            "weights already updated count with this step's sums of squares, the rest with the "
+                            "previous step's (no extra pass); 'stale' uses the previous step's global "
                             "norm (no extra cost), 'two-pass' clips with this step's exact norm (a norms-only backward first, "
                             "~2x forward+backward; with several micro-batches or data parallelism the step's "
                             "gradient is held instead, see docs/megatron.md), 'off' does not clip them. The "
@@ -153,6 +159,13 @@ def micro_batches_per_step(args) -> int:
     return args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
 
 
+def progressive_clipping_applies(world_size: int, micro_batches: int, per_token_loss: bool) -> bool:
+    """Whether progressive clipping can run: one process (its estimate sums this process's weights),
+    one micro-batch per step (with several, the step's gradient is held and 'auto' clips exactly)
+    and no per-token loss (whose token count scales the update after the estimate is made)."""
+    return world_size == 1 and micro_batches == 1 and not per_token_loss
+
+
 def validate_forge_args(args) -> ForgeConfig | None:
     """Refuse configurations where an update inside backward would not be the step the user asked
     for, and FORGE flags that would have no effect; each message names the flag to change. Returns
@@ -216,6 +229,12 @@ def _unused_flags(args):
                 "drop it or raise --global-batch-size")
         elif dest == "forge_clip_grad_mode":
             yield args.clip_grad <= 0 and "--forge-clip-grad-mode needs clipping (--clip-grad > 0); drop it"
+            applies = progressive_clipping_applies(args.world_size, micro_batches_per_step(args),
+                                                   getattr(args, "calculate_per_token_loss", False))
+            yield (args.forge_clip_grad_mode == "progressive" and not applies) and (
+                "--forge-clip-grad-mode progressive estimates the norm from this process's own weights in backward, "
+                "so it needs one process, one micro-batch per step and no --calculate-per-token-loss; use auto "
+                "(exact with data parallelism or several micro-batches) or two-pass")
         elif dest == "forge_rule":
             yield (args.forge_rule != rule_for_optimizer(args) and not args.forge_mix_optimizers) and (
                 f"--forge-rule {args.forge_rule} differs from --optimizer {args.optimizer} (the other parameters' "
@@ -289,7 +308,27 @@ def _refusals(args):
     yield math.isfinite(getattr(args, "grad_norm_skip_threshold", math.inf)) and (
         "grad_norm_skip_threshold skips a step after FORGE has already applied it; leave it unset")
     yield (args.forge_max_nonfinite_iterations < 1) and "--forge-max-nonfinite-iterations must be at least 1"
+    yield from _grouped_experts_refusals(args)
     yield cuda_graph_refusal(args)
+
+
+def _grouped_experts_refusals(args):
+    """--moe-grouped-gemm under --use-forge: FORGE's grouped experts module (megatron/experts.py),
+    which keeps every local expert whole on its rank and each weight kind whole in one state."""
+    if not (getattr(args, "moe_grouped_gemm", False) and getattr(args, "num_experts", None)):
+        return
+    etp = getattr(args, "expert_tensor_parallel_size", 1) or 1
+    yield etp > 1 and (
+        f"--moe-grouped-gemm with --use-forge keeps every expert whole on its rank (FORGE's grouped experts); set "
+        f"--expert-tensor-parallel-size 1 (it is {etp}), or drop --moe-grouped-gemm")
+    expert_dp = args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+    yield expert_dp > 1 and (
+        f"--moe-grouped-gemm with --use-forge updates each expert weight kind as one stacked tensor, which is not "
+        f"split into data-parallel owner rows; the expert-data-parallel size is {expert_dp}: raise "
+        "--expert-model-parallel-size to the data-parallel size, or drop --moe-grouped-gemm")
+    yield getattr(args, "add_bias_linear", False) and (
+        "--moe-grouped-gemm with --use-forge: FORGE's grouped experts have no biases; add --disable-bias-linear, "
+        "or drop --moe-grouped-gemm")
 
 
 def apply_defaults(args, argv: list[str]) -> list[str]:
@@ -333,10 +372,17 @@ def forge_argument_checks(argv: list[str] | None = None):
             print(f"FORGE: set {' '.join(set_flags)} (the command line did not say; "
                   f"{'FORGE trains local linears' if args.use_forge else 'this machine has no CUDA'})", flush=True)
         arguments._print_args = lambda *unused: None
+        # Megatron checks the GPU's compute capability for Transformer Engine's grouped GEMM; FORGE's
+        # grouped experts (megatron/experts.py) need neither TE nor a GPU
+        grouped = args.use_forge and getattr(args, "moe_grouped_gemm", False) and not _has_cuda()
+        if grouped:
+            args.moe_grouped_gemm = False
         try:
             validate_args(args, defaults or {})
         finally:
             arguments._print_args = print_args
+            if grouped:
+                args.moe_grouped_gemm = True
         validate_forge_args(args)
         print_args("arguments", args)
         return args

@@ -71,7 +71,7 @@ def sharded_state_dict(controller: ForgeController, model_sharded_state_dict: di
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     out = {} if from_standard else {SCALARS: controller.scalars()}
-    for (name, weight), global_name, param in zip(controller.named, controller.global_names, controller.params):
+    for name, weight, global_name, param in controller.checkpoint_units():
         sharded_weight = by_data.get(id(weight))
         if sharded_weight is None:
             raise KeyError(f"covered weight {name} is not in the model's sharded state dict")
@@ -153,14 +153,15 @@ def _checkpoint_path(args) -> str:
 def state_dict(controller: ForgeController) -> dict:
     """FORGE state for the torch format: this rank's tensors as they are."""
     out = {SCALARS: controller.scalars()}
-    for global_name, param in zip(controller.global_names, controller.params):
+    for _, _, global_name, param in controller.checkpoint_units():
         out[global_name] = {**param.state.named_tensors(), "step": param.state.step}
     return out
 
 
 def load_state_dict(controller: ForgeController, loaded: dict) -> None:
     """Copy what was loaded (either format) into the states; every entry is checked first."""
-    for name, param in zip(controller.global_names, controller.params):
+    units = [(name, param) for _, _, name, param in controller.checkpoint_units()]
+    for name, param in units:
         entry = loaded.get(name)
         if entry is None:
             raise KeyError(f"the checkpoint's FORGE state has no entry for covered weight {name}")
@@ -168,7 +169,7 @@ def load_state_dict(controller: ForgeController, loaded: dict) -> None:
             if tuple(param.own(entry[state_name]).shape) != tuple(tensor.shape):
                 raise ValueError(f"FORGE state {name}.{state_name}: checkpoint has shape "
                                  f"{tuple(entry[state_name].shape)}, this run {tuple(tensor.shape)}")
-    for name, param in zip(controller.global_names, controller.params):
+    for name, param in units:
         entry = loaded[name]
         for state_name, tensor in param.state.named_tensors().items():
             tensor.copy_(param.own(entry[state_name]))

@@ -4,8 +4,11 @@ updates at most once per iteration.
 
 Per iteration, in Megatron's train_step:
   forward_backward   `forward_backward(...)`: sets every covered weight's gradient scale (the
-                     clip coefficient) and runs Megatron's schedule; with two-pass clipping a
-                     norms-only pass (nothing written) comes first, with the data and RNG replayed.
+                     clip coefficient) and runs Megatron's schedule; with two-pass clipping at one
+                     micro-batch and D = 1 a norms-only pass (nothing written) comes first, with
+                     the data and RNG replayed; with exact clipping ('auto' or 'two-pass' at k > 1
+                     or D > 1) the step's gradient is held until the optimizer step. The passes
+                     run are logged as forge/forward-passes (1, or 2 with a replay).
   optimizer step     `step_decision()` before Megatron's optimizer steps: whether the iteration's
                      gradients were finite (else the step is skipped, see docs/megatron.md);
                      `after_step(grad_norm)` records Megatron's global norm (stale clipping's
@@ -25,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from forge_megatron.core.owner import Collectives
-from forge_megatron.core.param import ForgeParam
+from forge_megatron.core.param import ForgeParam, GroupedForgeParam
+from forge_megatron.core.running_clip import RunningClip
 from forge_megatron.core.table import StepTable
 from forge_megatron.core.update import step_tiles
-from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS
+from forge_megatron.megatron.args import CLIP_MODES, DP_ACCUMULATIONS, progressive_clipping_applies
 from forge_megatron.megatron.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 class ForgeController:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer_config, config_overrides=None,
-                 clip_grad: float = 0.0, clip_mode: str = "stale", max_nonfinite_iterations: int = 3,
+                 clip_grad: float = 0.0, clip_mode: str = "auto", max_nonfinite_iterations: int = 3,
                  model_parallel_group=None, free_accumulation_buffers: bool = False, data_parallel_group=None,
                  dp_accumulation: str = "local", dp_grad_dtype: str | None = None, dp_overlap: bool = False,
                  per_token_loss: bool = False, pipeline_parallel: bool = False, expert_data_parallel_group=None):
@@ -51,13 +55,23 @@ class ForgeController:
                              "megatron-core's ColumnParallelLinear / RowParallelLinear)")
         self.params: list[ForgeParam] = [p._forge_param for _, p in self.named]
         self.global_names = [name for chunk in model_chunks for name in global_names(chunk)]
-        for name, param in zip(self.global_names, self.params):  # the same on every rank and parallel layout
-            param.state.weight_id = weight_id(name)
-        if len({p.state.weight_id for p in self.params}) != len(self.params):
+        # a grouped experts weight's (experts.py): each expert's global name on the per-expert path
+        self.expert_names = [names for chunk in model_chunks for names in expert_names(chunk)]
+        ids = []
+        for name, experts, param in zip(self.global_names, self.expert_names, self.params):
+            # the same on every rank and parallel layout, and for an expert on both experts' paths
+            if experts is None:
+                param.state.weight_id = weight_id(name)
+                ids.append(param.state.weight_id)
+            else:
+                param.state.weight_ids = [weight_id(n) for n in experts]
+                ids.extend(param.state.weight_ids)
+        if len(set(ids)) != len(ids):
             raise ValueError("two covered weights' names hash to one random-stream id")
         self.table: StepTable | None = None  # built at the first step, when the weights' dtypes are final
-        self.groups = _megatron_param_groups(model_chunks, [p for _, p in self.named], optimizer_config,
-                                             config_overrides)
+        # (a grouped weight is in the parameter group of its experts' weights, which Megatron built)
+        self.groups = _megatron_param_groups(model_chunks, [getattr(p, "_forge_group_param", p) for _, p in self.named],
+                                             optimizer_config, config_overrides)
         self.clip_grad = float(clip_grad)
         self.clip_mode = clip_mode if self.clip_grad > 0 else "off"
         self.max_nonfinite_iterations = max_nonfinite_iterations
@@ -97,6 +111,16 @@ class ForgeController:
         self._iteration = None  # the iteration whose backward FORGE last ran
         self.held = False  # the step's gradients are held, to be applied at the optimizer step
         self._held_coefficient: float | None = None  # a held step's clip coefficient (None: from its own norm)
+        self.forward_passes = 0  # Megatron schedule passes in the last iteration (2: two-pass's replay)
+        self._announced: str | None = None  # the resolved 'auto' clipping last logged
+        # progressive clipping (one process, no per-token loss): the running estimate of the last
+        # backward, and each weight's sum of squares of the previous step when a checkpoint gave them
+        # (at one micro-batch: with several, 'auto' is exact and an explicit 'progressive' is refused)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.progressive_applies = progressive_clipping_applies(world_size, 1, per_token_loss)
+        self.running_clip: RunningClip | None = None
+        self._loaded_sumsqs: list[float] | None = None
+        self._sumsqs_known = True  # the table's by-products hold a pass's sums (or none ran: zeros)
         # --calculate-per-token-loss: Megatron divides the step's gradients by its token count after
         # backward (finalize_model_grads); FORGE scales its own by the same `token_scale`.
         self.per_token_loss = per_token_loss
@@ -105,6 +129,22 @@ class ForgeController:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for _, p in self.named)
+
+    def checkpoint_units(self) -> list[tuple[str, torch.Tensor, str, Any]]:
+        """(name, weight, global name, param) of each weight as checkpoints hold it: a covered weight,
+        or each expert of a grouped experts weight (its own weight Parameter, its per-expert global
+        name and its part of the grouped state, GroupedForgeParam.expert), so that the keys are the
+        per-expert path's."""
+        units = []
+        for (name, weight), global_name, experts, param in zip(self.named, self.global_names, self.expert_names,
+                                                               self.params):
+            if experts is None:
+                units.append((name, weight, global_name, param))
+                continue
+            head, kind = name.rsplit(".", 2)[:2]
+            for e, (expert_weight, expert_name) in enumerate(zip(weight._forge_expert_weights, experts)):
+                units.append((f"{head}.local_experts.{e}.{kind}.weight", expert_weight, expert_name, param.expert(e)))
+        return units
 
     # -- schedules --------------------------------------------------------------------------------
 
@@ -172,8 +212,10 @@ class ForgeController:
         micro_batches = int(kwargs.get("num_microbatches", 1))
         table = self._step_table()
         kwargs = self._counting_tokens(kwargs)
+        self.forward_passes = 1
+        mode = self._resolved_mode(micro_batches)
         if self._holds(micro_batches):
-            self._held_coefficient = None if self.clip_mode == "two-pass" else self._stale_coefficient()
+            self._held_coefficient = None if mode in ("two-pass", "exact") else self._stale_coefficient()
             self._begin(micro_batches, hold=True)
             table.write(1.0)
             self._set(apply=False)
@@ -181,12 +223,19 @@ class ForgeController:
             self._check_backwards()
             self.held = True
             return losses
+        if mode == "progressive" and not self._progressive_ready():
+            mode = "two-pass"  # nothing to estimate from yet: this one step is exact (a norms-only pass first)
         self._begin(micro_batches)
-        if self.clip_mode != "two-pass":
+        if mode != "two-pass":
             self.grad_scale = self._stale_coefficient()
             table.write(self.grad_scale)
             self._set(apply=True)
-            losses = forward_backward_func(**kwargs)
+            self._start_running_clip(mode)
+            try:
+                losses = forward_backward_func(**kwargs)
+            finally:
+                for p in self.params:
+                    p.running_clip = None
             self._end()
             return losses
         table.write(1.0)
@@ -207,19 +256,71 @@ class ForgeController:
         _restore_logged_metrics(logged)
         self._begin(micro_batches)
         self._set(apply=True)
+        self.forward_passes = 2
         losses = forward_backward_func(**{**kwargs, "data_iterator": recorder.replay()})
         self._end()
         return losses
 
+    def _start_running_clip(self, mode: str) -> None:
+        """Progressive clipping: each covered weight's update in this backward takes its coefficient
+        from the running estimate of this step's norm (core/running_clip.py)."""
+        self.running_clip = None
+        if mode != "progressive":
+            return
+        table = self._step_table()
+        previous = None
+        if self._loaded_sumsqs is not None:
+            previous = torch.tensor(self._loaded_sumsqs, dtype=torch.float64, device=table.stats.device)
+            self._loaded_sumsqs = None
+        running = RunningClip(table, self.clip_grad, self.grad_norm, self.grad_scale, previous=previous)
+        for p in self.params:
+            p.running_clip = running
+        self.running_clip = running
+
+    def _progressive_ready(self) -> bool:
+        """Whether progressive clipping has the previous step's norm and each weight's sum of squares
+        (not at the first step, nor after loading a checkpoint without them)."""
+        return self.grad_norm is not None and (self._sumsqs_known or self._loaded_sumsqs is not None)
+
     def _holds(self, micro_batches: int) -> bool:
         """Whether this iteration's gradients are held until the optimizer step (forward_backward)."""
-        gradient_held_anyway = micro_batches > 1 or self.dp_group is not None
         count_known_in_backward = micro_batches == 1 and self.dp_group is None and not self.pipeline_parallel
-        return ((self.clip_mode == "two-pass" and gradient_held_anyway)
+        return ((self._resolved_mode(micro_batches) in ("two-pass", "exact") and self._gradient_held_anyway(micro_batches))
                 or (self.per_token_loss and not count_known_in_backward))
 
+    def _gradient_held_anyway(self, micro_batches: int) -> bool:
+        """Whether the step's gradient exists whole before the update anyway: summed over several
+        micro-batches (accumulation buffers) or reduce-scattered to the data-parallel owners' rows."""
+        return micro_batches > 1 or self.dp_group is not None
+
+    def _resolved_mode(self, micro_batches: int) -> str:
+        """The clipping that runs this iteration: 'auto' is 'exact' (the held gradient applied at
+        Megatron's optimizer step with Megatron's own coefficient: no replay, one element-wise pass)
+        where the gradient is held anyway, else 'stale' (one micro-batch, no data parallelism: the
+        update happens in backward, before this step's norm exists). Logged once on rank 0."""
+        if self.clip_mode != "auto":
+            return self.clip_mode
+        held = self._gradient_held_anyway(micro_batches)
+        mode = "exact" if held else "progressive" if self.progressive_applies else "stale"
+        if self._announced != mode:
+            self._announced = mode
+            in_backward = ("one micro-batch and no data parallelism: the update runs in backward, before this step's "
+                           "norm exists; ")
+            why = (f"the step's gradient is held anyway ({micro_batches} micro-batch{'es' if micro_batches > 1 else ''}, data-parallel "
+                   f"{'> 1' if self.dp_group is not None else '= 1'}): applied at the optimizer step with Megatron's "
+                   "clip coefficient, no replay" if held else
+                   in_backward + "each weight's coefficient counts the weights already updated with this step's sums "
+                   "of squares and the rest with the previous step's (--forge-clip-grad-mode two-pass for exact "
+                   "clipping at ~2x forward+backward)" if mode == "progressive" else
+                   in_backward + "the previous step's norm is used (several processes or a per-token loss: the "
+                   "progressive estimate needs one process's weights to be all of them; --forge-clip-grad-mode "
+                   "two-pass for exact clipping at ~2x forward+backward)")
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"FORGE: clipping auto -> {mode}: {why}", flush=True)
+        return mode
+
     def _stale_coefficient(self) -> float:
-        return self._coefficient(self.grad_norm) if self.clip_mode == "stale" else 1.0
+        return self._coefficient(self.grad_norm) if self.clip_mode in ("stale", "progressive", "auto") else 1.0
 
     def _counting_tokens(self, kwargs: dict) -> dict:
         """With a per-token loss: Megatron's schedule arguments with the loss function's token count
@@ -272,6 +373,7 @@ class ForgeController:
 
     def _end(self) -> None:
         self._check_backwards()
+        self._sumsqs_known = True  # the by-products now hold this pass's sums of squares
         if self.free_accumulation_buffers:
             for p in self.params:
                 p.free_buffer()
@@ -308,7 +410,7 @@ class ForgeController:
             return True
         self.nonfinite_streak += 1
         what = ("no weight was updated (two-pass clipping found them before the update)" if self.clip_mode ==
-                "two-pass" else "the tiles holding them were left unchanged, the other covered tiles were "
+                "two-pass" and not self.held else "no weight was updated (their gradients were held)" if self.held else "the tiles holding them were left unchanged, the other covered tiles were "
                 "updated, and the other parameters' step was skipped")
         logger.warning("FORGE: iteration %d: %d non-finite gradient values in covered weights (or a non-finite sum "
                        "of their squares); %s (%d in a row)", iteration, self.nonfinite, what, self.nonfinite_streak)
@@ -327,12 +429,23 @@ class ForgeController:
             self._apply_held(grad_norm, stepped and not self.skip, iteration)
         if grad_norm is not None and not self.skip:
             self.grad_norm = float(grad_norm)
+        # how far the coefficients the covered weights were scaled by are from this step's exact one
+        # (mean relative error over the weights; 0 for exact clipping)
+        coefficients = [self.grad_scale] if self.running_clip is None else self.running_clip.coefficients.tolist()
+        if self.running_clip is not None:  # the one coefficient that shrank the covered gradient as much
+            self.grad_scale = self.running_clip.effective_coefficient()
+            self.running_clip = None
+        exact = self._coefficient(grad_norm) if self.clip_mode != "off" else None
+        clip_error = None if exact is None else sum(abs(c / exact - 1.0) for c in coefficients) / len(coefficients)
         from megatron.training.global_vars import get_tensorboard_writer
 
         writer = get_tensorboard_writer()
         if writer is not None:
             writer.add_scalar("forge/grad-scale", self.grad_scale, iteration)
+            if clip_error is not None:
+                writer.add_scalar("forge/clip-coefficient-error", clip_error, iteration)
             writer.add_scalar("forge/nonfinite", self.nonfinite, iteration)
+            writer.add_scalar("forge/forward-passes", self.forward_passes, iteration)
             # covered weights (on this rank) whose backward saw no token: experts nothing was routed to
             writer.add_scalar("forge/empty-backwards", sum(p.empty_backwards for p in self.params), iteration)
             hyperparameters = self.params[0].state.hyperparameters
@@ -412,12 +525,25 @@ class ForgeController:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def scalars(self) -> dict[str, Any]:
-        """What FORGE's step depends on besides the state tensors (saved with them)."""
-        return {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
+        """What FORGE's step depends on besides the state tensors (saved with them); with progressive
+        clipping also each covered weight's sum of squares of the last step, by global name (the
+        next step's estimate starts from them)."""
+        out = {"grad_norm": self.grad_norm, "nonfinite_streak": self.nonfinite_streak}
+        if self._uses_progressive() and (self._sumsqs_known or self._loaded_sumsqs is not None):
+            sums = self._step_table().weight_sumsqs().tolist() if self._sumsqs_known else self._loaded_sumsqs
+            out["weight_sumsqs"] = dict(zip(self.global_names, sums))
+        return out
 
     def load_scalars(self, scalars: dict[str, Any]) -> None:
         self.grad_norm = scalars.get("grad_norm")
         self.nonfinite_streak = int(scalars.get("nonfinite_streak", 0))
+        sums = scalars.get("weight_sumsqs") or {}
+        known = self._uses_progressive() and all(name in sums for name in self.global_names)
+        self._loaded_sumsqs = [float(sums[name]) for name in self.global_names] if known else None
+        self._sumsqs_known = False  # the table's by-products are not the loaded step's
+
+    def _uses_progressive(self) -> bool:
+        return self.clip_mode == "progressive" or (self.clip_mode == "auto" and self.progressive_applies)
 
     def reload_masters(self) -> None:
         """Take every fp32 master (bf16 weights, master store) from its weight's rows: after weights
@@ -435,21 +561,43 @@ def global_names(chunk: torch.nn.Module) -> list[str]:
     a transformer layer's local index (per pipeline stage and virtual chunk) replaced by its
     global one (Megatron's layer_number - 1), and a local expert's index by its global one (its
     expert-parallel rank's offset plus the local index), so a name is the same at every layout."""
+    globalize = _globalizer(chunk)
+    return [globalize(name) for name, _ in covered_params([chunk])]
+
+
+def expert_names(chunk: torch.nn.Module) -> list[list[str] | None]:
+    """Per covered weight of the chunk (covered_params' order): for a grouped experts weight
+    ('<experts module>.linear_fc1.weight', experts.py) its experts' global names on the per-expert
+    path ('<experts module>.local_experts.<global index>.linear_fc1.weight'); None for the others."""
+    globalize = _globalizer(chunk)
+    out = []
+    for name, weight in covered_params([chunk]):
+        param = weight._forge_param
+        if not isinstance(param, GroupedForgeParam):
+            out.append(None)
+            continue
+        head, kind = name.rsplit(".", 2)[:2]
+        out.append([globalize(f"{head}.local_experts.{e}.{kind}.weight") for e in range(param.experts)])
+    return out
+
+
+def _globalizer(chunk: torch.nn.Module) -> Callable[[str], str]:
     renumber = {}  # module prefix + "." -> (the prefix of the index to replace, its global value)
     for prefix, module in chunk.named_modules():
         if type(module).__name__ == "TransformerLayer" and hasattr(module, "layer_number"):
             renumber[prefix + "."] = module.layer_number - 1
-        elif type(module).__name__ == "SequentialMLP":
+        elif type(module).__name__ in ("SequentialMLP", "ForgeGroupedMLP"):
             offset = module.ep_group.rank() * module.num_local_experts
             for index in range(module.num_local_experts):
                 renumber[f"{prefix}.local_experts.{index}."] = offset + index
-    out = []
-    for name, _ in covered_params([chunk]):
+
+    def globalize(name: str) -> str:
         for prefix in sorted((p for p in renumber if name.startswith(p)), key=len, reverse=True):
             head, rest = prefix[:-1].rsplit(".", 1)[0], name[len(prefix):]
             name = f"{head}.{renumber[prefix]}.{rest}"
-        out.append(name)
-    return out
+        return name
+
+    return globalize
 
 
 def weight_id(global_name: str) -> int:
@@ -459,10 +607,15 @@ def weight_id(global_name: str) -> int:
     return zlib.crc32(global_name.encode())
 
 
-def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, weight) of every FORGE-covered weight, in module order."""
-    return [(name, p) for chunk in model_chunks for name, p in chunk.named_parameters()
-            if getattr(p, "_forge_param", None) is not None]
+def covered_params(model_chunks: Iterable[torch.nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every FORGE-covered weight, in module order, then each chunk's grouped
+    experts weights ('<experts module>.linear_fc1.weight', stacked [E, out, in]; experts.py)."""
+    out = []
+    for chunk in model_chunks:
+        out += [(name, p) for name, p in chunk.named_parameters() if getattr(p, "_forge_param", None) is not None]
+        out += [(f"{prefix}.{kind}.weight", module.stacked(kind)) for prefix, module in chunk.named_modules()
+                if hasattr(module, "forge_params") for kind in module.forge_params()]
+    return out
 
 
 class _Recorder:

@@ -3,8 +3,8 @@ builder chose its layers) and before DDP wraps it, every megatron-core `ColumnPa
 `RowParallelLinear` whose weight FORGE can own becomes its FORGE class in place
 (`ForgeColumnParallelLinear` / `ForgeRowParallelLinear`: same weight, buffers and attributes; only
 the autograd function changes). Attention and MLA projections, MLPs, mixture-of-experts experts
-(each local expert's linears) and shared experts, the multi-token-prediction layers and the output
-layer are covered alike.
+(each local expert's linears, or with --moe-grouped-gemm FORGE's grouped experts module, experts.py)
+and shared experts, the multi-token-prediction layers and the output layer are covered alike.
 
 A weight FORGE cannot own stays with Megatron's optimizer, and the log line says why: it is tied
 or shared (the output layer of a model with tied embeddings, a parameter reachable from two
@@ -24,6 +24,7 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from forge_megatron.core.param import ForgeConfig
+from forge_megatron.megatron.experts import cover_grouped, grouped_linears
 from forge_megatron.megatron.layers import ForgeColumnParallelLinear, ForgeRowParallelLinear, _ForgeLinear
 
 PARENTS = ((ColumnParallelLinear, ForgeColumnParallelLinear, 0), (RowParallelLinear, ForgeRowParallelLinear, 1))
@@ -49,14 +50,22 @@ class CoverReport:
         return f"; with Megatron's optimizer: {rest}"
 
 
-def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool = False) -> CoverReport:
+def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool = False,
+                grouped_experts: bool = False) -> CoverReport:
     """Turn every coverable megatron-core parallel linear of the built `model_chunks` into its
-    FORGE class, in place (after the build, before DDP wrapping)."""
+    FORGE class, in place (after the build, before DDP wrapping). With `grouped_experts`
+    (--moe-grouped-gemm), every SequentialMLP first becomes FORGE's grouped experts module
+    (experts.py), which trains its experts' linears itself."""
     report = CoverReport()
+    grouped = set()
+    if grouped_experts:
+        for kind, n in cover_grouped(model_chunks, forge).items():
+            report.covered[f"{kind} of grouped experts"] += n
+        grouped = grouped_linears(model_chunks)
     for chunk in model_chunks:
         owners = collections.Counter(id(p) for _, p in chunk.named_parameters(remove_duplicate=False))
         for name, module in chunk.named_modules():
-            if not _is_linear(module):
+            if not _is_linear(module) or id(module) in grouped:
                 continue
             reason = _why_standard(module, name, chunk, owners, multi_token_prediction)
             if reason is not None:

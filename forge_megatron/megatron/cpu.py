@@ -32,6 +32,10 @@ One shim per CUDA assumption met on the way, each applied only when no CUDA devi
  14. the MoE alltoall dispatcher moves its split sizes to the host with `maybe_move_tensor_to_cpu(...,
      as_numpy=True)`, which converts only CUDA tensors; torch's all_to_all_single refuses a tensor
      of sizes -> a CPU tensor asked for as numpy is converted too.
+ 15. (time, not CUDA) Megatron's torch_dist checkpoint writer takes its results queue from a
+     multiprocessing Manager started with 'spawn', which imports the entry module, torch and
+     Megatron again: ~20 s of CPU in every process that saves, more than the tiny models' whole
+     training -> the Manager is started with 'fork', as Megatron's persistent async worker starts it.
 Idempotent.
 """
 
@@ -108,6 +112,11 @@ def enable_megatron_on_cpu() -> None:
     _tag_sequence_parallel_norms()
     # 14. the MoE alltoall dispatcher's split sizes
     _moe_split_sizes_as_numpy()
+    # 15. the checkpoint writer's results queue
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.get_write_results_queue = functools.partial(filesystem_async.get_write_results_queue,
+                                                                 mp_mode="fork")
     _ENABLED = True
 
 

@@ -90,7 +90,8 @@ def _pre_wrap_hook(model_chunks):
     from megatron.training.training import get_megatron_optimizer_config
 
     args, forge = _STATE["args"], _STATE["config"]
-    report = cover_model(model_chunks, forge, multi_token_prediction=bool(args.mtp_num_layers))
+    report = cover_model(model_chunks, forge, multi_token_prediction=bool(args.mtp_num_layers),
+                         grouped_experts=bool(getattr(args, "moe_grouped_gemm", False)))
     optimizer_config, overrides = get_megatron_optimizer_config(args)
     controller = ForgeController(
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,

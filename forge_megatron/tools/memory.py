@@ -23,8 +23,14 @@ and the stored activations; it is called, not copied. This module adds what it c
   estimator knows 18, or 6 + 12/dp with the distributed optimizer, only);
 - the attention-score matrices of unfused attention (the estimator assumes selective recompute,
   which stores none), and the loss stage at its real size (the estimator counts 4 bytes per logit).
-docs/memory.md states what is and is not counted. Dense models, CP = 1, no interleaved pipeline,
-Adam only.
+Mixtures of experts (every layer; docs/memory.md, "Mixtures of experts"): the routed experts'
+weights are split over expert-parallel x expert-tensor-parallel ranks, and their gradients, master
+and states over the expert-data-parallel group (world / (EP x ETP x PP)), as Megatron's DDP and
+distributed optimizer (and FORGE's owner rows) split them; FORGE covers every expert linear. Each
+layer holds the routed tokens' expert activations (top-k copies of each token, balanced over the
+experts) and the router's per-expert scores; one layer's dispatcher buffers (its permuted tokens
+and what the all-to-all receives) are short-lived, at the moment of attention's workspace.
+docs/memory.md states what is and is not counted. CP = 1, no interleaved pipeline, Adam only.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ def parse_megatron_args(argv: list[str], extra_args_provider=None, data_parallel
         kv_channels=args.kv_channels or args.hidden_size // args.num_attention_heads,
         num_query_groups=args.num_query_groups if args.group_query_attention else args.num_attention_heads,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
         virtual_pipeline_model_parallel_size=args.num_virtual_stages_per_pipeline_rank,  # refused if set
     )
 
@@ -173,10 +180,34 @@ def _embedding_per_rank(args) -> int:
     return args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
 
 
+def expert_data_parallel_size(args) -> int:
+    """Ranks that hold the same experts (Megatron's expert-data-parallel group): they share the
+    experts' gradients, master and states as data-parallel ranks share the dense weights'."""
+    return args.world_size // (args.expert_model_parallel_size * args.expert_tensor_parallel_size
+                               * args.pipeline_model_parallel_size)
+
+
+def expert_parameters_per_rank(args, stage: int = 0) -> int:
+    """Routed experts' weights on one rank of stage `stage` (all covered by FORGE): num_experts /
+    EP experts of each of its layers, each expert's fc1 and fc2 split over ETP."""
+    if not args.num_experts:
+        return 0
+    fc1, fc2 = _expert_weights(args)
+    return stage_layers(args) * args.num_experts * (fc1 + fc2) // (
+        args.expert_model_parallel_size * args.expert_tensor_parallel_size)
+
+
+def _expert_weights(args) -> tuple[int, int]:
+    """Elements of one expert's linear_fc1 and linear_fc2, unsharded."""
+    hidden, ffn = args.hidden_size, args.moe_ffn_hidden_size
+    return hidden * ffn * (2 if args.swiglu else 1), ffn * hidden
+
+
 def covered_parameters_per_rank(args, cover_output_layer: bool, stage: int = 0) -> int:
-    """Weights FORGE covers on one rank of pipeline stage `stage`: linear_qkv, linear_proj,
-    linear_fc1 and linear_fc2 of each of its layers, and on the last stage the output layer if
-    covered. Weights only: biases stay with the standard optimizer."""
+    """Dense weights FORGE covers on one rank of pipeline stage `stage`: linear_qkv, linear_proj,
+    linear_fc1 and linear_fc2 of each of its layers (in a mixture of experts only the attention's;
+    the experts: expert_parameters_per_rank), and on the last stage the output layer if covered.
+    Weights only: biases stay with the standard optimizer."""
     layer, output = _covered_weights(args, cover_output_layer, stage)
     return (stage_layers(args) * sum(layer) + output) // args.tensor_model_parallel_size
 
@@ -193,10 +224,11 @@ def _covered_weights(args, cover_output_layer: bool, stage: int) -> tuple[tuple[
     hidden, ffn = args.hidden_size, args.ffn_hidden_size
     query = args.num_attention_heads * args.kv_channels
     qkv = hidden * (query + 2 * args.num_query_groups * args.kv_channels)
-    fc1 = hidden * ffn * (2 if args.swiglu else 1)
     last = stage == args.pipeline_model_parallel_size - 1
     output = args.padded_vocab_size * hidden if cover_output_layer and last else 0
-    return (qkv, query * hidden, fc1, ffn * hidden), output
+    if args.num_experts:
+        return (qkv, query * hidden), output
+    return (qkv, query * hidden, hidden * ffn * (2 if args.swiglu else 1), ffn * hidden), output
 
 
 def standard_bytes_per_parameter(args) -> ParameterBytes:
@@ -238,19 +270,32 @@ def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
     one weight's local gradient (at one micro-batch per step, or at every micro-batch with
     --forge-dp-accumulation owner; with several under 'local' it is the weight's accumulation
     buffer, counted per parameter) and the block of it reduce-scattered to this rank; with
-    two-pass clipping at one micro-batch, every weight's reduce-scattered rows, held until the
+    two-pass or auto (exact) clipping at one micro-batch, every weight's reduce-scattered rows, held until the
     optimizer step. With --overlap-grad-reduce two weights' windows are in flight. Nothing at
-    D = 1."""
-    owners = args.data_parallel_size
+    D = 1. Experts are reduced over their expert-data-parallel group the same way; one weight
+    (dense or expert) is in flight at a time, the held rows of both add up."""
+    dense = _window_elements(args, micro_batches, args.data_parallel_size,
+                             largest_covered_weight(args, output_layer_covered(args), stage),
+                             covered_parameters_per_rank(args, output_layer_covered(args), stage))
+    experts = (0.0, 0.0)
+    if args.num_experts:
+        shards = args.expert_tensor_parallel_size
+        experts = _window_elements(args, micro_batches, expert_data_parallel_size(args),
+                                   max(_expert_weights(args)) // shards, expert_parameters_per_rank(args, stage))
+    return round((max(dense[0], experts[0]) + dense[1] + experts[1]) * _window_bytes(args))
+
+
+def _window_elements(args, micro_batches: int, owners: int, largest: int, covered: int) -> tuple[float, float]:
+    """(elements in flight for one weight, elements held until the optimizer step) over `owners`
+    data-parallel ranks sharing weights of at most `largest` and `covered` elements in all."""
     if owners == 1:
-        return 0
-    largest = largest_covered_weight(args, output_layer_covered(args), stage)
+        return 0.0, 0.0
     window = largest if micro_batches == 1 or args.forge_dp_accumulation == "owner" else 0
     in_flight = 2 if args.overlap_grad_reduce else 1
-    held = 0
-    if micro_batches == 1 and args.forge_clip_grad_mode == "two-pass" and args.clip_grad > 0:
-        held = covered_parameters_per_rank(args, output_layer_covered(args), stage) / owners
-    return round((in_flight * (window + largest / owners) + held) * _window_bytes(args))
+    held = 0.0
+    if micro_batches == 1 and args.forge_clip_grad_mode in ("two-pass", "auto") and args.clip_grad > 0:
+        held = covered / owners
+    return in_flight * (window + largest / owners), held
 
 
 def _window_bytes(args) -> int:
@@ -274,21 +319,26 @@ def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> Mem
     forge = getattr(args, "use_forge", False)
     k = micro_batches_per_step(args, micro_batch)
     covered = covered_parameters_per_rank(args, output_layer_covered(args), stage) if forge else 0
-    groups = [(parameters_per_rank(args, stage) - covered, standard_bytes_per_parameter(args))]
-    window = 0
-    if forge:
-        per = forge_bytes_per_parameter(args, k)
-        window = forge_window_bytes(args, k, stage)
-        if args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
-            window += round(covered * per.grad)
+    experts = expert_parameters_per_rank(args, stage)
+    expert_args = replace_args(args, data_parallel_size=expert_data_parallel_size(args))
+    groups = [(parameters_per_rank(args, stage) - covered - experts, standard_bytes_per_parameter(args))]
+    window = forge_window_bytes(args, k, stage) if forge else 0
+    for count, group_args in ((covered, args), (experts, expert_args)):
+        if not forge:
+            groups.append((count, standard_bytes_per_parameter(group_args)))
+            continue
+        per = forge_bytes_per_parameter(group_args, k)
+        if group_args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
+            window += round(count * per.grad)
             per = dataclasses.replace(per, grad=0)
-        groups.append((covered, per))
+        groups.append((count, per))
     held = {field: round(sum(count * getattr(per, field) for count, per in groups))
             for field in ("weight", "grad", "master", "states")}
     activations, logits, workspace = activation_memory(args, micro_batch, stage)
     if forge and _runs_the_torch_twin(args):  # its panel workspace, at another moment than attention's
+        ffn = args.moe_ffn_hidden_size if args.num_experts else args.ffn_hidden_size
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
-            max(2 * args.ffn_hidden_size, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
+            max(2 * ffn, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
     return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], window, activations, logits,
                            workspace, round(reserve_gib * GIB), stage)
 
@@ -320,7 +370,10 @@ def activation_memory(args, micro_batch: int, stage: int = 0) -> tuple[int, int,
                         pipeline_model_parallel_size=1)
     element = 2 if args.bf16 else FP32
     logits_per_rank = args.seq_length * micro_batch * args.padded_vocab_size // args.tensor_model_parallel_size
-    layers = (compute_activation_memory(args, num_microbatches=1) - FP32 * logits_per_rank) * element / 2
+    routed, dispatcher = routed_token_bytes(args, micro_batch, element)
+    dense_args = replace_args(args, ffn_hidden_size=0) if args.num_experts else args  # experts: routed
+    layers = (compute_activation_memory(dense_args, num_microbatches=1) - FP32 * logits_per_rank) * element / 2
+    layers += args.num_layers * routed
     # Loss stage: the 16-bit logits, and cross entropy's fp32 copy (softmax, then gradient, in place);
     # in fp32 training they are one tensor. Without gradient-accumulation fusion the output layer's
     # backward also materializes its weight gradient (16-bit, [vocab/tp, hidden]) before DDP's hook
@@ -332,15 +385,35 @@ def activation_memory(args, micro_batch: int, stage: int = 0) -> tuple[int, int,
     scores_per_layer = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length**2
     held_per_score, buffer_per_score, workspace_per_score = _attention_score_bytes(args, element)
     per_micro_batch = layers + held_per_score * scores_per_layer
-    workspace = workspace_per_score * scores_per_layer
+    workspace = max(workspace_per_score * scores_per_layer, dispatcher)
     if fused_attention(args):
         # Fused attention keeps each layer's softmax log-sum-exp (fp32, one per query row and head)
         # for its backward, which accumulates dQ in fp32.
         rows = micro_batch * (args.num_attention_heads // args.tensor_model_parallel_size) * args.seq_length
         per_micro_batch += args.num_layers * FP32 * rows
-        workspace = FP32 * rows * args.kv_channels
+        workspace = max(FP32 * rows * args.kv_channels, dispatcher)
     activations = in_flight * per_micro_batch + buffer_per_score * scores_per_layer
     return round(activations), round(logits if last else 0), round(workspace)
+
+
+def routed_token_bytes(args, micro_batch: int, element: int) -> tuple[float, float]:
+    """(held per mixture-of-experts layer, one layer's dispatcher buffers), bytes on one rank, for
+    top-k routing balanced over the experts: each of the rank's tokens (s b / TP with sequence
+    parallelism, gathered over ETP for the experts) reaches k experts. Held for backward: the
+    permuted copy of each routed token (the experts' fc1 input), fc1's output (2 f with SwiGLU)
+    and the activation's (fc2's input), f split over ETP; unfused (--no-bias-swiglu-fusion), also
+    SiLU's output and the product the routing probability then weighs; the router's fp32 scores and probabilities
+    and its routing map (one byte) per token and expert. Short-lived: the permuted tokens and what
+    the all-to-all hands the experts (two [k tokens, h] tensors) in one layer's forward or backward."""
+    if not args.num_experts:
+        return 0.0, 0.0
+    tokens = args.seq_length * micro_batch / args.tensor_model_parallel_size
+    routed = args.moe_router_topk * tokens * args.expert_tensor_parallel_size
+    ffn = args.moe_ffn_hidden_size / args.expert_tensor_parallel_size
+    per_ffn = (3 + 2 * (not args.bias_swiglu_fusion)) if args.swiglu else 2
+    held = routed * element * (args.hidden_size + ffn * per_ffn)
+    router = tokens * args.num_experts * (2 * FP32 + 1)
+    return held + router, 2 * routed * element * args.hidden_size
 
 
 def fused_attention(args) -> bool:
@@ -382,8 +455,11 @@ def _refuse_unmodelled(args) -> None:
             or args.decoder_last_pipeline_num_layers or args.account_for_embedding_in_pipeline_split \
             or args.account_for_loss_in_pipeline_split:
         refuse("only pipeline stages of num_layers / pipeline size layers each are modelled")
-    if args.num_experts:
-        refuse("mixture-of-experts models are not modelled; drop --num-experts")
+    if args.num_experts and (args.moe_layer_freq != 1 or args.moe_shared_expert_intermediate_size
+                             or args.moe_latent_size or args.moe_expert_capacity_factor):
+        refuse("only mixtures of experts in every layer without shared experts, latent projection or capacity "
+               "factor are modelled; drop --moe-layer-freq / --moe-shared-expert-intermediate-size / "
+               "--moe-latent-size / --moe-expert-capacity-factor")
     if args.optimizer != "adam":
         refuse(f"only Adam's two states are modelled, not --optimizer {args.optimizer}")
     if args.fp16:
