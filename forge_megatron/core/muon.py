@@ -77,13 +77,13 @@ def _scaled(x: torch.Tensor, hp: dict, layout: MatrixLayout) -> torch.Tensor:
     return orthogonal * get_muon_scale_factor(shape[0], shape[1], mode=hp["scale_mode"]) * hp["extra_scale_factor"]
 
 
-def orthogonalized_update(weight: torch.Tensor, state, layout: MatrixLayout, stats: torch.Tensor) -> None:
+def orthogonalized_update(weight: torch.Tensor, state, stats: torch.Tensor) -> None:
     """The weight's Muon update from its state (a ForgeState whose momentum its pass just updated,
-    with the Nesterov direction in its workspace), unless `stats` (the pass's by-products) count a
-    non-finite gradient value."""
+    with the Nesterov direction in its workspace; `state.matrix_layout` says how its matrix is
+    orthogonalized), unless `stats` (the pass's by-products) count a non-finite gradient value."""
     hp = state.hyperparameters
-    direction = state.take_workspace("direction") if hp["nesterov"] else state.values("momentum_buffer")
-    update = orthogonalize(direction, hp, layout)
+    direction = state.take_workspace("direction") if hp["nesterov"] else state.tensors["momentum_buffer"].float()
+    update = orthogonalize(direction, hp, state.matrix_layout or MatrixLayout())
     del direction
     finite = stats[:, 1].sum() == 0
     update = torch.where(finite, update, 0.0)

@@ -20,9 +20,9 @@ A rule says four things:
   (Muon) updates only its states in the epilogue (`updates_weight` False: the weight is neither
   read nor written there) and may write a state that is not kept (a workspace, e.g. Muon's
   Nesterov direction, allocated for one step and handed to the consumer); once a weight's pass
-  is done, `weight_step(weight, state, layout, stats)` updates the whole weight (core/muon.py).
+  is done, `weight_step(weight, state, stats)` updates the whole weight (core/muon.py).
 * `update(p, g, state, coef) -> (p, state)`: the element-wise formula on fp32 values, written
-  with `+ - *` and the `ops` vocabulary (ops.sqrt, ops.div, ops.where, ops.abs, ops.sign,
+  with `+ - *` and the `ops` vocabulary (ops.sqrt, ops.div, ops.fma, ops.where, ops.abs, ops.sign,
   ops.maximum, ops.minimum). `register_rule` compiles this one function twice: as a Triton
   JIT function for the kernel's epilogue (`ops` = ops_triton) and as a torch function for the
   tiled backend and for references (`ops` = ops_torch). Both vocabularies are correctly
@@ -476,10 +476,10 @@ class Adagrad(Rule):
 
 
 def _lerp_coefficients(weight: float) -> tuple[float, float, float]:
-    """torch.lerp(start, end, weight) as start * s + end * e + c * (end - start) with exact 0/1
+    """torch.lerp(start, end, weight) as fma(c, end - start, start * s + end * e) with exact 0/1
     factors s and e: torch's two branches, start + w (end - start) for |w| < 0.5 and
-    end - (1 - w) (end - start) otherwise, with the weight rounded to fp32 first, as torch does
-    with a scalar weight (1 - w is then exact in fp32)."""
+    end - (1 - w) (end - start) otherwise, each one fused multiply-add as torch computes it, with
+    the weight rounded to fp32 first, as torch does with a scalar weight (w - 1 is then exact)."""
     w = float(torch.tensor(weight, dtype=torch.float32))
     return (1.0, 0.0, w) if abs(w) < 0.5 else (0.0, 1.0, w - 1.0)
 
@@ -524,6 +524,6 @@ class Muon(Rule):
     def update(p, g, state, coef):
         m, _ = state
         m_keep, m_take, m_gain, d_keep, d_take, d_gain = coef
-        m = (m_keep * m + m_take * g) + m_gain * (g - m)  # lerp(m, g, 1 - momentum)
-        direction = (d_keep * g + d_take * m) + d_gain * (m - g)  # lerp(g, m, momentum)
+        m = ops.fma(m_gain, g - m, m_keep * m + m_take * g)  # lerp(m, g, 1 - momentum)
+        direction = ops.fma(d_gain, m - g, d_keep * g + d_take * m)  # lerp(g, m, momentum)
         return p, (m, direction)

@@ -50,6 +50,7 @@ class ForgeState:
                  **hyperparameters: Any):
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
         self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
+        self.matrix_layout = None  # how a whole-matrix rule sees this shard (core/muon.py MatrixLayout; None: alone)
         self._allocate(weight, defer)
 
     def _configure(self, rule, weight_store: str, state_dtype: str, seed: int, hyperparameters: dict) -> None:
@@ -58,6 +59,9 @@ class ForgeState:
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"unknown state_dtype {state_dtype!r}; choose one of {tuple(STATE_DTYPES)}")
         self.rule = get_rule(rule)
+        if self.rule.weight_step is not None and state_dtype == "int8":
+            raise ValueError(f"rule '{self.rule.name}' updates the whole matrix from its states after the pass: keep "
+                             "them in fp32 or bf16 (state_dtype / --forge-state-dtype), not int8")
         self.hyperparameters = self.rule.hyperparameters(**hyperparameters)
         self.weight_store = weight_store
         self.state_dtype = state_dtype
@@ -292,6 +296,10 @@ class GroupedForgeState(ForgeState):
             raise TypeError("a grouped state keys each expert's random streams by its own id: pass weight_ids, "
                             "one per expert, not weight_id")
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
+        if self.rule.weight_step is not None:
+            raise ValueError(f"rule '{self.rule.name}' updates each expert's whole matrix after its pass, which the "
+                             "grouped experts' step does not run: drop --moe-grouped-gemm (each expert is then "
+                             "covered on its own)")
         self._allocate(weight, defer=False)
         self.weight_ids = [next(ForgeState._ids) for _ in range(weight.shape[0])] if weight_ids is None else weight_ids
 

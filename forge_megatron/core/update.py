@@ -110,9 +110,9 @@ def fused_update(
     clip coefficient) before the rule. Increments state.step. With apply=False nothing is
     written and the step is not counted: only the by-products (the norms-only pass of two-pass
     clipping). Everything is checked before anything is written: on error, weight and state are
-    unchanged. A rule with workspace states (Muon's Nesterov direction) gets them allocated in
-    `state.workspace` for an applied step, where they stay for the step's consumer (the rule's
-    `weight_step`, which ForgeParam runs after the pass) to take.
+    unchanged. A rule that is not element-wise (Muon) updates only its states in the pass (and
+    its workspace states, e.g. Muon's Nesterov direction, allocated for the step), then the whole
+    weight right after it (the rule's `weight_step`, which frees the workspace).
 
     `slots` (table.StepSlots, from a StepTable the caller has written for this step) hold the
     gradient scale, step and coefficients on the device and receive the by-products: the step is
@@ -216,7 +216,15 @@ def _fused_step(x, dy, offsets, weight, state, grad_scale, materialize, apply, b
         tiled.run(x2, dy2, weight, plan, config)
     if plan.apply:
         state.step = step
+        _whole_weight_step(weight, state, slots)
     return UpdateResult(stats=slots.stats, grad=grad)
+
+
+def _whole_weight_step(weight: torch.Tensor, state: ForgeState, slots: StepSlots) -> None:
+    """A rule that is not element-wise (Muon) updates the weight from the states its pass just
+    wrote, once the weight's whole pass is done (its workspace freed there)."""
+    if state.rule.weight_step is not None:
+        state.rule.weight_step(weight, state, slots.stats)
 
 
 def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Tensor, *,
@@ -260,6 +268,7 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
         tiled.apply_buffer(weight, plan, config)
     if apply:
         state.step = step
+        _whole_weight_step(weight, state, slots)
     return UpdateResult(stats=slots.stats, grad=grad)
 
 

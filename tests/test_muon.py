@@ -1,0 +1,115 @@
+"""Muon (rules.Muon, core/muon.py): the fused pass's momentum update against its element-wise
+definition (torch.lerp, as emerging_optimizers' OrthogonalizedOptimizer writes it), bit for bit in
+fp32 on both backends, and the pass plus the whole-weight step against emerging_optimizers' Muon
+(what Megatron's --optimizer muon runs)."""
+
+import pytest
+import torch
+from emerging_optimizers.orthogonalized_optimizers.muon import Muon
+from helpers import BACKENDS, assert_bits_equal, randn
+
+from forge_megatron import ForgeState, fused_update
+from forge_megatron.core import rules
+from forge_megatron.core.state import GroupedForgeState
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_pass_updates_the_momentum_as_lerp_bit_for_bit(backend, nesterov, gen, device, monkeypatch):
+    """Three steps on a 9 x 13 weight (partial tiles): the momentum is momentum.lerp(g, 1 - beta)
+    and the Nesterov direction g.lerp(momentum, beta), bit for bit, with g the gradient the pass
+    used (materialized); beta 0.95 takes lerp's |w| >= 0.5 branch for one and < 0.5 for the other.
+    The pass leaves the weight alone: the whole-weight step after it (captured here) updates it."""
+    seen = []
+    monkeypatch.setattr(rules.Muon, "weight_step", staticmethod(
+        lambda weight, state, stats: seen.append(state.take_workspace("direction") if state.workspace else None)))
+    weight = randn(gen, 9, 13, device=device)
+    before = weight.clone()
+    state = ForgeState(weight, "muon", momentum=0.95, nesterov=nesterov)
+    momentum = torch.zeros_like(weight)
+    for step in range(3):
+        x, dy = randn(gen, 5, 13, device=device), randn(gen, 5, 9, device=device)
+        g = fused_update(x, dy, weight, state, materialize=True, backend=backend).grad
+        momentum = momentum.lerp(g, 1 - 0.95)
+        assert_bits_equal(state.tensors["momentum_buffer"], momentum, f"momentum, step {step + 1}")
+        if nesterov:
+            assert_bits_equal(seen[-1], g.lerp(momentum, 0.95), f"direction, step {step + 1}")
+        else:
+            assert seen[-1] is None
+        assert not state.workspace, "the workspace is the step's only"
+        assert_bits_equal(weight, before, "the pass leaves the weight alone")
+    assert len(seen) == 3 and state.step == 3
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_five_steps_equal_emerging_optimizers_muon(nesterov, gen, device):
+    """The fused pass and its whole-weight step against emerging_optimizers' own Muon on the same
+    gradients: the momentum is the same lerp, both call the same Newton-Schulz and apply the decay
+    and the update in the same order with the same ops: bit for bit."""
+    hp = dict(lr=0.02, momentum=0.9, weight_decay=0.1, nesterov=nesterov, num_ns_steps=5,
+              coefficient_type="quintic", scale_mode="spectral", extra_scale_factor=0.5, fp32_matmul_prec="highest")
+    weight = randn(gen, 12, 20, device=device)
+    reference = torch.nn.Parameter(weight.clone())
+    optimizer = Muon([reference], **hp)
+    state = ForgeState(weight, "muon", **hp)
+    for _ in range(5):
+        x, dy = randn(gen, 7, 20, device=device), randn(gen, 7, 12, device=device)
+        result = fused_update(x, dy, weight, state, materialize=True, backend="torch")
+        reference.grad = result.grad.clone()
+        optimizer.step()
+    assert_bits_equal(state.tensors["momentum_buffer"], optimizer.state[reference]["momentum_buffer"], "momentum")
+    assert_bits_equal(weight, reference.detach(), "weight")
+
+
+def test_a_non_finite_gradient_keeps_the_weight(gen, device):
+    """A pass that counts a non-finite gradient value leaves the weight as it was (the update and
+    the decay masked on the device, no host read)."""
+    weight = randn(gen, 6, 8, device=device)
+    state = ForgeState(weight, "muon", lr=0.1, weight_decay=0.1)
+    before = weight.clone()
+    x, dy = randn(gen, 3, 8, device=device), randn(gen, 3, 6, device=device)
+    x[0, 0] = float("inf")
+    result = fused_update(x, dy, weight, state, backend="torch")
+    assert int(result.nonfinite) > 0
+    assert_bits_equal(weight, before, "weight after a non-finite gradient")
+
+
+def test_refusals_name_the_fix(gen):
+    weight = randn(gen, 6, 8)
+    with pytest.raises(ValueError, match="not int8"):
+        ForgeState(weight, "muon", state_dtype="int8")
+    with pytest.raises(ValueError, match="drop --moe-grouped-gemm"):
+        GroupedForgeState(randn(gen, 2, 6, 8), "muon")
+    with pytest.raises(ValueError, match="coefficient_type must be one of"):
+        ForgeState(weight, "muon", coefficient_type="nope")
+
+
+def _nearest_float32(x) -> float:
+    """The float32 nearest the rational x, ties to even (the reference of a correctly rounded op)."""
+    from fractions import Fraction
+
+    f = torch.tensor(float(x), dtype=torch.float32)
+    candidates = [f, torch.nextafter(f, torch.tensor(float("inf"))), torch.nextafter(f, torch.tensor(float("-inf")))]
+    def key(c):
+        bits = int(c.view(torch.int32))
+        return abs(Fraction(float(c)) - x), bits & 1
+    return float(min(candidates, key=key))
+
+
+def test_fma_rounds_once(gen):
+    """ops.fma (Muon's lerp) against the exact a * b + c rounded once to float32: random values,
+    and values whose float64 sum lands on a float32 tie that the exact sum is just off (rounding
+    the float64 sum again would give the other neighbour)."""
+    from fractions import Fraction
+
+    from forge_megatron.core import ops_torch
+
+    a, b, c = (randn(gen, 400) for _ in range(3))
+    a = torch.cat([a, torch.tensor([1 + 2**-12] * 2)])
+    b = torch.cat([b, torch.tensor([1 + 2**-12] * 2)])
+    c = torch.cat([c, torch.tensor([2.0**-70, -(2.0**-70)])])
+    got = ops_torch.fma(a, b, c)
+    expected = [_nearest_float32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+                for x, y, z in zip(a, b, c)]
+    assert_bits_equal(got, torch.tensor(expected), "fma")
+    assert got[-2] == 1 + 2**-11 + 2**-23 and got[-1] == 1 + 2**-11
