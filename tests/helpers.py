@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from forge_megatron import ForgeState, registered_rules
-from forge_megatron.core.rules import get_rule
 from forge_megatron.core import numerics
+from forge_megatron.core.rules import get_rule
 
 BACKENDS = ("torch", "triton")
 

@@ -271,9 +271,6 @@ def _muon_refusals(args):
     yield (args.optimizer != "muon") and (
         "--forge-rule muon needs --optimizer muon (Megatron then gives the output layer and the other "
         "parameters --muon-scalar-optimizer, as FORGE does)")
-    yield (rule_for_optimizer(args, getattr(args, "muon_scalar_optimizer", "adam")) is None) and (
-        f"--muon-scalar-optimizer {args.muon_scalar_optimizer}: FORGE trains the output layer with it and has no "
-        "rule for it; use adam or lion")
     yield (args.muon_tp_mode == "distributed") and (
         "--muon-tp-mode distributed is not supported with --use-forge; use blockwise or duplicated")
     yield (args.data_parallel_size > 1) and (
