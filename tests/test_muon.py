@@ -61,6 +61,47 @@ def test_five_steps_equal_emerging_optimizers_muon(nesterov, gen, device):
     assert_bits_equal(weight, reference.detach(), "weight")
 
 
+def test_bf16_weights_with_a_master_step_as_fp32_muon_on_the_master(gen, device):
+    """bf16 weights, master store: the fp32 master takes emerging_optimizers' Muon step exactly
+    (fed the same gradient) and the weight is its round-to-nearest copy."""
+    hp = dict(lr=0.02, momentum=0.9, weight_decay=0.1, fp32_matmul_prec="highest")
+    weight = randn(gen, 12, 20, device=device).bfloat16()
+    reference = torch.nn.Parameter(weight.float())
+    optimizer = Muon([reference], **hp)
+    state = ForgeState(weight, "muon", weight_store="master", **hp)
+    for _ in range(3):
+        x, dy = randn(gen, 7, 20, device=device).bfloat16(), randn(gen, 7, 12, device=device).bfloat16()
+        reference.grad = fused_update(x, dy, weight, state, materialize=True, backend="torch").grad.clone()
+        optimizer.step()
+    assert_bits_equal(state.master, reference.detach(), "master")
+    assert_bits_equal(weight, reference.detach().bfloat16(), "weight")
+
+
+def test_bf16_weights_without_a_master_round_stochastically_and_unbiased(gen, device):
+    """bf16 weights, SR store, an update of about a quarter of the weight's rounding step: each
+    new weight is one of the two bf16 neighbours of the fp32 result of Muon's step on the old
+    weight's value, and on average the step lands where fp32 would (rounding to nearest would
+    lose almost all of it)."""
+    hp = dict(lr=2e-4, momentum=0.9, weight_decay=0.0, fp32_matmul_prec="highest")
+    weight = (randn(gen, 64, 256, device=device) * 0.01 + 1.0).bfloat16()  # one binade: one ulp, 2**-7
+    old = weight.float()
+    reference = torch.nn.Parameter(old.clone())
+    state = ForgeState(weight, "muon", weight_store="sr", **hp)
+    x, dy = randn(gen, 8, 256, device=device).bfloat16(), randn(gen, 8, 64, device=device).bfloat16()
+    reference.grad = fused_update(x, dy, weight, state, materialize=True, backend="torch").grad.clone()
+    Muon([reference], **hp).step()
+    exact, new = reference.detach(), weight.float()
+    down = exact.bfloat16().float()
+    up = torch.where(down > exact, down, torch.nextafter(exact.bfloat16(), torch.tensor(float("inf"),
+                                                          dtype=torch.bfloat16)).float())
+    down = torch.where(down > exact, torch.nextafter(exact.bfloat16(), torch.tensor(float("-inf"),
+                                                       dtype=torch.bfloat16)).float(), down)
+    assert bool(((new == down) | (new == up) | (new == exact)).all()), "a value that is not a neighbour"
+    direction = torch.sign(exact - old)
+    moved = float(((new - old) * direction).sum() / ((exact - old) * direction).sum())
+    assert 0.9 <= moved <= 1.1, moved
+
+
 def test_a_non_finite_gradient_keeps_the_weight(gen, device):
     """A pass that counts a non-finite gradient value leaves the weight as it was (the update and
     the decay masked on the device, no host read)."""
@@ -113,3 +154,60 @@ def test_fma_rounds_once(gen):
                 for x, y, z in zip(a, b, c)]
     assert_bits_equal(got, torch.tensor(expected), "fma")
     assert got[-2] == 1 + 2**-11 + 2**-23 and got[-1] == 1 + 2**-11
+
+
+def _muon_step_memory(layers: int, forge: bool, width: int = 96, tokens: int = 4) -> dict:
+    """Live tensor bytes of a bias-free MLP's second step (the first allocates the states): after
+    the forward, after backward (the seam), and the step's peak, for FORGE-Muon (forge_megatron.torch)
+    or emerging_optimizers' Muon on the stored gradients."""
+    from forge_megatron.tools.benchmarking import LiveTensorMemory
+    from forge_megatron.torch import cover
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width, bias=False) for _ in range(layers))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model = MLP()
+    hp = dict(lr=0.01, momentum=0.9, weight_decay=0.1, fp32_matmul_prec="highest")
+    optimizer = cover(model, "muon", **hp) if forge else Muon(model.parameters(), **hp)
+    x = torch.randn(tokens, width)
+
+    def step(tracker=None):
+        loss = model(x).square().mean()
+        forward = tracker.current if tracker else 0
+        loss.backward()
+        seam = tracker.current if tracker else 0
+        optimizer.step()
+        optimizer.zero_grad()
+        return forward, seam
+
+    step()
+    with LiveTensorMemory() as tracker:
+        forward, seam = step(tracker)
+    return {"forward": forward, "seam": seam, "peak": tracker.peak}
+
+
+def test_no_gradient_is_stored_and_one_layers_workspace_at_a_time():
+    """Measured on CPU (LiveTensorMemory), 3 and 6 layers of 96 x 96: after backward FORGE-Muon
+    holds none of the covered weights' gradients (Muon holds all of them), and what its step adds
+    above the forward's activations is the same at both depths: the Newton-Schulz workspace (and
+    the torch twin's padded tiles, the CPU backend's own) exists for one layer at a time, inside
+    that layer's backward. Standard Muon's grows by a gradient per layer (less the activations
+    backward frees)."""
+    grad = 96 * 96 * 4
+    measured = {(layers, forge): _muon_step_memory(layers, forge) for layers in (3, 6) for forge in (False, True)}
+    for layers in (3, 6):
+        standard, forge = measured[layers, False], measured[layers, True]
+        assert standard["seam"] >= layers * grad
+        assert forge["seam"] < 64  # the step's scalars only: no gradient
+    added = {key: m["peak"] - m["forward"] for key, m in measured.items()}
+    activations = measured[6, False]["forward"] - measured[3, False]["forward"]
+    assert added[6, True] == added[3, True], measured
+    assert added[6, False] - added[3, False] >= 3 * grad - activations, measured
