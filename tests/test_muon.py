@@ -48,12 +48,12 @@ def test_five_steps_equal_emerging_optimizers_muon(nesterov, gen, device):
     and the update in the same order with the same ops: bit for bit."""
     hp = dict(lr=0.02, momentum=0.9, weight_decay=0.1, nesterov=nesterov, num_ns_steps=5,
               coefficient_type="quintic", scale_mode="spectral", extra_scale_factor=0.5, fp32_matmul_prec="highest")
-    weight = randn(gen, 12, 20, device=device)
+    weight = randn(gen, 70, 20, device=device)  # the update's row blocks: 64 and 6
     reference = torch.nn.Parameter(weight.clone())
     optimizer = Muon([reference], **hp)
     state = ForgeState(weight, "muon", **hp)
     for _ in range(5):
-        x, dy = randn(gen, 7, 20, device=device), randn(gen, 7, 12, device=device)
+        x, dy = randn(gen, 7, 20, device=device), randn(gen, 7, 70, device=device)
         result = fused_update(x, dy, weight, state, materialize=True, backend="torch")
         reference.grad = result.grad.clone()
         optimizer.step()
@@ -65,12 +65,12 @@ def test_bf16_weights_with_a_master_step_as_fp32_muon_on_the_master(gen, device)
     """bf16 weights, master store: the fp32 master takes emerging_optimizers' Muon step exactly
     (fed the same gradient) and the weight is its round-to-nearest copy."""
     hp = dict(lr=0.02, momentum=0.9, weight_decay=0.1, fp32_matmul_prec="highest")
-    weight = randn(gen, 12, 20, device=device).bfloat16()
+    weight = randn(gen, 70, 20, device=device).bfloat16()  # the update's row blocks: 64 and 6
     reference = torch.nn.Parameter(weight.float())
     optimizer = Muon([reference], **hp)
     state = ForgeState(weight, "muon", weight_store="master", **hp)
     for _ in range(3):
-        x, dy = randn(gen, 7, 20, device=device).bfloat16(), randn(gen, 7, 12, device=device).bfloat16()
+        x, dy = randn(gen, 7, 20, device=device).bfloat16(), randn(gen, 7, 70, device=device).bfloat16()
         reference.grad = fused_update(x, dy, weight, state, materialize=True, backend="torch").grad.clone()
         optimizer.step()
     assert_bits_equal(state.master, reference.detach(), "master")
@@ -83,11 +83,11 @@ def test_bf16_weights_without_a_master_round_stochastically_and_unbiased(gen, de
     weight's value, and on average the step lands where fp32 would (rounding to nearest would
     lose almost all of it)."""
     hp = dict(lr=2e-4, momentum=0.9, weight_decay=0.0, fp32_matmul_prec="highest")
-    weight = (randn(gen, 64, 256, device=device) * 0.01 + 1.0).bfloat16()  # one binade: one ulp, 2**-7
+    weight = (randn(gen, 150, 256, device=device) * 0.01 + 1.0).bfloat16()  # one binade: one ulp, 2**-7
     old = weight.float()
     reference = torch.nn.Parameter(old.clone())
     state = ForgeState(weight, "muon", weight_store="sr", **hp)
-    x, dy = randn(gen, 8, 256, device=device).bfloat16(), randn(gen, 8, 64, device=device).bfloat16()
+    x, dy = randn(gen, 8, 256, device=device).bfloat16(), randn(gen, 8, 150, device=device).bfloat16()
     reference.grad = fused_update(x, dy, weight, state, materialize=True, backend="torch").grad.clone()
     Muon([reference], **hp).step()
     exact, new = reference.detach(), weight.float()

@@ -77,30 +77,44 @@ def _scaled(x: torch.Tensor, hp: dict, layout: MatrixLayout) -> torch.Tensor:
     return orthogonal * get_muon_scale_factor(shape[0], shape[1], mode=hp["scale_mode"]) * hp["extra_scale_factor"]
 
 
+UPDATE_ROWS = 64  # the weight is updated this many rows at a time: its temporaries stay a block's
+
+
 def orthogonalized_update(weight: torch.Tensor, state, stats: torch.Tensor) -> None:
     """The weight's Muon update from its state (a ForgeState whose momentum its pass just updated,
     with the Nesterov direction in its workspace; `state.matrix_layout` says how its matrix is
-    orthogonalized), unless `stats` (the pass's by-products) count a non-finite gradient value."""
+    orthogonalized), unless `stats` (the pass's by-products) count a non-finite gradient value.
+    After the orthogonalization, the decay, the update and the rounding run UPDATE_ROWS rows at
+    a time (element-wise: the same bits as the whole matrix at once)."""
     hp = state.hyperparameters
     direction = state.take_workspace("direction") if hp["nesterov"] else state.tensors["momentum_buffer"].float()
     update = orthogonalize(direction, hp, state.matrix_layout or MatrixLayout())
     del direction
     finite = stats[:, 1].sum() == 0
-    update = torch.where(finite, update, 0.0)
+    for start in range(0, weight.shape[0], UPDATE_ROWS):
+        _update_rows(weight, state, update, finite, start, min(start + UPDATE_ROWS, weight.shape[0]))
+
+
+def _update_rows(weight: torch.Tensor, state, update: torch.Tensor, finite: torch.Tensor, start: int,
+                 stop: int) -> None:
+    """Rows [start, stop): decoupled weight decay p <- p - lr wd p, then p <- p - lr update, as
+    emerging_optimizers' OrthogonalizedOptimizer orders them, on the fp32 weight or master (the
+    bf16 weight then its round-to-nearest copy), or on the bf16 weight's fp32 value rounded back
+    stochastically (store "sr", keyed like the kernel's weight stream) or to nearest."""
+    hp, rows = state.hyperparameters, slice(start, stop)
     lr, weight_decay = hp["lr"], hp["weight_decay"]
     if state.master is not None or weight.dtype == torch.float32:
-        p = state.master if state.master is not None else weight
+        p = state.master[rows] if state.master is not None else weight[rows]
     else:
-        p = weight.float()
+        p = weight[rows].float()
     if weight_decay != 0:
         p.add_(p * finite, alpha=-weight_decay * lr)
-    p.add_(update, alpha=-lr)
-    del update
-    if p is weight:
+    p.add_(torch.where(finite, update[rows], 0.0), alpha=-lr)
+    if weight.dtype == torch.float32:
         return
     if state.weight_store == "sr" and state.master is None:
-        index = numerics.global_index_torch(torch.arange(weight.shape[0], device=weight.device),
+        index = numerics.global_index_torch(torch.arange(start, stop, device=weight.device),
                                             torch.arange(weight.shape[1], device=weight.device), state.placement)
         keys = numerics.stream_keys_int(state.seed, state.weight_id, state.step, 0)
         p = numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *keys))
-    weight.copy_(p)  # bf16: to nearest even (the master's copy, or store "rne"), or the rounded value
+    weight[rows].copy_(p)  # bf16: to nearest even (the master's copy, or store "rne"), or the rounded value
