@@ -2,7 +2,8 @@
 standard Megatron with --optimizer muon and the same flags (emerging_optimizers' Muon for the
 matrices, Adam for the output layer and the rest), fp32, 20 steps, within 1e-5 in loss and weights:
 TP=1 with two micro-batches per step and two-pass clipping active at every step, TP=2 + SP in
---muon-tp-mode duplicated (with Nesterov) and blockwise, and a save -> resume that is exact."""
+--muon-tp-mode duplicated (with Nesterov) and blockwise, a save -> resume that is exact; a switch
+between standard and FORGE Muon with the optimizer state is one line."""
 
 import pytest
 from training_runs import TOL, Run, assert_same_training, checkpoint, forge_state, rel, run_all
@@ -24,8 +25,15 @@ def runs(tmp_path_factory, data):
         "standard-blockwise": Run(work, "standard-blockwise", *MUON, "--clip-grad", "0", tp=2),
         "forge-blockwise": Run(work, "forge-blockwise", *MUON, "--clip-grad", "0", "--use-forge", tp=2),
     })
-    resumed = run_all(data, {"resume": Run(work, "resume", *MUON, *CLIPPED, "--use-forge", "--forge-clip-grad-mode",
-                                           "two-pass", "--load", first["forge"].save, "--ckpt-step", "10")})
+    resumed = run_all(data, {
+        "resume": Run(work, "resume", *MUON, *CLIPPED, "--use-forge", "--forge-clip-grad-mode", "two-pass", "--load",
+                      first["forge"].save, "--ckpt-step", "10"),
+        # a switch between standard and FORGE Muon with the optimizer state: refused
+        "switch-to-forge": Run(work, "switch-to-forge", *MUON, *CLIPPED, "--use-forge", "--load",
+                               first["standard"].save, "--ckpt-step", "10", expect_ok=False),
+        "switch-to-standard": Run(work, "switch-to-standard", *MUON, *CLIPPED, "--load", first["forge"].save,
+                                  "--ckpt-step", "10", expect_ok=False),
+    })
     return {**first, **resumed}
 
 
@@ -54,3 +62,16 @@ def test_a_resumed_run_continues_exactly(runs):
     assert any("momentum_buffer" in k for k in state), sorted(state)[:5]
     for key in [*state, *(k for k in b if k.endswith("linear_fc1.weight") and not k.startswith("optimizer"))]:
         assert rel(a[key], b[key]) == 0, key
+
+
+def test_a_switch_between_standard_and_forge_muon_is_one_line(runs):
+    """Megatron's Muon optimizer is a chain (Muon's groups, then Adam's) matched group by group on
+    load, which a FORGE run's optimizer (Adam's part only) cannot follow: one line, either way."""
+    for name, saved, run, fix in (("switch-to-forge", "standard", "FORGE's", ""),
+                                  ("switch-to-standard", "FORGE", "standard", "resume it with --use-forge, or ")):
+        proc = runs[name]
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
+            f"forge-pretrain-gpt: error: the checkpoint is a {saved} Muon run's, whose optimizer groups a {run} Muon "
+            "run cannot match (Megatron chains Muon's and Adam's; FORGE's run keeps Adam's part only); "
+            f"{fix}add --no-load-optim to load the weights only"], (name, proc.stderr[-2000:])
