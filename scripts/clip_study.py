@@ -23,7 +23,7 @@ import os
 import platform
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from forge_megatron.tools.benchmarking import median_iteration_ms, pretrain_records, tiny_gpt_args
 
@@ -72,6 +72,30 @@ def summarize(values: list[float]) -> dict:
     return {"mean": mean, "stderr": stderr, "n": n, "each": values}
 
 
+def write(precision: str, runs: list[dict], args) -> dict:
+    """bench/results/clip_study_<precision>.json from the runs done so far; returns its summary."""
+    modes = {}
+    for mode in args.modes:
+        mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        modes[mode] = {"validation": summarize([r["validation"] for r in mine]),
+                       "ms_per_iter": summarize([r["ms_per_iter"] for r in mine])}
+        for key in ("coefficient_rel_error_mean", "per_weight_coefficient_rel_error_mean"):
+            if key in mine[0]:
+                modes[mode][key] = summarize([r[key] for r in mine])
+    standard = modes.get("standard")
+    if standard:
+        for summary in modes.values():
+            summary["gap_vs_standard"] = summary["validation"]["mean"] / standard["validation"]["mean"] - 1
+    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+           "config": "configs/tiny_gpt_cpu.sh, one micro-batch, D = 1", "iters": args.iters, "clip": args.clip,
+           "seeds": args.seeds, "summary": modes, "runs": sorted(runs, key=lambda r: (r["seed"], r["mode"]))}
+    with open(os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return modes
+
+
 def plot(summaries: dict, path: str) -> None:
     import matplotlib
 
@@ -103,27 +127,12 @@ def main(argv=None):
     summaries = {}
     for precision in args.precisions:
         jobs = [(precision, mode, args.iters, seed, args.clip) for seed in args.seeds for mode in args.modes]
+        runs = []
         with ThreadPoolExecutor(max_workers=args.workers) as pool:
-            runs = list(pool.map(lambda job: train(*job), jobs))
-        modes = {}
-        for mode in args.modes:
-            mine = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])
-            modes[mode] = {"validation": summarize([r["validation"] for r in mine]),
-                           "ms_per_iter": summarize([r["ms_per_iter"] for r in mine])}
-            for key in ("coefficient_rel_error_mean", "per_weight_coefficient_rel_error_mean"):
-                if key in mine[0]:
-                    modes[mode][key] = summarize([r[key] for r in mine])
-        standard = modes.get("standard")
-        if standard:
-            for summary in modes.values():
-                summary["gap_vs_standard"] = summary["validation"]["mean"] / standard["validation"]["mean"] - 1
-        summaries[precision] = modes
-        out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-               "config": "configs/tiny_gpt_cpu.sh, one micro-batch, D = 1", "iters": args.iters, "clip": args.clip,
-               "seeds": args.seeds, "summary": modes, "runs": runs}
-        with open(os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        for mode, s in modes.items():
+            for future in as_completed([pool.submit(train, *job) for job in jobs]):
+                runs.append(future.result())
+                summaries[precision] = write(precision, runs, args)  # run by run: a stopped study keeps them
+        for mode, s in summaries[precision].items():
             print(f"{precision} {mode}: {s['validation']['mean']:.5f} ± {s['validation']['stderr']:.5f} "
                   f"(gap {s.get('gap_vs_standard', 0):+.3%}), {s['ms_per_iter']['mean']:.1f} ms/iter", flush=True)
     for precision in PRECISIONS:  # the plot shows every precision studied, this run's and earlier runs'
