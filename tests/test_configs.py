@@ -130,6 +130,8 @@ REFUSALS = [
     (["--optimizer", "muon", "--muon-tp-mode", "distributed"], 1, "--muon-tp-mode distributed is not supported"),
     (["--optimizer", "muon", "--global-batch-size", "16"], 2, "use data-parallel size 1 with --optimizer muon"),
     (["--optimizer", "muon", "--forge-state-dtype", "int8"], 1, "keep it in fp32 or bf16 \\(--forge-state-dtype\\)"),
+    (["--optimizer", "muon", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--num-experts", "4",
+      "--expert-tensor-parallel-size", "1"], 2, "expert-data-parallel ranks \\(2\\).*--expert-model-parallel-size"),
     (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
     (["--cuda-graph-impl", "local"], 1, "--cuda-graph-impl local would replay covered layers' backward.*drop it"),
 ]

@@ -3,13 +3,17 @@ definition (torch.lerp, as emerging_optimizers' OrthogonalizedOptimizer writes i
 fp32 on both backends, and the pass plus the whole-weight step against emerging_optimizers' Muon
 (what Megatron's --optimizer muon runs)."""
 
+import math
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 from emerging_optimizers.orthogonalized_optimizers.muon import Muon
 from helpers import BACKENDS, assert_bits_equal, randn
 
 from forge_megatron import ForgeState, fused_update
-from forge_megatron.core import rules
+from forge_megatron.core import ops_torch, ops_triton, rules
 from forge_megatron.core.state import GroupedForgeState
 
 
@@ -103,20 +107,32 @@ def test_bf16_weights_without_a_master_round_stochastically_and_unbiased(gen, de
 
 
 def test_a_non_finite_gradient_keeps_the_weight(gen, device):
-    """A pass that counts a non-finite gradient value leaves the weight as it was (the update and
-    the decay masked on the device, no host read)."""
-    weight = randn(gen, 6, 8, device=device)
+    """After a finite step (a momentum to apply), a pass that counts a non-finite gradient value
+    leaves the weight as it was (the update and the decay masked on the device, no host read) and
+    the bad tile's momentum too; the other tiles' momentum advances, as every rule's does."""
+    from forge_megatron.core.plan import TileConfig
+
+    config = TileConfig(block_m=16, block_n=16, block_t=16)  # 48 x 40: 3 x 3 tiles
+    weight = randn(gen, 48, 40, device=device)
     state = ForgeState(weight, "muon", lr=0.1, weight_decay=0.1)
-    before = weight.clone()
-    x, dy = randn(gen, 3, 8, device=device), randn(gen, 3, 6, device=device)
-    x[0, 0] = float("inf")
-    result = fused_update(x, dy, weight, state, backend="torch")
+    fused_update(randn(gen, 3, 40, device=device), randn(gen, 3, 48, device=device), weight, state, backend="torch",
+                 config=config)
+    before, momentum = weight.clone(), state.tensors["momentum_buffer"].clone()
+    x, dy = randn(gen, 3, 40, device=device), randn(gen, 3, 48, device=device)
+    x[0, 0] = float("inf")  # column 0: the first tile column's gradients
+    result = fused_update(x, dy, weight, state, backend="torch", config=config)
     assert int(result.nonfinite) > 0
     assert_bits_equal(weight, before, "weight after a non-finite gradient")
+    assert_bits_equal(state.tensors["momentum_buffer"][:, :16], momentum[:, :16], "the skipped tiles' momentum")
+    assert not torch.equal(state.tensors["momentum_buffer"][:, 16:], momentum[:, 16:])
 
 
 def test_refusals_name_the_fix(gen):
+    from forge_megatron.core.param import ForgeConfig, ForgeParam
+
     weight = randn(gen, 6, 8)
+    with pytest.raises(ValueError, match="train it without data parallelism"):
+        ForgeParam(weight.clone(), ForgeConfig("muon")).own_rows(weight, group=None)
     with pytest.raises(ValueError, match="not int8"):
         ForgeState(weight, "muon", state_dtype="int8")
     with pytest.raises(ValueError, match="drop --moe-grouped-gemm"):
@@ -137,23 +153,53 @@ def _nearest_float32(x) -> float:
     return float(min(candidates, key=key))
 
 
-def test_fma_rounds_once(gen):
-    """ops.fma (Muon's lerp) against the exact a * b + c rounded once to float32: random values,
-    and values whose float64 sum lands on a float32 tie that the exact sum is just off (rounding
-    the float64 sum again would give the other neighbour)."""
+@triton.jit
+def _fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    a, b, c = (tl.load(p + offs, mask=ok, other=0.0) for p in (a_ptr, b_ptr, c_ptr))
+    tl.store(out_ptr + offs, ops_triton.fma(a, b, c), mask=ok)
+
+
+def _fma_cases(gen):
+    """Random values, and edge cases: float64 sums on a float32 tie that the exact sum is just off
+    (either sign), signed zeros, subnormal products and results, infinities and NaN."""
+    tiny, sub = 2.0**-70, 2.0**-140
+    edges = [(1 + 2**-12, 1 + 2**-12, tiny), (1 + 2**-12, 1 + 2**-12, -tiny), (-(1 + 2**-12), 1 + 2**-12, -tiny),
+             (-(1 + 2**-12), 1 + 2**-12, tiny), (0.0, 5.0, -0.0), (-0.0, 5.0, 0.0), (-0.0, 5.0, -0.0),
+             (2.0**-70, 2.0**-70, sub), (3 * 2.0**-75, 2.0**-75, -sub), (2.0**-126, 0.5, 2.0**-149),
+             (float("inf"), 1.0, 1.0), (float("inf"), 0.0, 1.0), (1.0, 1.0, float("-inf")), (float("nan"), 1.0, 2.0),
+             (3.0e38, 2.0, -3.0e38)]
+    a, b, c = (torch.tensor(column, dtype=torch.float32) for column in zip(*edges))
+    return [torch.cat([randn(gen, 400), a]), torch.cat([randn(gen, 400), b]), torch.cat([randn(gen, 400), c])]
+
+
+def _exact_fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c in exact rational arithmetic, rounded once to float32 (IEEE specials by float64)."""
     from fractions import Fraction
 
-    from forge_megatron.core import ops_torch
+    out = []
+    for x, y, z in zip(a.tolist(), b.tolist(), c.tolist()):
+        if not all(map(math.isfinite, (x, y, z))) or x * y + z == 0.0:  # specials, and zero's sign
+            out.append(float(torch.tensor(x * y + z, dtype=torch.float64).float()))
+            continue
+        exact = Fraction(x) * Fraction(y) + Fraction(z)
+        out.append(_nearest_float32(exact) if exact != 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float32)
 
-    a, b, c = (randn(gen, 400) for _ in range(3))
-    a = torch.cat([a, torch.tensor([1 + 2**-12] * 2)])
-    b = torch.cat([b, torch.tensor([1 + 2**-12] * 2)])
-    c = torch.cat([c, torch.tensor([2.0**-70, -(2.0**-70)])])
-    got = ops_torch.fma(a, b, c)
-    expected = [_nearest_float32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
-                for x, y, z in zip(a, b, c)]
-    assert_bits_equal(got, torch.tensor(expected), "fma")
-    assert got[-2] == 1 + 2**-11 + 2**-23 and got[-1] == 1 + 2**-11
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fma_rounds_once(backend, gen):
+    """ops.fma (Muon's lerp), on the torch backend and in a Triton kernel, against the exact
+    a * b + c rounded once to float32 (`_fma_cases`)."""
+    a, b, c = _fma_cases(gen)
+    if backend == "torch":
+        got = ops_torch.fma(a, b, c)
+    else:
+        got = torch.full_like(a, float("nan"))
+        _fma_kernel[(triton.cdiv(a.numel(), 128),)](a, b, c, got, a.numel(), BLOCK=128)
+    assert_bits_equal(got, _exact_fma(a, b, c), "fma")
+    assert got[400] == 1 + 2**-11 + 2**-23 and got[401] == 1 + 2**-11  # not the float64 sum rounded again
 
 
 def _muon_step_memory(layers: int, forge: bool, width: int = 96, tokens: int = 4) -> dict:

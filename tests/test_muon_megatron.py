@@ -66,12 +66,13 @@ def test_a_resumed_run_continues_exactly(runs):
 
 def test_a_switch_between_standard_and_forge_muon_is_one_line(runs):
     """Megatron's Muon optimizer is a chain (Muon's groups, then Adam's) matched group by group on
-    load, which a FORGE run's optimizer (Adam's part only) cannot follow: one line, either way."""
+    load, which a FORGE run's optimizer (without the covered matrices) cannot follow: one line,
+    either way."""
     for name, saved, run, fix in (("switch-to-forge", "standard", "FORGE's", ""),
                                   ("switch-to-standard", "FORGE", "standard", "resume it with --use-forge, or ")):
         proc = runs[name]
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
             f"forge-pretrain-gpt: error: the checkpoint is a {saved} Muon run's, whose optimizer groups a {run} Muon "
-            "run cannot match (Megatron chains Muon's and Adam's; FORGE's run keeps Adam's part only); "
+            "run cannot match (Megatron chains Muon's and Adam's in order; a FORGE run's lack the covered matrices); "
             f"{fix}add --no-load-optim to load the weights only"], (name, proc.stderr[-2000:])

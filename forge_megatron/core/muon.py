@@ -83,14 +83,19 @@ UPDATE_ROWS = 64  # the weight is updated this many rows at a time: its temporar
 def orthogonalized_update(weight: torch.Tensor, state, stats: torch.Tensor) -> None:
     """The weight's Muon update from its state (a ForgeState whose momentum its pass just updated,
     with the Nesterov direction in its workspace; `state.matrix_layout` says how its matrix is
-    orthogonalized), unless `stats` (the pass's by-products) count a non-finite gradient value.
+    orthogonalized), unless `stats` (the pass's by-products) count a non-finite gradient value (in
+    this shard, or with a gathered orthogonalization in any of the group's; the momentum of the
+    tiles without one has advanced, as every rule's does: docs/megatron.md).
     After the orthogonalization, the decay, the update and the rounding run UPDATE_ROWS rows at
     a time (element-wise: the same bits as the whole matrix at once)."""
-    hp = state.hyperparameters
+    hp, layout = state.hyperparameters, state.matrix_layout or MatrixLayout()
     direction = state.take_workspace("direction") if hp["nesterov"] else state.tensors["momentum_buffer"].float()
-    update = orthogonalize(direction, hp, state.matrix_layout or MatrixLayout())
+    update = orthogonalize(direction, hp, layout)
     del direction
-    finite = stats[:, 1].sum() == 0
+    nonfinite = stats[:, 1].sum()
+    if layout.group is not None:  # the shards' update was computed together: all or none of them apply it
+        torch.distributed.all_reduce(nonfinite, group=layout.group)
+    finite = nonfinite == 0
     for start in range(0, weight.shape[0], UPDATE_ROWS):
         _update_rows(weight, state, update, finite, start, min(start + UPDATE_ROWS, weight.shape[0]))
 
@@ -108,7 +113,7 @@ def _update_rows(weight: torch.Tensor, state, update: torch.Tensor, finite: torc
     else:
         p = weight[rows].float()
     if weight_decay != 0:
-        p.add_(p * finite, alpha=-weight_decay * lr)
+        p.add_(torch.where(finite, p, 0.0), alpha=-weight_decay * lr)
     p.add_(torch.where(finite, update[rows], 0.0), alpha=-lr)
     if weight.dtype == torch.float32:
         return

@@ -266,6 +266,12 @@ def _unused_flags(args):
                 "use --forge-backend torch")
 
 
+def expert_data_parallel_size(args) -> int:
+    """Ranks that hold the same experts (Megatron's expert-data-parallel group)."""
+    etp = getattr(args, "expert_tensor_parallel_size", 1) or 1
+    return args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+
+
 def _muon_refusals(args):
     """What FORGE's Muon does not do yet, each with the flag to change."""
     yield (args.optimizer != "muon") and (
@@ -276,6 +282,10 @@ def _muon_refusals(args):
     yield (args.data_parallel_size > 1) and (
         "Muon orthogonalizes each whole weight, while FORGE's data-parallel ranks each hold a block of its rows; "
         "use data-parallel size 1 with --optimizer muon (tensor and pipeline parallelism work)")
+    expert_dp = expert_data_parallel_size(args) if getattr(args, "num_experts", None) else 1
+    yield (expert_dp > 1) and (
+        f"Muon orthogonalizes each whole expert weight, while FORGE's expert-data-parallel ranks ({expert_dp}) each "
+        "hold a block of its rows; raise --expert-model-parallel-size to the data-parallel size")
     yield getattr(args, "moe_grouped_gemm", False) and (
         "--moe-grouped-gemm steps all experts of a kind at once, while Muon orthogonalizes each expert's weight; "
         "drop --moe-grouped-gemm")
@@ -357,7 +367,7 @@ def _grouped_experts_refusals(args):
     yield etp > 1 and (
         f"--moe-grouped-gemm with --use-forge keeps every expert whole on its rank (FORGE's grouped experts); set "
         f"--expert-tensor-parallel-size 1 (it is {etp}), or drop --moe-grouped-gemm")
-    expert_dp = args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+    expert_dp = expert_data_parallel_size(args)
     yield expert_dp > 1 and (
         f"--moe-grouped-gemm with --use-forge updates each expert weight kind as one stacked tensor, which is not "
         f"split into data-parallel owner rows; the expert-data-parallel size is {expert_dp}: raise "

@@ -36,9 +36,9 @@ MEGATRON_PREFIX = "optimizer.state"  # Megatron's per-parameter optimizer state 
 SCALARS = "__controller__"  # the entry holding ForgeController.scalars()
 SWITCH_FIX = "add --no-load-optim to load the weights only"
 # Megatron's Muon is a chain of two optimizers (Muon's matrices, then Adam's rest) whose parameter
-# groups it matches in order on load; under --use-forge its optimizer holds the Adam part only.
+# groups it matches in order on load; under --use-forge its optimizer lacks the covered matrices.
 MUON_SWITCH = ("the checkpoint is a {saved} Muon run's, whose optimizer groups a {run} Muon run cannot match (Megatron "
-               "chains Muon's and Adam's; FORGE's run keeps Adam's part only); ")
+               "chains Muon's and Adam's in order; a FORGE run's lack the covered matrices); ")
 
 
 def megatron_master_name(args) -> str:

@@ -48,7 +48,7 @@ from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_paddi
 from megatron.training.theoretical_memory_usage import compute_activation_memory, compute_weight_and_optimizer_memory
 
 from forge_megatron.core import tiled
-from forge_megatron.megatron.args import output_layer_covered
+from forge_megatron.megatron.args import expert_data_parallel_size, output_layer_covered
 
 GIB = 2**30
 DEFAULT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, set aside
@@ -180,13 +180,6 @@ def parameters_per_rank(args, stage: int = 0) -> int:
 
 def _embedding_per_rank(args) -> int:
     return args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
-
-
-def expert_data_parallel_size(args) -> int:
-    """Ranks that hold the same experts (Megatron's expert-data-parallel group): they share the
-    experts' gradients, master and states as data-parallel ranks share the dense weights'."""
-    return args.world_size // (args.expert_model_parallel_size * args.expert_tensor_parallel_size
-                               * args.pipeline_model_parallel_size)
 
 
 def expert_parameters_per_rank(args, stage: int = 0) -> int:
