@@ -13,6 +13,8 @@ mean and standard error over seeds.
     .venv/bin/python scripts/convergence_study.py --runs standard-bf16 standard-bf16-k4 \
         forge-bf16-master-k4-bf16acc forge-sr-int8-k4-bf16acc \
         --out bench/results/convergence_accumulation_cpu.json --plot docs/convergence_accumulation.png
+    .venv/bin/python scripts/convergence_study.py --runs standard-muon-bf16 forge-muon-bf16-sr --seeds 1234 \
+        --reference standard-muon-bf16 --out bench/results/convergence_muon_cpu.json --plot docs/convergence_muon.png
 """
 
 from __future__ import annotations
@@ -71,6 +73,15 @@ ACCUMULATION = {
                                   "--forge-accumulation-dtype", "bf16"], 2 + 2 + 2.25),
 }
 RUNS.update(ACCUMULATION)
+# Muon (--optimizer muon: the matrices with Muon, the output layer and the rest with Adam): Megatron's
+# in bf16 with an fp32 master against FORGE's without one (stochastic rounding), 4-byte momentum.
+MUON = ["--optimizer", "muon"]
+MUON_RUNS = {
+    "standard-muon-bf16": ("Megatron Muon, bf16 + fp32 master", ["--bf16", *MUON], 2 + 4 + 4 + 4),
+    "forge-muon-bf16-sr": ("FORGE Muon, bf16 SR, no master", ["--bf16", *MUON, *FORGE, "--forge-weight-store", "sr"],
+                           2 + 4),
+}
+RUNS.update(MUON_RUNS)
 
 
 def train(name: str, iters: int, seed: int = 1234) -> dict:
@@ -120,8 +131,10 @@ def plot(results: dict, path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--runs", nargs="*", default=[r for r in RUNS if r not in ACCUMULATION], choices=list(RUNS),
-                        help="default: every run but the accumulation ones (the second study, docs/numerics.md)")
+    parser.add_argument("--runs", nargs="*", default=[r for r in RUNS if r not in ACCUMULATION and r not in MUON_RUNS],
+                        choices=list(RUNS),
+                        help="default: every run but the accumulation and Muon ones (studies of their own, "
+                             "docs/numerics.md)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236],
                         help="every run is repeated per seed (initialization and data order); gaps are taken "
                              "against the reference of the same seed, then averaged")

@@ -50,8 +50,27 @@ RUNS = {
                               {**FORGE, "forge_weight_store": "sr", "forge_state_dtype": "int8",
                                "forge_accumulation_dtype": "bf16"}),
 }
+# A config with --optimizer muon (configs/llama3_8b_muon_tp2.sh): Megatron's Muon against FORGE's,
+# the momentum in fp32 or bf16 (int8 is refused for Muon).
+MUON = {**FORGE, "optimizer": "muon"}
+MUON_RUNS = {
+    "standard": ("standard Megatron, Muon", {"use_forge": False}),
+    "forge-master": ("FORGE Muon, bf16 + fp32 master, fp32 momentum",
+                     {**MUON, "forge_weight_store": "master", "forge_state_dtype": "fp32"}),
+    "forge-sr": ("FORGE Muon, bf16 SR, fp32 momentum", {**MUON, "forge_weight_store": "sr", "forge_state_dtype": "fp32"}),
+    "forge-sr-bf16": ("FORGE Muon, bf16 SR, bf16 momentum",
+                      {**MUON, "forge_weight_store": "sr", "forge_state_dtype": "bf16"}),
+}
 BASELINE = "standard"
-FORGE_RUNS = [key for key, (_, changes) in RUNS.items() if changes["use_forge"]]
+
+
+def runs_for(args) -> dict:
+    """The runs a config is compared in: Muon's under --optimizer muon, else Adam's."""
+    return MUON_RUNS if args.optimizer == "muon" else RUNS
+
+
+def forge_runs(by_run: dict) -> list[str]:
+    return [key for key in by_run if key != BASELINE]
 BREAKDOWN = ("weights", "grads", "master", "states", "window", "activations", "logits", "attention_workspace")
 
 
@@ -76,15 +95,18 @@ def study(args, gpu_gib: list[float], seq_lengths: list[int], sweep_gib: list[fl
     from forge_megatron.tools import memory
 
     result = {"breakdown_mbs1": {}, "bytes_per_covered_parameter": {}, "max_micro_batch": {}, "sweep": {}}
-    for key, (_, changes) in RUNS.items():
+    runs = runs_for(args)
+    states = memory.MUON_STATES if args.optimizer == "muon" else memory.ADAM_STATES  # of a layer's linear weight
+    for key, (_, changes) in runs.items():
         run = memory.replace_args(args, **changes)
         k = memory.micro_batches_per_step(run, 1)  # the accumulation buffer counts when a step has several
-        per = memory.forge_bytes_per_parameter(run, k) if run.use_forge else memory.standard_bytes_per_parameter(run)
+        per = (memory.forge_bytes_per_parameter(run, k, states) if run.use_forge
+               else memory.standard_bytes_per_parameter(run, states))
         result["bytes_per_covered_parameter"][key] = per.total
     for seq in seq_lengths:
         result["breakdown_mbs1"][str(seq)], result["max_micro_batch"][str(seq)] = {}, {}
         result["sweep"][str(seq)] = {}
-        for key, (_, changes) in RUNS.items():
+        for key, (_, changes) in runs.items():
             run = memory.replace_args(args, **changes, seq_length=seq)
 
             def at(micro_batch: int, run=run):
@@ -104,7 +126,7 @@ def verdicts(max_mbs: dict) -> dict:
     out = {"holds": [], "standard_fits_none": [], "neither_fits": [], "below": []}
     for seq, by_run in max_mbs.items():
         for gib, standard in by_run[BASELINE].items():
-            for key in FORGE_RUNS:
+            for key in forge_runs(by_run):
                 forge = by_run[key][gib]
                 entry = {"seq_length": int(seq), "gpu_gib": float(gib), "run": key, "standard": standard,
                          "forge": forge}
@@ -120,7 +142,7 @@ def sweep_ranges(sweep: dict, sweep_gib: list[float]) -> dict:
     out = {}
     for seq, by_run in sweep.items():
         standard = by_run[BASELINE]
-        for key in FORGE_RUNS:
+        for key in forge_runs(by_run):
             sizes = [g for g, s, f in zip(sweep_gib, standard, by_run[key]) if s and f >= FOUR_X * s]
             if sizes:
                 out.setdefault(seq, {})[key] = _ranges(sizes, sweep_gib[1] - sweep_gib[0])
@@ -154,7 +176,8 @@ def report(info: dict, result: dict, verdict: dict, ranges: dict) -> str:
              f"  attention: {info['attention']}; reserve {info['reserve_gib']:g} GiB (CUDA context, fragmentation)", ""]
     seq = str(info["seq_length"])
     header = ["run", "B/param", *BREAKDOWN, "total", "+1 mbs"]
-    rows = [[RUNS[key][0], f"{result['bytes_per_covered_parameter'][key]:g}",
+    labels = {key: run["label"] for key, run in info["runs"].items()}
+    rows = [[labels[key], f"{result['bytes_per_covered_parameter'][key]:g}",
              *(gib(b[field]) for field in BREAKDOWN), gib(b["total"]), gib(b["per_extra_micro_batch"])]
             for key, b in result["breakdown_mbs1"][seq].items()]
     lines += [f"Per-rank memory at micro-batch 1, seq {seq}, GiB (B/param: bytes per covered parameter, the "
@@ -169,7 +192,7 @@ def report(info: dict, result: dict, verdict: dict, ranges: dict) -> str:
                 standard, mbs = by_run[BASELINE][size], by_gib[size]
                 ratio = "" if key == BASELINE else f" ({mbs / standard:.2f}x)" if standard else " (std 0)"
                 cells.append(f"{mbs}{ratio}")
-            rows.append([RUNS[key][0], *cells])
+            rows.append([labels[key], *cells])
         lines += [f"Largest micro-batch, seq {seq}:", *_table(["run", *(f"{s} GiB" for s in sizes)], rows), ""]
     lines.append(f"FORGE micro-batch >= {FOUR_X}x standard (standard >= 1): "
                  + (_by_setting(verdict["holds"]) or "nowhere in this grid"))
@@ -204,7 +227,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
 
 
-def plot(result: dict, sweep_gib: list[float], gpu_gib: list[float], title: str, path: str) -> None:
+def plot(result: dict, labels: dict, sweep_gib: list[float], gpu_gib: list[float], title: str, path: str) -> None:
     """Largest micro-batch against GPU memory (top) and FORGE's ratio to standard (bottom), per sequence length."""
     import matplotlib
 
@@ -212,15 +235,15 @@ def plot(result: dict, sweep_gib: list[float], gpu_gib: list[float], title: str,
     import matplotlib.pyplot as plt
 
     seqs = list(result["sweep"])
-    colors = {**dict(zip(RUNS, plt.cm.tab10.colors[1:])), BASELINE: "black"}  # the same run, the same colour
+    colors = {**dict(zip(labels, plt.cm.tab10.colors[1:])), BASELINE: "black"}  # the same run, the same colour
     fig, axes = plt.subplots(2, len(seqs), figsize=(5 * len(seqs), 8), squeeze=False, sharex=True)
     for column, seq in enumerate(seqs):
         top, bottom = axes[0][column], axes[1][column]
         standard = result["sweep"][seq][BASELINE]
         for key, mbs in result["sweep"][seq].items():
             style = {"color": colors[key], "linewidth": 2.5 if key == BASELINE else 1.2}
-            top.step(sweep_gib, mbs, where="post", label=RUNS[key][0], **style)
-            if key in FORGE_RUNS:
+            top.step(sweep_gib, mbs, where="post", label=labels[key], **style)
+            if key != BASELINE:
                 ratio = [f / s if s else float("nan") for f, s in zip(mbs, standard)]
                 bottom.step(sweep_gib, ratio, where="post", **style)
         bottom.axhline(FOUR_X, color="red", linestyle="--", linewidth=1)
@@ -327,7 +350,7 @@ def _headroom(options, flags: list[str], reserve: float) -> int:
         "data_parallel": args.data_parallel_size, "distributed_optimizer": args.use_distributed_optimizer,
         "pipeline_parallel": args.pipeline_model_parallel_size, "global_batch_size": args.global_batch_size,
         "padded_vocab_size": args.padded_vocab_size, "attention": attention_path(args), "sweep_gib": sweep_gib,
-        "runs": {key: {"label": label, "changes": changes} for key, (label, changes) in RUNS.items()},
+        "runs": {key: {"label": label, "changes": changes} for key, (label, changes) in runs_for(args).items()},
     }
     seq_lengths = sorted(set(options.seq_lengths) | {args.seq_length})
     result = study(args, options.gpu_gib, seq_lengths, sweep_gib, reserve)
@@ -344,7 +367,8 @@ def _headroom(options, flags: list[str], reserve: float) -> int:
         title = (f"{info['config']}{' ' + ' '.join(options.megatron_flags) if options.megatron_flags else ''} "
                  f"(TP={info['tensor_parallel']}, PP={info['pipeline_parallel']}, DP={info['data_parallel']}): "
                  f"largest micro-batch per rank (model, reserve {reserve:g} GiB; {info['attention']})")
-        plot(result, sweep_gib, options.gpu_gib, title, options.plot)
+        plot(result, {key: run["label"] for key, run in info["runs"].items()}, sweep_gib, options.gpu_gib, title,
+             options.plot)
         print(f"wrote {os.path.relpath(options.plot, ROOT)}")
     return 0
 

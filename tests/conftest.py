@@ -73,7 +73,7 @@ def data(tmp_path_factory):
 # The files that run Megatron's loop in subprocesses, longest first (minutes each on the 2-core CI
 # machine). pytest-xdist's loadfile hands files to the workers in collection order, so these go
 # first and the short files fill in behind them: both workers finish together.
-LONG_FILES = ("test_pretrain_gpt.py", "test_moe.py", "test_per_token_loss.py", "test_accumulation_pp.py", "test_memory_measured.py",
+LONG_FILES = ("test_pretrain_gpt.py", "test_moe.py", "test_muon_megatron.py", "test_per_token_loss.py", "test_accumulation_pp.py", "test_memory_measured.py",
               "test_scripts.py", "test_data_parallel.py", "test_hf.py", "test_torch.py", "test_finetune_cpu.py")
 
 

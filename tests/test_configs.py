@@ -125,7 +125,13 @@ REFUSALS = [
     (["--check-for-spiky-loss"], 1, "--check-for-spiky-loss re-runs.*add --rerun-mode disabled"),
     (["--check-for-large-grads"], 1, "--check-for-large-grads re-runs.*add --rerun-mode disabled"),
     (["--mtp-num-layers", "1", "--mtp-detach-heads"], 1, "drop --mtp-detach-heads"),
-    (["--optimizer", "muon"], 1, "FORGE has no rule for --optimizer muon.*--forge-mix-optimizers"),
+    (["--optimizer", "soap"], 1, "FORGE has no rule for --optimizer soap.*--forge-mix-optimizers"),
+    (["--forge-rule", "muon", "--forge-mix-optimizers"], 1, "--forge-rule muon needs --optimizer muon"),
+    (["--optimizer", "muon", "--muon-tp-mode", "distributed"], 1, "--muon-tp-mode distributed is not supported"),
+    (["--optimizer", "muon", "--global-batch-size", "16"], 2, "use data-parallel size 1 with --optimizer muon"),
+    (["--optimizer", "muon", "--forge-state-dtype", "int8"], 1, "keep it in fp32 or bf16 \\(--forge-state-dtype\\)"),
+    (["--optimizer", "muon", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--num-experts", "4",
+      "--expert-tensor-parallel-size", "1"], 2, "expert-data-parallel ranks \\(2\\).*--expert-model-parallel-size"),
     (["--forge-max-nonfinite-iterations", "0"], 1, "--forge-max-nonfinite-iterations must be at least 1"),
     (["--cuda-graph-impl", "local"], 1, "--cuda-graph-impl local would replay covered layers' backward.*drop it"),
 ]
@@ -197,11 +203,28 @@ def test_multi_latent_attention_on_local_layers_needs_sdpa(monkeypatch):
     (["--optimizer", "lion", "--lion-beta1", "0.8", "--lion-beta2", "0.9"], "lion",
      {"betas": (0.8, 0.9), "weight_decay": 0.1}),
     (["--forge-rule", "rmsprop", "--forge-mix-optimizers"], "rmsprop", {"eps": 1e-8, "weight_decay": 0.1}),
+    (["--optimizer", "muon", "--muon-momentum", "0.8", "--muon-nesterov", "--muon-num-ns-steps", "3",
+      "--muon-coefficient-type", "polar_express", "--muon-scale-mode", "unit_rms_norm", "--muon-extra-scale-factor",
+      "0.2", "--muon-fp32-matmul-prec", "high"], "muon",
+     {"momentum": 0.8, "nesterov": True, "num_ns_steps": 3, "coefficient_type": "polar_express",
+      "scale_mode": "unit_rms_norm", "extra_scale_factor": 0.2, "fp32_matmul_prec": "high", "weight_decay": 0.1}),
 ])
 def test_the_rule_follows_megatrons_optimizer(flags, rule, hyperparameters, monkeypatch):
     forge = validate_forge_args(parse(tiny(*flags), 1, monkeypatch))
     assert forge.rule == rule and forge.hyperparameters["lr"] == 1e-3
     assert {k: forge.hyperparameters[k] for k in hyperparameters} == hyperparameters
+
+
+def test_muons_output_layer_trains_with_the_scalar_optimizer(monkeypatch):
+    """Megatron's Muon leaves the output layer (an embedding-or-output parameter) to
+    --muon-scalar-optimizer; FORGE covers it with that rule and its flags."""
+    from forge_megatron.megatron.args import output_layer_config
+
+    assert output_layer_config(parse(tiny(), 1, monkeypatch)) is None
+    for scalar, rule in (("adam", "adamw"), ("lion", "lion")):
+        args = parse(tiny("--optimizer", "muon", "--muon-scalar-optimizer", scalar), 1, monkeypatch)
+        config = output_layer_config(args)
+        assert config.rule == rule and config.hyperparameters["lr"] == 1e-3 and "momentum" not in config.hyperparameters
 
 
 def test_adam_without_decoupled_weight_decay_is_coupled_adam(monkeypatch):
@@ -285,6 +308,7 @@ SET_REFUSALS = [  # refusals of flags whose Megatron validation needs company, s
     ({"use_torch_fsdp2": True}, "drop --use-torch-fsdp2 / --use-megatron-fsdp"),
     ({"use_megatron_fsdp": True}, "drop --use-torch-fsdp2 / --use-megatron-fsdp"),
     ({"grad_norm_skip_threshold": 10.0}, "grad_norm_skip_threshold skips a step.*leave it unset"),
+    ({"optimizer": "muon", "moe_grouped_gemm": True}, "Muon orthogonalizes each expert's weight; drop --moe-grouped"),
 ]
 
 

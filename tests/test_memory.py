@@ -264,6 +264,7 @@ def test_headroom_tool_smoke(tmp_path, capsys):
 COMMITTED = [
     ("llama3_8b_tp8.sh", "LLAMA3_8B_TP8_ARGS", {}, 1, "llama3_8b_tp8"),
     ("llama3_8b_tp2.sh", "LLAMA3_8B_TP2_ARGS", {}, 1, "llama3_8b_tp2"),
+    ("llama3_8b_muon_tp2.sh", "LLAMA3_8B_MUON_TP2_ARGS", {}, 1, "llama3_8b_muon_tp2"),
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "2"}, 4, "llama3_8b_tp2_dp4"),
     ("llama3_8b_dp.sh", "LLAMA3_8B_DP_ARGS", {"TP": "1"}, 8, "llama3_8b_tp1_dp8"),
     ("llama3_70b_tp8.sh", "LLAMA3_70B_TP8_ARGS", {}, 1, "llama3_70b_tp8"),
@@ -347,3 +348,18 @@ def test_mixtures_outside_the_model_are_refused_in_one_line():
     args = headroom.parse_config([*argv, "--moe-shared-expert-intermediate-size", "1024"], 8)
     with pytest.raises(memory.NotModelled, match="drop --moe-layer-freq / --moe-shared-expert-intermediate-size"):
         memory.rank_memory(args, 1)
+
+
+def test_a_muon_config_compares_megatrons_muon_with_forges():
+    """configs/llama3_8b_muon_tp2.sh (--optimizer muon, 64 micro-batches per step): per layer linear
+    weight, standard Muon holds 2 + 4 + 4 + 4 bytes (weight, main gradient, master, momentum);
+    FORGE 2 + 4 (its accumulation buffer) + 4 + 4 with a master, without it 2 + 4 + 4, and with a
+    bf16 momentum 2 + 4 + 2."""
+    argv = headroom.config_argv(os.path.join(ROOT, "configs", "llama3_8b_muon_tp2.sh"), "LLAMA3_8B_MUON_TP2_ARGS")
+    args = headroom.parse_config(argv)
+    assert headroom.runs_for(args) is headroom.MUON_RUNS
+    result = headroom.study(args, [80], [2048], [80], 2.0)
+    assert result["bytes_per_covered_parameter"] == {"standard": 14, "forge-master": 14, "forge-sr": 10,
+                                                     "forge-sr-bf16": 8}
+    fits = result["max_micro_batch"]["2048"]
+    assert fits["forge-sr-bf16"]["80"] > fits["forge-sr"]["80"] > fits["standard"]["80"] > 0

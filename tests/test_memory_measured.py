@@ -219,3 +219,29 @@ def test_a_deferred_state_allocates_only_the_rows_an_owner_keeps(state_dtype):
     got = block.named_tensors()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     assert all(torch.equal(t, whole.named_tensors()[k]) for k, t in deferred.named_tensors().items())
+
+
+@pytest.mark.parametrize("regime", ["standard", "forge-sr"])
+def test_muon_memory_model_against_measurement_on_cpu(regime):
+    """--optimizer muon in Megatron's loop (bf16, one rank) against the memory model: what the rank
+    holds between steps within 1 % (the dense layers' linear weights with one momentum each:
+    14 bytes standard, 2 + 4 for FORGE with SR; the output layer and the rest with Adam), its peak
+    within 25 % (the model adds the largest matrix's Newton-Schulz temporaries)."""
+    from forge_megatron.megatron.args import add_forge_args
+    from forge_megatron.tools import memory
+
+    bench = load("bench_memory")
+    argv = [*bench.SMOKE, *bench.REGIMES[regime], "--optimizer", "muon", "--forge-core-attention", "sdpa",
+            "--train-iters", "2"]
+    measured = bench.measure(argv, 1, 1)[0]
+    args = memory.parse_megatron_args(bench._batch(argv, 1, 1), extra_args_provider=add_forge_args)
+    model = memory.rank_memory(args, 1, reserve_gib=0)
+    print(f"muon {regime}: peak measured {measured.peak}, model {model.total} ({model.total / measured.peak - 1:+.3f});"
+          f" held measured {measured.held}, model {model.held} ({model.held / measured.held - 1:+.4f})")
+    assert abs(model.held / measured.held - 1) <= 0.01, (model, measured)
+    assert abs(model.total / measured.peak - 1) <= 0.25, (model, measured)
+    matrices = memory.covered_parameters_per_rank(args, False)
+    expected = 2 + 4 if regime == "forge-sr" else 2 + 4 + 4 + 4
+    per = (memory.forge_bytes_per_parameter(args, 1, memory.MUON_STATES) if regime == "forge-sr"
+           else memory.standard_bytes_per_parameter(args, memory.MUON_STATES))
+    assert per.total == expected and matrices > 0

@@ -69,6 +69,7 @@ QB = tl.constexpr(QBLOCK)  # the quantization block, as a constant the kernel ma
 _FP32_WEIGHT = tl.constexpr(plan.WEIGHT_FP32)
 _MASTER = tl.constexpr(plan.WEIGHT_MASTER)
 _SR = tl.constexpr(plan.WEIGHT_SR)
+_NO_WEIGHT = tl.constexpr(plan.WEIGHT_NONE)
 _FP32_STATE = tl.constexpr(plan.STATE_FP32)
 _BF16_STATE = tl.constexpr(plan.STATE_BF16)
 _INT8_STATE = tl.constexpr(plan.STATE_INT8)
@@ -317,7 +318,9 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
     # The element's index in the unsharded weight keys its random bits (TP-invariant).
     index = global_index(rows, cols, ROW_OFFSET, ROW_SPLIT, ROW_JUMP, COL_OFFSET, GLOBAL_COLS)
 
-    if WEIGHT_STORE == _MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
+    if WEIGHT_STORE == _NO_WEIGHT:  # the rule updates its states only (rules.Muon)
+        p = tl.zeros_like(g)
+    elif WEIGHT_STORE == _MASTER:  # the rule runs on the fp32 master; the weight is its rounded copy
         p = tl.load(master_ptr + offs, mask=ok, other=0.0)
     else:
         p = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -347,7 +350,7 @@ def _epilogue(g, rows, col0, N_OUT, N_IN, ok_tile,
     elif WEIGHT_STORE == _SR:
         k1, k2 = stream_keys(SEED, WEIGHT_ID, step, 0)
         tl.store(w_ptr + offs, stochastic_round_to_bf16(p, random_bits(index, k1, k2)), mask=ok)
-    else:
+    elif WEIGHT_STORE != _NO_WEIGHT:
         tl.store(w_ptr + offs, round_to_bf16(p), mask=ok)
     for k in tl.static_range(len(STATE_STORED)):
         if STATE_STORED[k]:

@@ -6,7 +6,7 @@ fp32 values produces the same bits on both backends.
 
 import torch
 
-__all__ = ["sqrt", "div", "where", "abs", "sign", "maximum", "minimum"]
+__all__ = ["sqrt", "div", "fma", "where", "abs", "sign", "maximum", "minimum"]
 
 
 def sqrt(x):
@@ -17,6 +17,22 @@ def sqrt(x):
 
 def div(a, b):
     return torch.div(a, b)
+
+
+def fma(a, b, c):
+    # a * b + c rounded once, as torch's CPU lerp computes it (a fused multiply-add): the product
+    # is exact in float64 and the float64 sum is made round-to-odd (its rounding error, found with
+    # TwoSum, moves an inexact even result one ulp toward the exact value), so that rounding it to
+    # float32 then rounds the exact value (53 >= 24 + 2 bits).
+    p = a.double() * b.double()
+    c = c.double()
+    s = p + c
+    t = s - p
+    err = (p - (s - t)) + (c - t)
+    bits = s.view(torch.int64)
+    odd = torch.where((err > 0) == (s > 0), bits + 1, bits - 1)
+    fix = ((bits & 1) == 0) & (err != 0) & torch.isfinite(s)
+    return torch.where(fix, odd, bits).view(torch.float64).float()
 
 
 def where(cond, a, b):

@@ -11,7 +11,7 @@ contraction off, so each of those is one correctly rounded operation too.
 import triton
 import triton.language as tl
 
-__all__ = ["sqrt", "div", "where", "abs", "sign", "maximum", "minimum"]
+__all__ = ["sqrt", "div", "fma", "where", "abs", "sign", "maximum", "minimum"]
 
 
 @triton.jit
@@ -22,6 +22,21 @@ def sqrt(x):
 @triton.jit
 def div(a, b):
     return tl.div_rn(a, b)
+
+
+@triton.jit
+def fma(a, b, c):
+    # a * b + c rounded once, spelled as ops_torch.fma (round-to-odd in float64, then to float32),
+    # not tl.fma: the interpreter's tl.fma rounds the product and the sum apart.
+    p = a.to(tl.float64) * b.to(tl.float64)
+    c64 = c.to(tl.float64)
+    s = p + c64
+    t = s - p
+    err = (p - (s - t)) + (c64 - t)
+    bits = s.to(tl.int64, bitcast=True)
+    odd = tl.where((err > 0) == (s > 0), bits + 1, bits - 1)
+    fix = ((bits & 1) == 0) & (err != 0) & (tl.abs(s) < float("inf"))
+    return tl.where(fix, odd, bits).to(tl.float64, bitcast=True).to(tl.float32)
 
 
 @triton.jit

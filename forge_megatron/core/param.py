@@ -110,6 +110,9 @@ class ForgeParam:
         model's (shared by its weights, to overlap one weight's reduce-scatter with the next
         weight's gradient); by default this weight's own, synchronous. `scale`: each rank's gradient's
         factor before the owners sum it (OwnerRows.reduce_scatter; by default the mean's 1/size)."""
+        if self.state.rule.weight_step is not None:
+            raise ValueError(f"rule '{self.state.rule.name}' updates each whole weight after its pass, while "
+                             "data-parallel owners hold blocks of its rows: train it without data parallelism")
         grad_dtype = grad_dtype or self.config.accumulation_dtype
         if grad_dtype not in ACCUMULATION_DTYPES:
             raise ValueError(f"unknown data-parallel gradient dtype {grad_dtype!r}; choose one of "

@@ -16,6 +16,7 @@ import torch
 
 # Weight stores and state formats (kernel constants: kernels.py turns them into constexprs).
 WEIGHT_FP32, WEIGHT_MASTER, WEIGHT_SR, WEIGHT_RNE = 0, 1, 2, 3
+WEIGHT_NONE = 4  # the rule updates its states only; the weight is neither read nor written (rules.Muon)
 STATE_FP32, STATE_BF16, STATE_INT8 = 0, 1, 2
 
 

@@ -16,8 +16,13 @@ A rule says four things:
   float64 tensors: so the function is written with `+ - * / **` on those, `coefficient_sqrt`
   and `past_first_step`, and branches only on the other hyperparameters (`register_rule`
   checks it runs on tensors and gives the host's values there).
+* `workspace_states`, `updates_weight`, `weight_step`: a rule whose step is not element-wise
+  (Muon) updates only its states in the epilogue (`updates_weight` False: the weight is neither
+  read nor written there) and may write a state that is not kept (a workspace, e.g. Muon's
+  Nesterov direction, allocated for one step and handed to the consumer); once a weight's pass
+  is done, `weight_step(weight, state, stats)` updates the whole weight (core/muon.py).
 * `update(p, g, state, coef) -> (p, state)`: the element-wise formula on fp32 values, written
-  with `+ - *` and the `ops` vocabulary (ops.sqrt, ops.div, ops.where, ops.abs, ops.sign,
+  with `+ - *` and the `ops` vocabulary (ops.sqrt, ops.div, ops.fma, ops.where, ops.abs, ops.sign,
   ops.maximum, ops.minimum). `register_rule` compiles this one function twice: as a Triton
   JIT function for the kernel's epilogue (`ops` = ops_triton) and as a torch function for the
   tiled backend and for references (`ops` = ops_torch). Both vocabularies are correctly
@@ -41,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from forge_megatron.core import ops_torch, ops_triton
+from forge_megatron.core import muon, ops_torch, ops_triton
 from forge_megatron.core import ops_torch as ops  # rebound per backend by register_rule
 
 MAX_STATES = 3
@@ -58,6 +63,9 @@ class Rule:
     name: ClassVar[str]
     states: ClassVar[tuple[str, ...]] = ()
     nonnegative_states: ClassVar[tuple[str, ...]] = ()  # stored with the unsigned 8-bit code table
+    workspace_states: ClassVar[tuple[str, ...]] = ()  # written for the step's consumer, never kept
+    updates_weight: ClassVar[bool] = True  # False: the epilogue updates the states only
+    weight_step: ClassVar[Callable | None] = None  # the whole weight's update after its pass (updates_weight False)
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     # Filled in by register_rule.
@@ -114,6 +122,11 @@ def register_rule(cls: type[Rule]) -> type[Rule]:
         raise ValueError(f"a rule named '{name}' is already registered ({_RULES[name].__qualname__})")
     if not set(cls.nonnegative_states) <= set(cls.states):
         raise ValueError(f"rule '{name}': nonnegative_states names states not in `states`")
+    if not set(cls.workspace_states) <= set(cls.states):
+        raise ValueError(f"rule '{name}': workspace_states names states not in `states`")
+    if (cls.weight_step is None) != cls.updates_weight:
+        raise ValueError(f"rule '{name}': a rule that does not update the weight in its epilogue (updates_weight "
+                         "False) needs a weight_step, and only such a rule has one")
     if len(cls.states) > MAX_STATES:
         raise ValueError(f"rule '{name}' has {len(cls.states)} states; the kernel takes at most {MAX_STATES}")
     fn = inspect.getattr_static(cls, "update")
@@ -225,6 +238,9 @@ def _check_type(rule: str, key: str, value: Any, default: Any) -> None:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise TypeError(f"rule '{rule}': {key} must be True or False, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError(f"rule '{rule}': {key} must be a string, got {value!r}")
     elif isinstance(default, tuple):
         if not (isinstance(value, (tuple, list)) and len(value) == len(default)
                 and all(_is_real(v) for v in value)):
@@ -457,3 +473,57 @@ class Adagrad(Rule):
         total = total + g * g
         p = p + neg_clr * ops.div(g, ops.sqrt(total) + eps)
         return p, (total,)
+
+
+def _lerp_coefficients(weight: float) -> tuple[float, float, float]:
+    """torch.lerp(start, end, weight) as fma(c, end - start, start * s + end * e) with exact 0/1
+    factors s and e: torch's two branches, start + w (end - start) for |w| < 0.5 and
+    end - (1 - w) (end - start) otherwise, each one fused multiply-add as torch computes it, with
+    the weight rounded to fp32 first, as torch does with a scalar weight (w - 1 is then exact)."""
+    w = float(torch.tensor(weight, dtype=torch.float32))
+    return (1.0, 0.0, w) if abs(w) < 0.5 else (0.0, 1.0, w - 1.0)
+
+
+@register_rule
+class Muon(Rule):
+    """Megatron's Muon (--optimizer muon: emerging_optimizers' OrthogonalizedOptimizer, whose
+    names the hyperparameters keep), of which the epilogue runs the element-wise part: the momentum
+    m <- lerp(m, g, 1 - momentum) and, with Nesterov, the direction lerp(g, m, momentum) into the
+    step's workspace, each as torch.lerp computes it. The weight is left alone there: after the
+    weight's pass, core/muon.py orthogonalizes the direction (Nesterov) or the momentum with
+    Newton-Schulz and applies decoupled weight decay and the scaled update (`weight_step`)."""
+
+    name = "muon"
+    states = ("momentum_buffer", "direction")
+    workspace_states = ("direction",)
+    updates_weight = False
+    weight_step = staticmethod(muon.orthogonalized_update)
+    defaults = {"lr": 3e-4, "momentum": 0.95, "nesterov": False, "weight_decay": 0.01, "num_ns_steps": 5,
+                "coefficient_type": "quintic", "scale_mode": "spectral", "extra_scale_factor": 1.0,
+                "fp32_matmul_prec": "medium"}
+
+    @classmethod
+    def check(cls, hp):
+        _require(cls.name, hp["lr"] >= 0, f"lr must be >= 0, got {hp['lr']}")
+        _require(cls.name, 0 <= hp["momentum"] < 1, f"momentum must be in [0, 1), got {hp['momentum']}")
+        _require(cls.name, hp["weight_decay"] >= 0, f"weight_decay must be >= 0, got {hp['weight_decay']}")
+        _require(cls.name, float(hp["num_ns_steps"]).is_integer() and hp["num_ns_steps"] >= 1,
+                 f"num_ns_steps must be an integer >= 1, got {hp['num_ns_steps']}")
+        for key, choices in muon.CHOICES.items():
+            _require(cls.name, hp[key] in choices, f"{key} must be one of {', '.join(choices)}, got {hp[key]!r}")
+
+    @classmethod
+    def stored_states(cls, hp):
+        return cls.states if hp["nesterov"] else ("momentum_buffer",)
+
+    @classmethod
+    def coefficients(cls, hp, step):
+        return (*_lerp_coefficients(1.0 - hp["momentum"]), *_lerp_coefficients(hp["momentum"]))
+
+    @staticmethod
+    def update(p, g, state, coef):
+        m, _ = state
+        m_keep, m_take, m_gain, d_keep, d_take, d_gain = coef
+        m = ops.fma(m_gain, g - m, m_keep * m + m_take * g)  # lerp(m, g, 1 - momentum)
+        direction = ops.fma(d_gain, m - g, d_keep * g + d_take * m)  # lerp(g, m, momentum)
+        return p, (m, direction)

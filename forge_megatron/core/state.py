@@ -50,6 +50,7 @@ class ForgeState:
                  **hyperparameters: Any):
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
         self.weight_id = next(ForgeState._ids) if weight_id is None else int(weight_id)
+        self.matrix_layout = None  # how a whole-matrix rule sees this shard (core/muon.py MatrixLayout; None: alone)
         self._allocate(weight, defer)
 
     def _configure(self, rule, weight_store: str, state_dtype: str, seed: int, hyperparameters: dict) -> None:
@@ -58,6 +59,9 @@ class ForgeState:
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"unknown state_dtype {state_dtype!r}; choose one of {tuple(STATE_DTYPES)}")
         self.rule = get_rule(rule)
+        if self.rule.weight_step is not None and state_dtype == "int8":
+            raise ValueError(f"rule '{self.rule.name}' updates the whole matrix from its states after the pass: keep "
+                             "them in fp32 or bf16 (state_dtype / --forge-state-dtype), not int8")
         self.hyperparameters = self.rule.hyperparameters(**hyperparameters)
         self.weight_store = weight_store
         self.state_dtype = state_dtype
@@ -70,9 +74,9 @@ class ForgeState:
         self.shape = tuple(weight.shape)
         self.placement = ShardPlacement.whole(self.shape[-2:])
         init = self.rule.state_init(self.hyperparameters)
-        # (name, initial value) of each stored state: the tensors are made from these constants.
+        # (name, initial value) of each kept state: the tensors are made from these constants.
         self._initial: list[tuple[str, float]] = []
-        for name in self.rule.stored_states(self.hyperparameters):
+        for name in self._kept(self.hyperparameters):
             value = float(init.get(name, 0.0))
             if self.state_dtype == "int8" and value != 0.0:
                 raise ValueError(f"int8 states start at zero; rule '{self.rule.name}' initializes '{name}' to "
@@ -81,6 +85,7 @@ class ForgeState:
         self._tensors: dict[str, torch.Tensor] = {}
         self._master: torch.Tensor | None = None
         self._deferred: torch.Tensor | None = None  # the weight a deferred state is made from (`defer`)
+        self.workspace: dict[str, torch.Tensor] = {}  # the rule's workspace states, during a step only
         self.own_table = None  # a standalone step's device slots (update.py), made at its first step
         if defer:
             # Nothing allocated yet: the tensors, and the master copied from this tensor of the
@@ -99,14 +104,31 @@ class ForgeState:
         shape = (stop - start, *self.shape[1:])
         tensors = {}
         for name, value in self._initial:
-            if self.state_dtype == "int8":
-                tensors[name] = torch.full(shape, code_of_zero(self.rule, name), dtype=torch.uint8,
-                                           device=weight.device)
-                tensors[f"{name}.scale"] = torch.ones(*shape[:-1], num_blocks(shape[-1]), dtype=torch.float32,
-                                                      device=weight.device)
-            else:
-                tensors[name] = torch.full(shape, value, dtype=STATE_DTYPES[self.state_dtype], device=weight.device)
+            tensors.update(self._filled(name, value, shape, weight.device))
         return tensors
+
+    def _filled(self, name: str, value: float, shape: tuple[int, ...], device) -> dict[str, torch.Tensor]:
+        """A state tensor of `shape` at `value` in this state's dtype (int8: its code of zero and the
+        block scales)."""
+        if self.state_dtype != "int8":
+            return {name: torch.full(shape, value, dtype=STATE_DTYPES[self.state_dtype], device=device)}
+        return {name: torch.full(shape, code_of_zero(self.rule, name), dtype=torch.uint8, device=device),
+                f"{name}.scale": torch.ones(*shape[:-1], num_blocks(shape[-1]), dtype=torch.float32, device=device)}
+
+    def _kept(self, hp) -> tuple[str, ...]:
+        """The stored states that persist between steps (the rule's workspace states do not)."""
+        return tuple(n for n in self.rule.stored_states(hp) if n not in self.rule.workspace_states)
+
+    def open_workspace(self, device) -> None:
+        """Allocate the rule's workspace states (zero) for a step that applies the rule: the pass
+        writes them, and they stay until the step's consumer takes them (`take_workspace`)."""
+        for name in self.rule.stored_states(self.hyperparameters):
+            if name in self.rule.workspace_states and name not in self.workspace:
+                self.workspace.update(self._filled(name, 0.0, self.shape, device))
+
+    def take_workspace(self, name: str) -> torch.Tensor:
+        """A workspace state's values in fp32, the workspace's own tensor freed."""
+        return self.workspace.pop(name).float()
 
     def _initial_master(self, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         """Rows [start, stop) of the master a new state takes from `weight` (None if it has none)."""
@@ -193,6 +215,7 @@ class ForgeState:
         else:
             block._tensors = {name: t[start:stop].clone() for name, t in self._tensors.items()}
             block._master = None if self._master is None else self._master[start:stop].clone()
+        block.workspace = {}
         block.hyperparameters = dict(self.hyperparameters)
         block.own_table = None
         return block
@@ -200,10 +223,10 @@ class ForgeState:
     def set_hyperparameters(self, **changes: Any) -> None:
         """Change hyperparameters between steps (e.g. lr and weight decay from a schedule)."""
         hp = self.rule.hyperparameters(**{**self.hyperparameters, **changes})
-        if self.rule.stored_states(hp) != self.state_names():
+        if self._kept(hp) != self.state_names():
             raise ValueError(
                 f"changing {sorted(changes)} would change the state tensors of rule '{self.rule.name}' "
-                f"from {self.state_names()} to {self.rule.stored_states(hp)}; create a new ForgeState instead"
+                f"from {self.state_names()} to {self._kept(hp)}; create a new ForgeState instead"
             )
         self.hyperparameters = hp
 
@@ -215,10 +238,10 @@ class ForgeState:
     def kernel_states(self, placeholder: torch.Tensor):
         """Per declared state: the tensor (`placeholder` where not stored), its int8 scales
         (`placeholder` otherwise), whether it is stored, and whether it is signed."""
-        names = self.rule.states
-        tensors = [self.tensors.get(n, placeholder) for n in names]
-        scales = [self.tensors.get(f"{n}.scale", placeholder) for n in names]
-        stored = [n in self.tensors for n in names]
+        names, held = self.rule.states, {**self.tensors, **self.workspace}
+        tensors = [held.get(n, placeholder) for n in names]
+        scales = [held.get(f"{n}.scale", placeholder) for n in names]
+        stored = [n in held for n in names]
         signed = [n not in self.rule.nonnegative_states for n in names]
         return tensors, scales, stored, signed
 
@@ -273,6 +296,10 @@ class GroupedForgeState(ForgeState):
             raise TypeError("a grouped state keys each expert's random streams by its own id: pass weight_ids, "
                             "one per expert, not weight_id")
         self._configure(rule, weight_store, state_dtype, seed, hyperparameters)
+        if self.rule.weight_step is not None:
+            raise ValueError(f"rule '{self.rule.name}' updates each expert's whole matrix after its pass, which the "
+                             "grouped experts' step does not run: drop --moe-grouped-gemm (each expert is then "
+                             "covered on its own)")
         self._allocate(weight, defer=False)
         self.weight_ids = [next(ForgeState._ids) for _ in range(weight.shape[0])] if weight_ids is None else weight_ids
 

@@ -27,6 +27,7 @@ from forge_megatron.core.plan import (
     STATE_FP32,
     WEIGHT_FP32,
     WEIGHT_MASTER,
+    WEIGHT_NONE,
     WEIGHT_SR,
     StepPlan,
     TileConfig,
@@ -158,16 +159,26 @@ def _tile_stats(raw: torch.Tensor, g: torch.Tensor, scale: float, bm: int, bn: i
 def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
     rows, cols = slice(r0, r1), slice(c0, c1)
     device = weight.device
-    randomized = plan.weight_store == WEIGHT_SR or (plan.state_format != STATE_FP32 and any(plan.stored))
+    randomized = (plan.weight_store == WEIGHT_SR or (plan.state_format != STATE_FP32 and any(plan.stored)))
     index = numerics.global_index_torch(torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device),
                                         plan.placement) if randomized else None
     w_tile = weight[rows, cols]
-    p = (plan.master[rows, cols] if plan.weight_store == WEIGHT_MASTER else w_tile).float()
     zero = torch.zeros((), dtype=torch.float32, device=device)
+    p = zero  # a rule that updates its states only (rules.Muon) neither reads nor writes the weight
+    if plan.weight_store != WEIGHT_NONE:
+        p = (plan.master[rows, cols] if plan.weight_store == WEIGHT_MASTER else w_tile).float()
     state = tuple(_load_state(plan, k, rows, cols) if stored else zero for k, stored in enumerate(plan.stored))
     p, state = plan.update_fn(p, g, state, tuple(plan.coefs[COEF_HEAD:COEF_HEAD + plan.num_coefs]))
     step = int(plan.coefs[1])
+    if plan.weight_store != WEIGHT_NONE:
+        _store_weight(p, w_tile, plan, rows, cols, index, step)
+    for k, stored in enumerate(plan.stored):
+        if stored:
+            _store_state(plan, k, rows, cols, state[k], index, numerics.stream_keys_int(plan.seed, plan.weight_id,
+                                                                                         step, 1 + k))
 
+
+def _store_weight(p, w_tile, plan: StepPlan, rows: slice, cols: slice, index, step: int) -> None:
     if plan.weight_store == WEIGHT_FP32:
         w_tile.copy_(p)
     elif plan.weight_store == WEIGHT_MASTER:
@@ -178,10 +189,6 @@ def _epilogue(g, weight, plan: StepPlan, r0, r1, c0, c1) -> None:
         w_tile.copy_(numerics.stochastic_round_to_bf16_torch(p, numerics.random_bits_torch(index, *keys)))
     else:
         w_tile.copy_(p)
-    for k, stored in enumerate(plan.stored):
-        if stored:
-            _store_state(plan, k, rows, cols, state[k], index, numerics.stream_keys_int(plan.seed, plan.weight_id,
-                                                                                         step, 1 + k))
 
 
 def _load_state(plan: StepPlan, k: int, rows: slice, cols: slice) -> torch.Tensor:

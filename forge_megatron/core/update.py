@@ -17,6 +17,7 @@ from forge_megatron.core.plan import (
     STATE_INT8,
     WEIGHT_FP32,
     WEIGHT_MASTER,
+    WEIGHT_NONE,
     WEIGHT_RNE,
     WEIGHT_SR,
     StepPlan,
@@ -109,7 +110,9 @@ def fused_update(
     clip coefficient) before the rule. Increments state.step. With apply=False nothing is
     written and the step is not counted: only the by-products (the norms-only pass of two-pass
     clipping). Everything is checked before anything is written: on error, weight and state are
-    unchanged.
+    unchanged. A rule that is not element-wise (Muon) updates only its states in the pass (and
+    its workspace states, e.g. Muon's Nesterov direction, allocated for the step), then the whole
+    weight right after it (the rule's `weight_step`, which frees the workspace).
 
     `slots` (table.StepSlots, from a StepTable the caller has written for this step) hold the
     gradient scale, step and coefficients on the device and receive the by-products: the step is
@@ -192,6 +195,8 @@ def _fused_step(x, dy, offsets, weight, state, grad_scale, materialize, apply, b
                          f"step runs {n_tiles} tiles on {weight.device} (build the StepTable with update.step_tiles)")
     # The materialized gradient is poisoned, so anything a backend fails to write shows up.
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    if apply and (accumulate is None or accumulate.last):
+        state.open_workspace(weight.device)
     plan = _plan(state, weight, which, slots, grad, apply)
     if accumulate is not None:
         last = accumulate.last
@@ -211,7 +216,15 @@ def _fused_step(x, dy, offsets, weight, state, grad_scale, materialize, apply, b
         tiled.run(x2, dy2, weight, plan, config)
     if plan.apply:
         state.step = step
+        _whole_weight_step(weight, state, slots)
     return UpdateResult(stats=slots.stats, grad=grad)
+
+
+def _whole_weight_step(weight: torch.Tensor, state: ForgeState, slots: StepSlots) -> None:
+    """A rule that is not element-wise (Muon) updates the weight from the states its pass just
+    wrote, once the weight's whole pass is done (its workspace freed there)."""
+    if state.rule.weight_step is not None:
+        state.rule.weight_step(weight, state, slots.stats)
 
 
 def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Tensor, *,
@@ -238,6 +251,8 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
     step = state.step + 1
     slots = slots if slots is not None else _own_slots(state, grad_scale, n_tiles, weight.device)
     grad = torch.full(weight.shape, float("nan"), dtype=torch.float32, device=weight.device) if materialize else None
+    if apply:
+        state.open_workspace(weight.device)
     plan = _plan(state, weight, which, slots, grad, apply)
     plan.buffer = buffer
     if which == "triton":
@@ -253,6 +268,7 @@ def apply_accumulated(weight: torch.Tensor, state: ForgeState, buffer: torch.Ten
         tiled.apply_buffer(weight, plan, config)
     if apply:
         state.step = step
+        _whole_weight_step(weight, state, slots)
     return UpdateResult(stats=slots.stats, grad=grad)
 
 
@@ -290,7 +306,9 @@ def _own_slots(state: ForgeState, grad_scale, n_tiles: int, device) -> StepSlots
 def _plan(state: ForgeState, weight, backend: str, slots: StepSlots, grad, apply: bool) -> StepPlan:
     """The StepPlan both backends execute: regime constants, state tensors, slots, tables."""
     states, scales, stored, signed = state.kernel_states(placeholder=weight)
-    if weight.dtype == torch.float32:
+    if not state.rule.updates_weight:
+        weight_store = WEIGHT_NONE
+    elif weight.dtype == torch.float32:
         weight_store = WEIGHT_FP32
     else:
         weight_store = {"master": WEIGHT_MASTER, "sr": WEIGHT_SR, "rne": WEIGHT_RNE}[state.weight_store]

@@ -48,7 +48,8 @@ def add_forge_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Train every megatron-core linear layer of the model FORGE can own (attention, MLA, MLP, "
                             "multi-token prediction, the untied output layer) with FORGE: the optimizer step runs "
                             "inside backward and their weight gradients are never stored. The rule follows "
-                            "--optimizer (adam: AdamW, sgd, lion).")
+                            "--optimizer (adam: AdamW, sgd, lion, muon: momentum in the kernel, Newton-Schulz per "
+                            "layer right after its weight gradient).")
     group.add_argument("--forge-rule", default=None, choices=registered_rules(),
                        help="The element-wise rule for covered weights when it is not what --optimizer means "
                             "(e.g. rmsprop, adagrad, or a rule you registered); needs --forge-mix-optimizers, since "
@@ -125,24 +126,40 @@ def _escape_stray_percent_signs(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%", "%%")
 
 
-def rule_for_optimizer(args) -> str | None:
-    """The FORGE rule that is Megatron's --optimizer (None where FORGE has none)."""
-    if args.optimizer == "adam":  # torch.optim.AdamW, or Adam with coupled L2 when decay is not decoupled
+def rule_for_optimizer(args, optimizer: str | None = None) -> str | None:
+    """The FORGE rule that is Megatron's --optimizer (or `optimizer`; None where FORGE has none)."""
+    optimizer = optimizer or args.optimizer
+    if optimizer == "adam":  # torch.optim.AdamW, or Adam with coupled L2 when decay is not decoupled
         return "adamw" if getattr(args, "decoupled_weight_decay", True) else "adam"
-    return {"sgd": "sgd", "lion": "lion"}.get(args.optimizer)
+    return {"sgd": "sgd", "lion": "lion", "muon": "muon"}.get(optimizer)
 
 
-def forge_config_from_args(args) -> ForgeConfig:
-    """The rule and its hyperparameters, read from Megatron's own optimizer flags."""
-    name = args.forge_rule or rule_for_optimizer(args)
-    from_flags = {"lr": args.lr, "eps": args.adam_eps, "weight_decay": args.weight_decay,
-                  "momentum": getattr(args, "sgd_momentum", 0.0),
+def forge_config_from_args(args, rule: str | None = None) -> ForgeConfig:
+    """The rule (by default --forge-rule or --optimizer's) and its hyperparameters, read from
+    Megatron's own optimizer flags."""
+    name = rule or args.forge_rule or rule_for_optimizer(args)
+    momentum = getattr(args, "muon_momentum", 0.9) if name == "muon" else getattr(args, "sgd_momentum", 0.0)
+    from_flags = {"lr": args.lr, "eps": args.adam_eps, "weight_decay": args.weight_decay, "momentum": momentum,
                   "betas": ((args.lion_beta1, args.lion_beta2) if name == "lion" else (args.adam_beta1, args.adam_beta2))}
-    rule = get_rule(name)
-    hyperparameters = {k: v for k, v in from_flags.items() if k in rule.defaults}
+    if name == "muon":
+        from_flags.update({key: getattr(args, f"muon_{key}") for key in MUON_FLAGS})
+    rule_class = get_rule(name)
+    hyperparameters = {k: v for k, v in from_flags.items() if k in rule_class.defaults}
     return ForgeConfig(name, hyperparameters, weight_store=args.forge_weight_store,
                        state_dtype=args.forge_state_dtype, seed=args.seed, backend=args.forge_backend,
                        accumulation_dtype=args.forge_accumulation_dtype)
+
+
+def output_layer_config(args) -> ForgeConfig | None:
+    """The config of the output layer when it differs from the other covered weights': under
+    --optimizer muon Megatron trains it (an embedding-or-output parameter) with
+    --muon-scalar-optimizer, so FORGE does too."""
+    if (args.forge_rule or rule_for_optimizer(args)) != "muon":
+        return None
+    return forge_config_from_args(args, rule=rule_for_optimizer(args, args.muon_scalar_optimizer))
+
+
+MUON_FLAGS = ("nesterov", "num_ns_steps", "coefficient_type", "scale_mode", "extra_scale_factor", "fp32_matmul_prec")
 
 
 def output_layer_covered(args) -> bool:
@@ -249,6 +266,33 @@ def _unused_flags(args):
                 "use --forge-backend torch")
 
 
+def expert_data_parallel_size(args) -> int:
+    """Ranks that hold the same experts (Megatron's expert-data-parallel group)."""
+    etp = getattr(args, "expert_tensor_parallel_size", 1) or 1
+    return args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+
+
+def _muon_refusals(args):
+    """What FORGE's Muon does not do yet, each with the flag to change."""
+    yield (args.optimizer != "muon") and (
+        "--forge-rule muon needs --optimizer muon (Megatron then gives the output layer and the other "
+        "parameters --muon-scalar-optimizer, as FORGE does)")
+    yield (args.muon_tp_mode == "distributed") and (
+        "--muon-tp-mode distributed is not supported with --use-forge; use blockwise or duplicated")
+    yield (args.data_parallel_size > 1) and (
+        "Muon orthogonalizes each whole weight, while FORGE's data-parallel ranks each hold a block of its rows; "
+        "use data-parallel size 1 with --optimizer muon (tensor and pipeline parallelism work)")
+    expert_dp = expert_data_parallel_size(args) if getattr(args, "num_experts", None) else 1
+    yield (expert_dp > 1) and (
+        f"Muon orthogonalizes each whole expert weight, while FORGE's expert-data-parallel ranks ({expert_dp}) each "
+        "hold a block of its rows; raise --expert-model-parallel-size to the data-parallel size")
+    yield getattr(args, "moe_grouped_gemm", False) and (
+        "--moe-grouped-gemm steps all experts of a kind at once, while Muon orthogonalizes each expert's weight; "
+        "drop --moe-grouped-gemm")
+    yield (args.forge_state_dtype == "int8") and (
+        "Muon's momentum is orthogonalized as a whole matrix: keep it in fp32 or bf16 (--forge-state-dtype)")
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -259,8 +303,10 @@ def _refusals(args):
     """Each refusal, or None; the first that applies is reported."""
     rule = args.forge_rule or rule_for_optimizer(args)
     yield rule is None and (
-        f"FORGE has no rule for --optimizer {args.optimizer} (it has adam, sgd and lion); choose one of them, or "
-        f"pass --forge-rule (one of {', '.join(registered_rules())}) with --forge-mix-optimizers")
+        f"FORGE has no rule for --optimizer {args.optimizer} (it has adam, sgd, lion and muon); choose one of them, "
+        f"or pass --forge-rule (one of {', '.join(registered_rules())}) with --forge-mix-optimizers")
+    if rule == "muon":
+        yield from _muon_refusals(args)
     dp = args.data_parallel_size
     grad_dtype = args.forge_dp_grad_dtype or args.forge_accumulation_dtype
     yield (dp > 1 and args.forge_dp_accumulation == "local" and grad_dtype != args.forge_accumulation_dtype
@@ -321,7 +367,7 @@ def _grouped_experts_refusals(args):
     yield etp > 1 and (
         f"--moe-grouped-gemm with --use-forge keeps every expert whole on its rank (FORGE's grouped experts); set "
         f"--expert-tensor-parallel-size 1 (it is {etp}), or drop --moe-grouped-gemm")
-    expert_dp = args.world_size // (args.pipeline_model_parallel_size * etp * args.expert_model_parallel_size)
+    expert_dp = expert_data_parallel_size(args)
     yield expert_dp > 1 and (
         f"--moe-grouped-gemm with --use-forge updates each expert weight kind as one stacked tensor, which is not "
         f"split into data-parallel owner rows; the expert-data-parallel size is {expert_dp}: raise "

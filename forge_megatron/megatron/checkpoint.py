@@ -35,6 +35,10 @@ CHECKPOINT_PREFIX = "optimizer.forge"  # the sharded keys of FORGE's own state t
 MEGATRON_PREFIX = "optimizer.state"  # Megatron's per-parameter optimizer state keys
 SCALARS = "__controller__"  # the entry holding ForgeController.scalars()
 SWITCH_FIX = "add --no-load-optim to load the weights only"
+# Megatron's Muon is a chain of two optimizers (Muon's matrices, then Adam's rest) whose parameter
+# groups it matches in order on load; under --use-forge its optimizer lacks the covered matrices.
+MUON_SWITCH = ("the checkpoint is a {saved} Muon run's, whose optimizer groups a {run} Muon run cannot match (Megatron "
+               "chains Muon's and Adam's in order; a FORGE run's lack the covered matrices); ")
 
 
 def megatron_master_name(args) -> str:
@@ -108,6 +112,8 @@ def adopt_megatron_step(controller: ForgeController, optimizer) -> None:
 def standard_checkpoint_is_readable(args) -> None:
     """Refuse, in one line, a standard Megatron checkpoint whose optimizer state FORGE cannot read
     per weight (the distributed optimizer's default format keeps it per data-parallel bucket)."""
+    if args.optimizer == "muon":
+        raise ConfigurationError(MUON_SWITCH.format(saved="standard", run="FORGE's") + SWITCH_FIX)
     format_ = _optimizer_format(args)
     if format_ == "dp_reshardable":
         raise ConfigurationError("the standard checkpoint's distributed-optimizer state is saved per data-parallel "
@@ -121,6 +127,9 @@ def forge_checkpoint_is_readable_by_megatron(args) -> None:
     per-bucket format on either side."""
     from megatron.core import dist_checkpointing
 
+    if args.optimizer == "muon":
+        raise ConfigurationError(MUON_SWITCH.format(saved="FORGE", run="standard") + "resume it with --use-forge, or "
+                                 + SWITCH_FIX)
     keys = dist_checkpointing.load_tensors_metadata(_checkpoint_path(args))
     forge_own = sorted({k.split(".")[2] for k in keys if k.startswith(CHECKPOINT_PREFIX + ".")} - {"step"})
     if forge_own:

@@ -51,11 +51,12 @@ class CoverReport:
 
 
 def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool = False,
-                grouped_experts: bool = False) -> CoverReport:
+                grouped_experts: bool = False, output: ForgeConfig | None = None) -> CoverReport:
     """Turn every coverable megatron-core parallel linear of the built `model_chunks` into its
     FORGE class, in place (after the build, before DDP wrapping). With `grouped_experts`
     (--moe-grouped-gemm), every SequentialMLP first becomes FORGE's grouped experts module
-    (experts.py), which trains its experts' linears itself."""
+    (experts.py), which trains its experts' linears itself. `output`: the config of the output
+    layer's weight (Megatron's embedding-or-output parameter) where it differs from `forge`."""
     report = CoverReport()
     grouped = set()
     if grouped_experts:
@@ -73,7 +74,8 @@ def cover_model(model_chunks, forge: ForgeConfig, multi_token_prediction: bool =
                 continue
             forge_class, partition_dim = forge_class_of(type(module))
             module.__class__ = forge_class
-            module._cover(forge, partition_dim)
+            is_output = getattr(module.weight, "is_embedding_or_output_parameter", False)
+            module._cover(output if output is not None and is_output else forge, partition_dim)
             report.covered[name.rsplit(".", 1)[-1]] += 1
     return report
 

@@ -29,10 +29,11 @@ from megatron.core import parallel_state
 from megatron.training.utils import print_rank_0
 
 from forge_megatron.megatron import checkpoint
-from forge_megatron.megatron.args import add_forge_args, validate_forge_args
+from forge_megatron.megatron.args import add_forge_args, output_layer_config, validate_forge_args
 from forge_megatron.megatron.controller import ForgeController
 from forge_megatron.megatron.cover import cover_model
 from forge_megatron.megatron.errors import ConfigurationError
+from forge_megatron.megatron.muon import lay_out_matrices
 
 __all__ = ["add_forge_args", "enable_forge", "controller"]
 
@@ -91,7 +92,10 @@ def _pre_wrap_hook(model_chunks):
 
     args, forge = _STATE["args"], _STATE["config"]
     report = cover_model(model_chunks, forge, multi_token_prediction=bool(args.mtp_num_layers),
-                         grouped_experts=bool(getattr(args, "moe_grouped_gemm", False)))
+                         grouped_experts=bool(getattr(args, "moe_grouped_gemm", False)),
+                         output=output_layer_config(args))
+    if forge.rule == "muon":
+        lay_out_matrices(model_chunks, args)
     optimizer_config, overrides = get_megatron_optimizer_config(args)
     controller = ForgeController(
         model_chunks, optimizer_config, overrides, clip_grad=args.clip_grad, clip_mode=args.forge_clip_grad_mode,

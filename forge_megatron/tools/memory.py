@@ -30,7 +30,8 @@ distributed optimizer (and FORGE's owner rows) split them; FORGE covers every ex
 layer holds the routed tokens' expert activations (top-k copies of each token, balanced over the
 experts) and the router's per-expert scores; one layer's dispatcher buffers (its permuted tokens
 and what the all-to-all receives) are short-lived, at the moment of attention's workspace.
-docs/memory.md states what is and is not counted. CP = 1, no interleaved pipeline, Adam only.
+docs/memory.md states what is and is not counted. CP = 1, no interleaved pipeline, Adam (and Muon for dense
+models) only.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_paddi
 from megatron.training.theoretical_memory_usage import compute_activation_memory, compute_weight_and_optimizer_memory
 
 from forge_megatron.core import tiled
-from forge_megatron.megatron.args import output_layer_covered
+from forge_megatron.megatron.args import expert_data_parallel_size, output_layer_covered
 
 GIB = 2**30
 DEFAULT_RESERVE_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, set aside
 MEGATRON_BYTES_PER_PARAMETER = 18  # what Megatron's estimator charges without the distributed optimizer
 ADAM_STATES = 2
+MUON_STATES = 1  # Muon's momentum (--optimizer muon: the dense layers' linear weights)
 FP32 = 4
 # Megatron's dtype flags, as parsed (strings) and as validate_args maps them (fp8 states are uint8).
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1,
@@ -180,13 +182,6 @@ def _embedding_per_rank(args) -> int:
     return args.padded_vocab_size * args.hidden_size // args.tensor_model_parallel_size
 
 
-def expert_data_parallel_size(args) -> int:
-    """Ranks that hold the same experts (Megatron's expert-data-parallel group): they share the
-    experts' gradients, master and states as data-parallel ranks share the dense weights'."""
-    return args.world_size // (args.expert_model_parallel_size * args.expert_tensor_parallel_size
-                               * args.pipeline_model_parallel_size)
-
-
 def expert_parameters_per_rank(args, stage: int = 0) -> int:
     """Routed experts' weights on one rank of stage `stage` (all covered by FORGE): num_experts /
     EP experts of each of its layers, each expert's fc1 and fc2 split over ETP."""
@@ -231,10 +226,10 @@ def _covered_weights(args, cover_output_layer: bool, stage: int) -> tuple[tuple[
     return (qkv, query * hidden, hidden * ffn * (2 if args.swiglu else 1), ffn * hidden), output
 
 
-def standard_bytes_per_parameter(args) -> ParameterBytes:
+def standard_bytes_per_parameter(args, states: int = ADAM_STATES) -> ParameterBytes:
     """Megatron's accounting: bf16 weight 2, fp32 main gradient 4, fp32 master 4, Adam's two fp32
-    states 8 = 18; the distributed optimizer shards master and states over data-parallel ranks
-    (6 + 12/dp). The precision-aware optimizer (TE FusedAdam) takes the state dtypes from
+    states 8 = 18 (Muon's matrices: one state, 14); the distributed optimizer shards master and
+    states over data-parallel ranks (6 + 12/dp). The precision-aware optimizer (TE FusedAdam) takes the state dtypes from
     --exp-avg-dtype / --exp-avg-sq-dtype and keeps a 16-bit master: fp16 with --main-params-dtype
     fp16, and with fp32 only the 16 bits the bf16 weight lacks (store_param_remainders, on by default)."""
     weight = 2 if args.bf16 else FP32
@@ -244,16 +239,16 @@ def standard_bytes_per_parameter(args) -> ParameterBytes:
         states = DTYPE_BYTES[args.exp_avg_dtype] + DTYPE_BYTES[args.exp_avg_sq_dtype]
     else:
         master = FP32 if args.bf16 else 0
-        states = ADAM_STATES * FP32
+        states = states * FP32
     shards = args.data_parallel_size if args.use_distributed_optimizer else 1
     return ParameterBytes(weight, grad, master / shards, states / shards)
 
 
-def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
+def forge_bytes_per_parameter(args, micro_batches: int = 1, states: int = ADAM_STATES) -> ParameterBytes:
     """A FORGE-covered weight: no gradient at one micro-batch per step, the accumulation buffer
     (--forge-accumulation-dtype) at several; the weight, an fp32 master for bf16 weights under
-    --forge-weight-store master, and Adam's two states in --forge-state-dtype (docs/numerics.md),
-    master and states held by one data-parallel owner per block of rows (1/D each)."""
+    --forge-weight-store master, and Adam's two states (Muon's one) in --forge-state-dtype
+    (docs/numerics.md), master and states held by one data-parallel owner per block of rows (1/D each)."""
     if args.forge_weight_store not in FORGE_WEIGHT_STORES:
         raise ValueError(f"unknown --forge-weight-store {args.forge_weight_store!r}")
     owners = args.data_parallel_size
@@ -262,7 +257,24 @@ def forge_bytes_per_parameter(args, micro_batches: int = 1) -> ParameterBytes:
     if owners > 1 and micro_batches > 1 and args.forge_dp_accumulation == "owner":
         buffer = FP32 / owners  # the owner's rows of the step's gradient, summed in fp32
     return ParameterBytes(2 if args.bf16 else FP32, buffer, master / owners,
-                          ADAM_STATES * FORGE_STATE_BYTES[args.forge_state_dtype] / owners)
+                          states * FORGE_STATE_BYTES[args.forge_state_dtype] / owners)
+
+
+def muon_workspace_bytes(args, stage: int = 0) -> int:
+    """Newton-Schulz's fp32 temporaries for the largest Muon matrix of a rank (n <= m its sides:
+    its local shard, or the whole weight gathered with --muon-tp-mode duplicated): the normalized
+    matrix, its next iterate, their product in the middle and the scaled update (n m each), X X^T,
+    its square and polynomial (n^2 each). One matrix at a time: in standard Muon's step, in FORGE's
+    backward right after the weight's gradient (with Nesterov, plus the direction, n m)."""
+    if args.optimizer != "muon" or not stage_layers(args):
+        return 0
+    hidden, ffn, tp = args.hidden_size, args.ffn_hidden_size, args.tensor_model_parallel_size
+    query, kv = args.num_attention_heads * args.kv_channels, args.num_query_groups * args.kv_channels
+    split = 1 if args.muon_tp_mode == "duplicated" else tp  # the local shard's rows (column) or columns (row)
+    shapes = [((query + 2 * kv) // split, hidden), (hidden, query // split),
+              (ffn * (2 if args.swiglu else 1) // split, hidden), (hidden, ffn // split)]
+    direction = 1 if getattr(args, "use_forge", False) and args.muon_nesterov else 0
+    return max(FP32 * ((4 + direction) * n * m + 3 * min(n, m) ** 2) for n, m in shapes)
 
 
 def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
@@ -318,16 +330,20 @@ def rank_memory(args, micro_batch: int, reserve_gib: float = DEFAULT_RESERVE_GIB
 def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> MemoryBreakdown:
     forge = getattr(args, "use_forge", False)
     k = micro_batches_per_step(args, micro_batch)
-    covered = covered_parameters_per_rank(args, output_layer_covered(args), stage) if forge else 0
+    # Muon's matrices (the dense layers' linear weights, one state each), the other covered weights
+    # (all of them without Muon; with it the output layer, which Muon leaves to Adam) and the experts.
+    matrices = covered_parameters_per_rank(args, False, stage) if args.optimizer == "muon" else 0
+    covered = covered_parameters_per_rank(args, output_layer_covered(args), stage) - matrices if forge else 0
     experts = expert_parameters_per_rank(args, stage)
     expert_args = replace_args(args, data_parallel_size=expert_data_parallel_size(args))
-    groups = [(parameters_per_rank(args, stage) - covered - experts, standard_bytes_per_parameter(args))]
+    groups = [(parameters_per_rank(args, stage) - matrices - covered - experts, standard_bytes_per_parameter(args))]
     window = forge_window_bytes(args, k, stage) if forge else 0
-    for count, group_args in ((covered, args), (experts, expert_args)):
+    for count, group_args, states in ((matrices, args, MUON_STATES), (covered, args, ADAM_STATES),
+                                      (experts, expert_args, ADAM_STATES)):
         if not forge:
-            groups.append((count, standard_bytes_per_parameter(group_args)))
+            groups.append((count, standard_bytes_per_parameter(group_args, states)))
             continue
-        per = forge_bytes_per_parameter(group_args, k)
+        per = forge_bytes_per_parameter(group_args, k, states)
         if group_args.data_parallel_size > 1:  # FORGE's data-parallel buffers are freed at every step
             window += round(count * per.grad)
             per = dataclasses.replace(per, grad=0)
@@ -339,6 +355,7 @@ def _stage_memory(args, micro_batch: int, reserve_gib: float, stage: int) -> Mem
         ffn = args.moe_ffn_hidden_size if args.num_experts else args.ffn_hidden_size
         workspace = max(workspace, tiled.workspace_bytes(args.seq_length * micro_batch, (
             max(2 * ffn, args.hidden_size) // args.tensor_model_parallel_size, args.hidden_size)))
+    workspace = max(workspace, muon_workspace_bytes(args, stage))
     return MemoryBreakdown(held["weight"], held["grad"], held["master"], held["states"], window, activations, logits,
                            workspace, round(reserve_gib * GIB), stage)
 
@@ -460,8 +477,11 @@ def _refuse_unmodelled(args) -> None:
         refuse("only mixtures of experts in every layer without shared experts, latent projection or capacity "
                "factor are modelled; drop --moe-layer-freq / --moe-shared-expert-intermediate-size / "
                "--moe-latent-size / --moe-expert-capacity-factor")
-    if args.optimizer != "adam":
-        refuse(f"only Adam's two states are modelled, not --optimizer {args.optimizer}")
+    if args.optimizer not in ("adam", "muon"):
+        refuse(f"only Adam and Muon are modelled, not --optimizer {args.optimizer}")
+    if args.optimizer == "muon" and (args.muon_scalar_optimizer != "adam" or args.num_experts
+                                     or args.use_precision_aware_optimizer):
+        refuse("Muon is modelled with --muon-scalar-optimizer adam, without experts or the precision-aware optimizer")
     if args.fp16:
         refuse("--fp16 is not modelled (FORGE refuses it); use --bf16")
     if args.recompute_granularity == "full":
