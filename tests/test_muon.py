@@ -96,10 +96,9 @@ def test_bf16_weights_without_a_master_round_stochastically_and_unbiased(gen, de
     Muon([reference], **hp).step()
     exact, new = reference.detach(), weight.float()
     down = exact.bfloat16().float()
-    up = torch.where(down > exact, down, torch.nextafter(exact.bfloat16(), torch.tensor(float("inf"),
-                                                          dtype=torch.bfloat16)).float())
-    down = torch.where(down > exact, torch.nextafter(exact.bfloat16(), torch.tensor(float("-inf"),
-                                                       dtype=torch.bfloat16)).float(), down)
+    inf = torch.tensor(float("inf"), dtype=torch.bfloat16, device=device)
+    up = torch.where(down > exact, down, torch.nextafter(exact.bfloat16(), inf).float())
+    down = torch.where(down > exact, torch.nextafter(exact.bfloat16(), -inf).float(), down)
     assert bool(((new == down) | (new == up) | (new == exact)).all()), "a value that is not a neighbour"
     direction = torch.sign(exact - old)
     moved = float(((new - old) * direction).sum() / ((exact - old) * direction).sum())
@@ -157,7 +156,9 @@ def _nearest_float32(x) -> float:
 def _fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    a, b, c = (tl.load(p + offs, mask=ok, other=0.0) for p in (a_ptr, b_ptr, c_ptr))
+    a = tl.load(a_ptr + offs, mask=ok, other=0.0)
+    b = tl.load(b_ptr + offs, mask=ok, other=0.0)
+    c = tl.load(c_ptr + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, ops_triton.fma(a, b, c), mask=ok)
 
 
@@ -189,15 +190,17 @@ def _exact_fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tenso
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fma_rounds_once(backend, gen):
+def test_fma_rounds_once(backend, gen, device):
     """ops.fma (Muon's lerp), on the torch backend and in a Triton kernel, against the exact
     a * b + c rounded once to float32 (`_fma_cases`)."""
     a, b, c = _fma_cases(gen)
     if backend == "torch":
         got = ops_torch.fma(a, b, c)
     else:
-        got = torch.full_like(a, float("nan"))
-        _fma_kernel[(triton.cdiv(a.numel(), 128),)](a, b, c, got, a.numel(), BLOCK=128)
+        on_device = [t.to(device) for t in (a, b, c)]
+        got = torch.full_like(on_device[0], float("nan"))
+        _fma_kernel[(triton.cdiv(a.numel(), 128),)](*on_device, got, a.numel(), BLOCK=128)
+        got = got.cpu()
     assert_bits_equal(got, _exact_fma(a, b, c), "fma")
     assert got[400] == 1 + 2**-11 + 2**-23 and got[401] == 1 + 2**-11  # not the float64 sum rounded again
 

@@ -10,6 +10,7 @@ import triton.language as tl
 from helpers import assert_bits_equal
 
 from forge_megatron.core import numerics
+from forge_megatron.core.kernels import QB  # QBLOCK as a constexpr: a compiled kernel reads no other global
 from forge_megatron.core.numerics import QBLOCK, quantize, round_to_bf16, stochastic_round_to_bf16
 
 
@@ -43,9 +44,9 @@ def _nonfinite_kernel(x_ptr, bits_ptr, table_ptr, rne_ptr, sr_ptr, code_ptr, sca
     bits = tl.load(bits_ptr + offs).to(tl.uint32)
     tl.store(rne_ptr + offs, round_to_bf16(x))
     tl.store(sr_ptr + offs, stochastic_round_to_bf16(x, bits))
-    codes, scale = quantize(tl.reshape(x, (1, N)), tl.reshape(bits, (1, N)), table_ptr, QBLOCK)
+    codes, scale = quantize(tl.reshape(x, (1, N)), tl.reshape(bits, (1, N)), table_ptr, QB)
     tl.store(code_ptr + offs, tl.reshape(codes, (N,)))
-    tl.store(scale_ptr + tl.arange(0, N // QBLOCK), tl.reshape(scale, (N // QBLOCK,)))
+    tl.store(scale_ptr + tl.arange(0, N // QB), tl.reshape(scale, (N // QB,)))
 
 
 NONFINITE = {"gpu canonical nan": 0x7FFFFFFF, "cpu nan": 0xFFC00000, "quiet nan": 0x7FC00000,
