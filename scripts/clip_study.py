@@ -8,8 +8,9 @@ error against the exact one of the same step, min(1, clip / (norm + 1e-6)) from 
 global norm: of the covered gradient as a whole (forge/grad-scale) and per weight, averaged over the
 weights (forge/clip-coefficient-error).
 
-Writes bench/results/clip_study_<precision>.json and docs/clip_study.png (mean final validation
-loss ± standard error per mode and precision).
+Writes bench/results/clip_study_<precision>.json run by run and docs/clip_study.png (mean final
+validation loss ± standard error per mode and precision). Runs already in the JSON (same iters and
+clip) are kept and not rerun, so more seeds add to a study.
 
     .venv/bin/python scripts/clip_study.py                                   # 5 seeds, fp32 and bf16-sr-int8
     .venv/bin/python scripts/clip_study.py --seeds 1234 --precisions fp32 --iters 30   # a smoke run
@@ -72,6 +73,20 @@ def summarize(values: list[float]) -> dict:
     return {"mean": mean, "stderr": stderr, "n": n, "each": values}
 
 
+def results_path(precision: str) -> str:
+    return os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json")
+
+
+def earlier_runs(precision: str, iters: int, clip: float) -> list[dict]:
+    """The runs an earlier study of the same length and clip wrote (kept and not rerun: a study
+    stopped part-way, or one given more seeds, goes on from them)."""
+    if not os.path.exists(results_path(precision)):
+        return []
+    with open(results_path(precision)) as f:
+        earlier = json.load(f)
+    return earlier["runs"] if (earlier["iters"], earlier["clip"]) == (iters, clip) else []
+
+
 def write(precision: str, runs: list[dict], args) -> dict:
     """bench/results/clip_study_<precision>.json from the runs done so far; returns its summary."""
     modes = {}
@@ -90,8 +105,9 @@ def write(precision: str, runs: list[dict], args) -> dict:
             summary["gap_vs_standard"] = summary["validation"]["mean"] / standard["validation"]["mean"] - 1
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
            "config": "configs/tiny_gpt_cpu.sh, one micro-batch, D = 1", "iters": args.iters, "clip": args.clip,
-           "seeds": args.seeds, "summary": modes, "runs": sorted(runs, key=lambda r: (r["seed"], r["mode"]))}
-    with open(os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json"), "w") as f:
+           "seeds": sorted({r["seed"] for r in runs}), "summary": modes,
+           "runs": sorted(runs, key=lambda r: (r["seed"], r["mode"]))}
+    with open(results_path(precision), "w") as f:
         json.dump(out, f, indent=1)
     return modes
 
@@ -126,19 +142,22 @@ def main(argv=None):
     tiny_gpt_args(ROOT)  # writes the dataset once, before runs in parallel read it
     summaries = {}
     for precision in args.precisions:
-        jobs = [(precision, mode, args.iters, seed, args.clip) for seed in args.seeds for mode in args.modes]
-        runs = []
+        runs = earlier_runs(precision, args.iters, args.clip)
+        done = {(r["seed"], r["mode"]) for r in runs}
+        jobs = [(precision, mode, args.iters, seed, args.clip) for seed in args.seeds for mode in args.modes
+                if (seed, mode) not in done]
+        if runs:
+            summaries[precision] = write(precision, runs, args)
         with ThreadPoolExecutor(max_workers=args.workers) as pool:
             for future in as_completed([pool.submit(train, *job) for job in jobs]):
                 runs.append(future.result())
                 summaries[precision] = write(precision, runs, args)  # run by run: a stopped study keeps them
-        for mode, s in summaries[precision].items():
+        for mode, s in summaries.get(precision, {}).items():
             print(f"{precision} {mode}: {s['validation']['mean']:.5f} ± {s['validation']['stderr']:.5f} "
                   f"(gap {s.get('gap_vs_standard', 0):+.3%}), {s['ms_per_iter']['mean']:.1f} ms/iter", flush=True)
     for precision in PRECISIONS:  # the plot shows every precision studied, this run's and earlier runs'
-        path = os.path.join(ROOT, "bench", "results", f"clip_study_{precision}.json")
-        if precision not in summaries and os.path.exists(path):
-            with open(path) as f:
+        if precision not in summaries and os.path.exists(results_path(precision)):
+            with open(results_path(precision)) as f:
                 summaries[precision] = json.load(f)["summary"]
     plot({precision: summaries[precision] for precision in PRECISIONS if precision in summaries}, args.plot)
 
