@@ -128,8 +128,9 @@ def num_tiles(shape, config: TileConfig) -> int:
 
 def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = "fp32") -> TileConfig:
     """The Triton kernel's tile config for a device, activation dtype and state dtype; never
-    depends on the weight's shape. All share block_t per activation dtype, hence the same
-    summation order.
+    depends on the weight's shape, so every shard of a weight sums in the same order. All share
+    block_t per activation dtype (on Hopper the 8-bit-state tiles are too short for wgmma: their
+    dot is mma.sync, another order within a block_t step).
 
     The GPU configs compile for sm_90a without register spills for every built-in rule and
     regime (tests/test_compile.py checks it with ptxas on a CPU machine).
@@ -141,10 +142,13 @@ def default_config(device: torch.device, dtype: torch.dtype, state_dtype: str = 
         # IEEE fp32 dot runs on FMA units; 32-token steps keep the operand tiles small.
         return TileConfig(block_m=128, block_n=64, block_t=32, group_m=8, num_warps=8, num_stages=3)
     if state_dtype == "int8":
-        # Dequantize/requantize (table lookups, binary search, random bits) need registers: half the rows.
-        return TileConfig(block_m=64, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
-    # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere), 3-stage pipeline.
-    return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=3)
+        # Dequantize/requantize (table lookups, binary search, random bits) bound the time, not the
+        # GEMM: 32-row tiles (mma.sync, no wgmma) ran 0.75-0.83x the time of 64-row wgmma tiles at
+        # every point of the H100 sweep (bench/results/device_h100_2026-12-05/kernel.json).
+        return TileConfig(block_m=32, block_n=64, block_t=64, group_m=8, num_warps=4, num_stages=3)
+    # bf16: two warpgroups of m64n64k16 wgmma on Hopper (mma.sync elsewhere); a 4-stage pipeline
+    # ran 0.79-0.85x the 3-stage time at 16k tokens, 0.95-0.98x at 512 (the same H100 sweep).
+    return TileConfig(block_m=128, block_n=64, block_t=64, group_m=8, num_warps=8, num_stages=4)
 
 
 def tile_space_key(dtype: torch.dtype, state_dtype: str = "fp32") -> str:
@@ -162,18 +166,18 @@ def tile_space_key(dtype: torch.dtype, state_dtype: str = "fp32") -> str:
 # make once, for every shape (the bits of a run then follow it).
 TILE_SPACE: dict[str, tuple[TileConfig, ...]] = {
     "bf16": (
-        TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=3),
         TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=4),
+        TileConfig(128, 64, 64, group_m=8, num_warps=8, num_stages=3),
         TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3),
         TileConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=3),
         TileConfig(128, 64, 32, group_m=8, num_warps=8, num_stages=4),
         TileConfig(128, 64, 128, group_m=8, num_warps=8, num_stages=2),
     ),
     "bf16-int8": (
+        TileConfig(32, 64, 64, group_m=8, num_warps=4, num_stages=3),
         TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=3),
         TileConfig(64, 64, 64, group_m=8, num_warps=8, num_stages=4),
         TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=3),
         TileConfig(64, 64, 128, group_m=8, num_warps=8, num_stages=2),
-        TileConfig(32, 64, 64, group_m=8, num_warps=4, num_stages=3),
     ),
 }
