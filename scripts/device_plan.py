@@ -50,7 +50,7 @@ sys.path[:0] = [os.path.join(ROOT, "scripts"), os.path.join(ROOT, "tests")]
 import torch  # noqa: E402
 
 BUDGETS = {"smoke": 60, "kernel": 140, "layer": 60, "memory": 100, "e2e": 100, "tests": 60}  # seconds
-GPU_TESTS = ["tests/test_numerics.py", "tests/test_capture.py", "tests/test_launches.py"]
+GPU_TESTS = ["tests/test_numerics.py", "tests/test_muon.py", "tests/test_capture.py", "tests/test_launches.py"]
 SMOKE_SHAPES = {"cuda": [(130, 100, 37), (333, 205, 1030), (768, 4096, 4096)], "cpu": [(70, 40, 9)]}
 SMOKE_RULES = {"adamw": {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6},
                "adam": {"lr": 1e-2, "weight_decay": 0.05}, "lion": {"lr": 1e-3, "weight_decay": 0.1},
