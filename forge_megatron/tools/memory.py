@@ -264,8 +264,10 @@ def muon_workspace_bytes(args, stage: int = 0) -> int:
     """Newton-Schulz's fp32 temporaries for the largest Muon matrix of a rank (n <= m its sides:
     its local shard, or the whole weight gathered with --muon-tp-mode duplicated): the normalized
     matrix, its next iterate, their product in the middle and the scaled update (n m each), X X^T,
-    its square and polynomial (n^2 each). One matrix at a time: in standard Muon's step, in FORGE's
-    backward right after the weight's gradient (with Nesterov, plus the direction, n m)."""
+    its square and polynomial (n^2 each); duplicated over TP > 1, the gathered shards and their
+    concatenation too (n m each: emerging_optimizers' newton_schulz_tp holds both while it
+    iterates). One matrix at a time: in standard Muon's step, in FORGE's backward right after the
+    weight's gradient (with Nesterov, plus the direction, n m)."""
     if args.optimizer != "muon" or not stage_layers(args):
         return 0
     hidden, ffn, tp = args.hidden_size, args.ffn_hidden_size, args.tensor_model_parallel_size
@@ -274,7 +276,8 @@ def muon_workspace_bytes(args, stage: int = 0) -> int:
     shapes = [((query + 2 * kv) // split, hidden), (hidden, query // split),
               (ffn * (2 if args.swiglu else 1) // split, hidden), (hidden, ffn // split)]
     direction = 1 if getattr(args, "use_forge", False) and args.muon_nesterov else 0
-    return max(FP32 * ((4 + direction) * n * m + 3 * min(n, m) ** 2) for n, m in shapes)
+    gathered = 2 if args.muon_tp_mode == "duplicated" and tp > 1 else 0
+    return max(FP32 * ((4 + direction + gathered) * n * m + 3 * min(n, m) ** 2) for n, m in shapes)
 
 
 def forge_window_bytes(args, micro_batches: int, stage: int = 0) -> int:
