@@ -99,10 +99,11 @@ def write(precision: str, runs: list[dict], args) -> dict:
         for key in ("coefficient_rel_error_mean", "per_weight_coefficient_rel_error_mean"):
             if key in mine[0]:
                 modes[mode][key] = summarize([r[key] for r in mine])
-    standard = modes.get("standard")
-    if standard:
-        for summary in modes.values():
-            summary["gap_vs_standard"] = summary["validation"]["mean"] / standard["validation"]["mean"] - 1
+    standard = {r["seed"]: r["validation"] for r in runs if r["mode"] == "standard"}
+    for mode, summary in modes.items():  # paired: over the seeds this mode and standard both ran
+        gaps = [r["validation"] / standard[r["seed"]] - 1 for r in runs if r["mode"] == mode and r["seed"] in standard]
+        if gaps:
+            summary["gap_vs_standard"] = summarize(gaps)["mean"]
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
            "config": "configs/tiny_gpt_cpu.sh, one micro-batch, D = 1", "iters": args.iters, "clip": args.clip,
            "seeds": sorted({r["seed"] for r in runs}), "summary": modes,
